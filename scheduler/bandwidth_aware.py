@@ -1,0 +1,1 @@
+"""Placeholder: the bandwidth-aware and reference priority policies are registered here."""

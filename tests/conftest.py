@@ -1,0 +1,18 @@
+"""Shared pytest configuration: markers that need hardware say why they skip."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # torch is an optional extra
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run on the device machine (`pytest -m gpu`)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
