@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# Fixture modules shared across test folders (real server processes).
+pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.rgw"]
+
 
 def pytest_collection_modifyitems(config, items):
     try:
