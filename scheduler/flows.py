@@ -61,6 +61,11 @@ class FlowView:
     arrival_s: float = 0.0
     weight: float = 1.0
     max_rate_Bps: float = float("inf")
+    # When bytes started to flow (arrival plus the control round trip) and when layer 0 arrived (nan before):
+    # Without further stalls, layer l >= layers_computed is needed at
+    # max(now, gpu_busy_until_s) + (l - layers_computed) * compute_per_layer_s.
+    start_s: float = 0.0
+    first_layer_s: float = float("nan")
 
     @property
     def total_bytes(self) -> float:
@@ -85,8 +90,10 @@ class FlowView:
 
     def stalled(self, now_s: float) -> bool:
         """True when the GPU is idle waiting for this flow's next layer."""
-        return self.remaining_bytes > BYTES_EPS and self.gpu_busy_until_s <= now_s + 1e-12 and (
-            self.layers_delivered <= self.layers_computed
+        return (
+            self.remaining_bytes > BYTES_EPS
+            and self.gpu_busy_until_s <= now_s + 1e-12
+            and (self.layers_delivered <= self.layers_computed)
         )
 
 
@@ -110,7 +117,10 @@ def link_load(flows: Sequence[FlowView], rates_Bps: Mapping[FlowId, float]) -> d
 
 
 def check_feasible(
-    flows: Sequence[FlowView], links: Mapping[str, Link], rates_Bps: Mapping[FlowId, float], rtol: float = 1e-9
+    flows: Sequence[FlowView],
+    links: Mapping[str, Link],
+    rates_Bps: Mapping[FlowId, float],
+    rtol: float = 1e-9,
 ) -> None:
     """Raise ``ValueError`` if any rate is negative or any link is over capacity."""
     for f in flows:

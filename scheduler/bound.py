@@ -1,0 +1,292 @@
+"""An offline lower bound on the mean added TTFT of a set of requests sharing links.
+
+Why a bound.  The bandwidth-aware policy is an online heuristic; to say how good it is we compare it with
+what *any* schedule -- knowing all arrivals in advance, splitting bandwidth arbitrarily in time -- could
+achieve.  The exact optimum is a hard scheduling problem (it contains preemptive total tardiness), so we
+solve a relaxation whose optimum is provably no larger than the true one.
+
+The model (``scheduler.bandwidth_aware`` derives it): request ``i`` starts receiving at ``s_i``; its added
+TTFT is ``x_i = max_l (T_il - s_i - l c_i)`` where ``T_il`` is when layer ``l`` has fully arrived.  So
+``x_i <= theta`` iff its cumulative bytes satisfy ``S_i(s_i + l c_i + theta) >= (l + 1) B_i`` for every
+layer.  The relaxation:
+
+* Time grid ``t_0 < t_1 < ... < t_K`` containing every ``s_i``.  Variables ``S_ik`` = bytes of request ``i``
+  received by ``t_k`` (0 while ``t_k <= s_i``), non-decreasing, at most its total, and per slot the link
+  constraint ``sum_{i crossing link} (S_ik - S_i,k-1) <= C_link (t_k - t_k-1)``.  Any real schedule gives a
+  feasible point (read its cumulative bytes at the grid points), so nothing is lost by the grid here.
+* Buckets: request ``i``'s added TTFT is charged by a choice among buckets ``x in (theta_j-1, theta_j]``
+  (binary ``v_ij``, one per request; an overflow bucket ``x > theta_max`` has no constraint).  Bucket ``j``
+  costs its *lower* end ``theta_j-1`` (``a_i`` for the first, see below), so the charged cost never exceeds
+  the true ``x_i``.
+* Deadlines are only checked at grid points, conservatively: if ``x_i <= theta_j`` then for every grid
+  point ``t_k`` and layer ``l`` with deadline ``tau = s_i + l c_i + theta_j``,
+  ``S_ik >= (l + 1) B_i - R_i * max(0, tau - t_k)``, where ``R_i`` is the smallest capacity on the path
+  (the flow cannot receive faster).  A true schedule satisfies this for the bucket its ``x_i`` falls in,
+  so the optimum of the relaxation is ``<=`` the true optimum: it is a lower bound.
+* ``a_i = max_l ((l + 1) B_i / R_i - l c_i)`` (the request alone on its path) is a per-request lower bound;
+  bucket edges start there (``theta_i0 = a_i``).
+
+Tightness.  Charging the lower end of a bucket loses at most one bucket width per request; the grid
+loses only the within-slot sharing between flows (the per-flow rate limit ``R_i`` is kept exactly); the
+overflow bucket is charged ``theta_max`` (chosen above the heuristic's worst added TTFT, so it is rarely
+binding).  Solved as a MILP with HiGHS; if it hits ``time_limit_s`` the solver's *dual* bound (still a valid
+lower bound) is returned and ``status`` says so.  ``mip=False`` solves the LP relaxation (faster, looser).
+
+``python -m scheduler.bound --demo`` prints a comparison table of the policies and the bound on a few
+contended single-link instances (Llama-3.1-8B geometry).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from scheduler.flows import FlowId, Link
+from scheduler.fluid import RequestSpec, _as_link_map, run_fluid
+
+
+@dataclass(frozen=True)
+class BoundResult:
+    """``mean_added_ttft_s``: the lower bound.  ``per_request_alone_s``: each request alone on its path (a
+    per-request lower bound).  ``per_request_s``: the relaxation's charge per request (its split of the
+    bound, not a per-request bound).  ``status``: optimal, time_limit (dual bound used), lp, or trivial."""
+
+    mean_added_ttft_s: float
+    per_request_alone_s: dict[FlowId, float]
+    per_request_s: dict[FlowId, float]
+    status: str
+    solve_s: float
+    num_vars: int
+    num_constraints: int
+    mip_gap: float = math.nan
+
+
+def alone_added_ttft_s(spec: RequestSpec, rate_Bps: float) -> float:
+    """Added TTFT of a request that has a path of ``rate_Bps`` to itself: ``max_l ((l+1) B / R - l c)``.
+
+    Linear in ``l``, so the max is at the first or the last layer.
+    """
+    if spec.num_layers == 0 or spec.layer_bytes <= 0:
+        return 0.0
+    L, B, c = spec.num_layers, spec.layer_bytes, spec.compute_per_layer_s
+    return max(B / rate_Bps, L * B / rate_Bps - (L - 1) * c)
+
+
+def _path_rate_Bps(spec: RequestSpec, links: Mapping[str, Link]) -> float:
+    return min(links[n].capacity_Bps for n in spec.path)
+
+
+def offline_bound(
+    requests: Sequence[RequestSpec],
+    links: Mapping[str, Link] | Sequence[Link],
+    *,
+    num_slots: int = 120,
+    num_buckets: int = 40,
+    theta_max_s: float | None = None,
+    mip: bool = True,
+    time_limit_s: float = 20.0,
+    mip_rel_gap: float = 1e-3,
+    clock: Callable[[], float] | None = None,
+) -> BoundResult:
+    """Lower bound on the mean added TTFT over all schedules (see the module docstring).
+
+    ``num_slots``: time slots of the grid; ``num_buckets``: added-TTFT buckets per request;
+    ``theta_max_s``: top of the buckets (default: 1.25 x the worst added TTFT bandwidth_aware achieves, a
+    guess that only affects tightness).  ``clock``: a callable returning seconds (e.g. ``time.perf_counter``)
+    used only to report ``solve_s``; the scheduler never reads the clock itself (``solve_s`` is nan without).
+    """
+    from scheduler.policies import get_policy
+
+    link_map = _as_link_map(links)
+    reqs = [r for r in requests]
+    n = len(reqs)
+    if n == 0:
+        return BoundResult(0.0, {}, {}, "trivial", 0.0, 0, 0)
+    rate = np.array([_path_rate_Bps(r, link_map) for r in reqs])
+    alone = np.array([alone_added_ttft_s(r, rate[i]) for i, r in enumerate(reqs)])
+    per_alone = {r.request_id: float(alone[i]) for i, r in enumerate(reqs)}
+    movers = [i for i, r in enumerate(reqs) if r.total_bytes > 0 and r.num_layers > 0]
+    if not movers:
+        return BoundResult(0.0, per_alone, dict.fromkeys(per_alone, 0.0), "trivial", 0.0, 0, 0)
+    if theta_max_s is None:
+        heuristic = run_fluid(reqs, link_map, get_policy("bandwidth_aware"))
+        theta_max_s = 1.25 * max(r.added_ttft_s for r in heuristic) + 1e-9
+    theta_max_s = max(theta_max_s, float(alone.max()) + 1e-9)
+
+    # Time grid: uniform over [min start, last deadline a bucket can impose], plus every start.
+    starts = np.array([r.start_s for r in reqs])
+    t0 = float(starts[movers].min())
+    horizon = max(reqs[i].start_s + theta_max_s + (reqs[i].num_layers - 1) * reqs[i].compute_per_layer_s for i in movers)
+    grid = np.unique(np.concatenate([np.linspace(t0, horizon, num_slots + 1), starts[movers]]))
+    K = len(grid)
+
+    # Variable layout: S[i, k] for movers and grid points after their start, then per request J + 1 bucket
+    # indicators v[i, j] and J + 1 disaggregated added TTFTs x[i, j] (x[i, j] = x_i if bucket j, else 0).
+    J = num_buckets
+    s_index: dict[tuple[int, int], int] = {}
+    for i in movers:
+        for k in range(K):
+            if grid[k] > reqs[i].start_s:
+                s_index[i, k] = len(s_index)
+    n_s = len(s_index)
+    v_base = n_s
+    nb = J + 1
+    nvar = n_s + 2 * len(movers) * nb
+    cost = np.zeros(nvar)
+    lb = np.zeros(nvar)
+    ub = np.full(nvar, np.inf)
+    integrality = np.zeros(nvar)
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    lo: list[float] = []
+    hi: list[float] = []
+
+    def add_row(entries: list[tuple[int, float]], low: float, high: float) -> None:
+        r = len(lo)
+        for col, val in entries:
+            rows.append(r)
+            cols.append(col)
+            vals.append(val)
+        lo.append(low)
+        hi.append(high)
+
+    for m_idx, i in enumerate(movers):
+        r = reqs[i]
+        for k in range(K):
+            if (i, k) in s_index:
+                ub[s_index[i, k]] = r.total_bytes
+                if (i, k - 1) in s_index:  # non-decreasing
+                    add_row([(s_index[i, k], 1.0), (s_index[i, k - 1], -1.0)], 0.0, np.inf)
+        # Buckets: [a, a], then J - 1 equal widths up to theta_max, then the overflow [theta_max, inf).
+        theta = np.linspace(alone[i], max(theta_max_s, alone[i]), J)
+        b_lo = np.concatenate([[alone[i]], theta[:-1], [theta[-1]]])
+        b_hi = np.concatenate([[alone[i]], theta[1:], [np.inf]])
+        vb = v_base + m_idx * 2 * nb  # v columns
+        xb = vb + nb  # x columns
+        cost[xb : xb + nb] = 1.0 / n
+        ub[vb : vb + nb] = 1.0
+        integrality[vb : vb + nb] = 1 if mip else 0
+        add_row([(vb + j, 1.0) for j in range(nb)], 1.0, 1.0)
+        for j in range(nb):
+            add_row([(xb + j, 1.0), (vb + j, -b_lo[j])], 0.0, np.inf)
+            if math.isfinite(b_hi[j]):
+                add_row([(xb + j, 1.0), (vb + j, -b_hi[j])], -np.inf, 0.0)
+        # Deadline constraints at each grid point: S_ik >= sum_j (alpha_j v_ij + gamma_j x_ij), where
+        # alpha + gamma x is the chord, over bucket j, of one layer's concave need
+        # g_l(x) = (l + 1) B - R max(0, s + l c + x - t_k): below g_l on the bucket, hence valid.
+        layers = np.arange(r.num_layers)
+        need_bytes = (layers + 1) * r.layer_bytes
+        d0 = r.start_s + layers * r.compute_per_layer_s
+        blo, bhi = b_lo[:J], b_hi[:J]
+        width = bhi - blo
+        for k in range(K):
+            tk = grid[k]
+            g_lo = need_bytes[None, :] - rate[i] * np.maximum(0.0, d0[None, :] + blo[:, None] - tk)  # (J, L)
+            g_hi = need_bytes[None, :] - rate[i] * np.maximum(0.0, d0[None, :] + bhi[:, None] - tk)
+            best = np.argmax(g_lo + g_hi, axis=1)
+            v_lo = g_lo[np.arange(J), best]
+            v_hi = g_hi[np.arange(J), best]
+            gamma = np.where(width > 0, (v_hi - v_lo) / np.where(width > 0, width, 1.0), 0.0)
+            alpha = v_lo - gamma * blo
+            # Float guard: never demand more than a real schedule must deliver.
+            alpha = alpha - 1e-9 * np.abs(v_lo) - 1e-6
+            active = np.nonzero(np.maximum(v_lo, v_hi) > 1e-6)[0]
+            if len(active) == 0:
+                continue
+            if (i, k) not in s_index and len(active):
+                # Nothing has arrived by t_k: a bucket whose need is positive throughout is impossible.
+                for j in active:
+                    if v_hi[j] > 1e-6 and v_lo[j] > 1e-6:
+                        ub[vb + j] = 0.0
+            entries = [(s_index[i, k], 1.0)] if (i, k) in s_index else []
+            for j in active:
+                entries.append((vb + int(j), -float(alpha[j])))
+                if gamma[j] != 0.0:
+                    entries.append((xb + int(j), -float(gamma[j])))
+            add_row(entries, 0.0, np.inf)
+    # Link capacity per slot.
+    for name, link in link_map.items():
+        users = [i for i in movers if name in reqs[i].path]
+        if not users:
+            continue
+        for k in range(1, K):
+            entries = []
+            for i in users:
+                if (i, k) in s_index:
+                    entries.append((s_index[i, k], 1.0))
+                    if (i, k - 1) in s_index:
+                        entries.append((s_index[i, k - 1], -1.0))
+            if entries:
+                add_row(entries, -np.inf, link.capacity_Bps * (grid[k] - grid[k - 1]) * (1 + 1e-9) + 1e-6)
+
+    A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nvar)).tocsr()
+    # Scale bytes to keep HiGHS well conditioned: divide S columns by the largest request.
+    scale = max(reqs[i].total_bytes for i in movers)
+    col_scale = np.ones(nvar)
+    col_scale[:n_s] = scale
+    A = A.multiply(col_scale[None, :]).tocsr()
+    row_scale = 1.0 / np.maximum(1e-30, abs(A).max(axis=1).toarray().ravel())
+    A = A.multiply(row_scale[:, None]).tocsr()
+    lo_arr = np.array(lo) * row_scale
+    hi_arr = np.array(hi) * row_scale
+    ub_scaled = ub / col_scale
+    options = {"disp": False, "time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap}
+    res = _solve(cost, A, lo_arr, hi_arr, lb, ub_scaled, integrality, options, clock)
+    solve_s = res.pop("solve_s")
+    status = res["status"]
+    if status in ("optimal", "lp"):
+        value = float(res["fun"])
+    elif status == "time_limit" and math.isfinite(res.get("dual_bound", math.nan)):
+        value = float(res["dual_bound"])
+    else:
+        value = float(alone.mean())
+        status = f"failed ({status}); alone bound"
+    value = max(value, float(alone.mean()))
+    per_req = dict.fromkeys(per_alone, 0.0)
+    x = res.get("x")
+    if x is not None:
+        for m_idx, i in enumerate(movers):
+            xb = v_base + m_idx * 2 * nb + nb
+            per_req[reqs[i].request_id] = float(np.sum(x[xb : xb + nb]))
+    return BoundResult(
+        mean_added_ttft_s=value,
+        per_request_alone_s=per_alone,
+        per_request_s=per_req,
+        status=status,
+        solve_s=solve_s,
+        num_vars=nvar,
+        num_constraints=len(lo),
+        mip_gap=float(res.get("gap") if res.get("gap") is not None else math.nan),
+    )
+
+
+def _solve(cost, A, lo, hi, lb, ub, integrality, options, clock) -> dict:
+    """Run HiGHS through ``scipy.optimize.milp``; time it with the caller's ``clock`` if one is given."""
+    t_start = clock() if clock is not None else math.nan
+    res = milp(
+        c=cost,
+        constraints=LinearConstraint(A, lo, hi),
+        integrality=integrality,
+        bounds=Bounds(lb, ub),
+        options=options,
+    )
+    solve_s = clock() - t_start if clock is not None else math.nan
+    is_mip = bool(np.any(integrality))
+    out = {"solve_s": solve_s, "x": res.x, "gap": getattr(res, "mip_gap", math.nan)}
+    if res.status == 0:
+        out["status"] = "optimal" if is_mip else "lp"
+        out["fun"] = res.fun
+    elif res.status == 1:
+        out["status"] = "time_limit"
+        out["dual_bound"] = getattr(res, "mip_dual_bound", math.nan)
+        out["x"] = None
+    else:
+        out["status"] = f"highs status {res.status}: {res.message}"
+        out["x"] = None
+    return out

@@ -1,0 +1,143 @@
+"""Figures of the experiments, from their tables (``requests.csv``, ``summary.csv``).
+
+``python -m sim`` calls ``plot(name, requests, summary, out_dir)`` after each experiment; the notebooks call
+the same functions on the committed golden results, so a figure is drawn by one piece of code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PATH_STYLE = {
+    "recompute": ("tab:gray", "x"),
+    "dram": ("tab:blue", "s"),
+    "dram_layerwise": ("tab:cyan", "D"),
+    "s3_whole": ("tab:red", "v"),
+    "s3_ranged": ("tab:orange", "^"),
+    "gather": ("tab:green", "o"),
+}
+
+
+def _save(fig, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def context_sweep(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    df = requests[requests.note == "sweep"]
+    news = sorted(df.new_tokens.unique())
+    fig, axes = plt.subplots(1, len(news), figsize=(5 * len(news), 4), squeeze=False)
+    for ax, new in zip(axes[0], news):
+        for path, g in df[df.new_tokens == new].groupby("path"):
+            g = g.sort_values("cached_tokens")
+            color, marker = PATH_STYLE.get(path, ("k", "."))
+            ax.plot(g.context_tokens, g.ttft_s * 1e3, marker=marker, color=color, label=path)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached prefix (tokens)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"{new} new tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    paths = [_save(fig, out_dir, "context_sweep_ttft")]
+    split = requests[requests.note == "split"]
+    if len(split):
+        piv = split.pivot_table(index="new_tokens", columns="path", values="ttft_s")
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.plot(piv.index, piv["gather"] / piv["dram_layerwise"], "o-", label="gather / DRAM layerwise")
+        ax.plot(piv.index, piv["gather"] / piv["dram"], "s-", label="gather / DRAM whole")
+        ax.axhline(1.056, color="r", ls="--", lw=1, label="target 1.056")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("new tokens of a 64K context")
+        ax.set_ylabel("TTFT ratio")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir, "context_sweep_64k_split"))
+    return paths
+
+
+def shared_bandwidth(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    caps = sorted(summary.link_Gbps.unique())
+    fig, axes = plt.subplots(1, len(caps), figsize=(4.5 * len(caps), 3.8), squeeze=False, sharey=False)
+    cols = [c for c in summary.columns if c.endswith("_added_ms")]
+    for ax, cap in zip(axes[0], caps):
+        g = summary[summary.link_Gbps == cap].sort_values("concurrency")
+        for col in cols:
+            ax.plot(g.concurrency, g[col], marker="o", ls="--" if col.startswith("bound") else "-", label=col[:-9])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("mean added TTFT (ms)")
+        ax.set_title(f"{cap:g} Gbps")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return [_save(fig, out_dir, "shared_bandwidth_added_ttft")]
+
+
+def chunk_size(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for path, g in summary.groupby("path"):
+        g = g.sort_values("chunk_tokens")
+        color, marker = PATH_STYLE.get(path, ("k", "."))
+        ax.plot(g.chunk_tokens, g.ttft_mean_ms, marker=marker, color=color, label=path)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("chunk size (tokens)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return [_save(fig, out_dir, "chunk_size_ttft")]
+
+
+def first_layer(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for note, g in summary.groupby("note"):
+        g = g.sort_values("cached_tokens")
+        ax.plot(g.cached_tokens, g.added_ttft_mean_ms, marker="o", label=note)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cached prefix (tokens)")
+    ax.set_ylabel("added TTFT over DRAM layerwise (ms)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return [_save(fig, out_dir, "first_layer_added_ttft")]
+
+
+def trace(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for obj, g in summary.groupby("object_tier"):
+        g = g.sort_values("dram_capacity_GiB")
+        label = "with object tier" if obj else "HBM + DRAM only"
+        axes[0].plot(g.dram_capacity_GiB, g.ttft_p50_ms, marker="o", label=f"{label} p50")
+        axes[0].plot(g.dram_capacity_GiB, g.ttft_p99_ms, marker="^", ls="--", label=f"{label} p99")
+        axes[1].plot(g.dram_capacity_GiB, g.hit_rate_tokens, marker="o", label=label)
+    axes[0].set_ylabel("TTFT (ms)")
+    axes[1].set_ylabel("prefix tokens served from cache")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("DRAM capacity (GiB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return [_save(fig, out_dir, "trace_tiers")]
+
+
+PLOTTERS = {
+    "context_sweep": context_sweep,
+    "shared_bandwidth": shared_bandwidth,
+    "chunk_size": chunk_size,
+    "first_layer": first_layer,
+    "trace": trace,
+}
+
+
+def plot(name: str, requests: pd.DataFrame, summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    fn = PLOTTERS.get(name)
+    return fn(requests, summary, Path(out_dir)) if fn is not None else []

@@ -1,0 +1,1 @@
+"""Placeholder until scheduler.tiers lands."""

@@ -1,0 +1,367 @@
+"""Layer-major gather: the layer-l slices of many chunk objects, streamed as frames in GPU order.
+
+Request (``POST /<bucket>?gather``, JSON, SigV4-signed like any S3 request)::
+
+    {"version": 1, "keys": [object names...], "layer_start": 0, "layer_end": L,
+     "compute_per_layer_s": 0.004, "stream_id": "req-17"}     # the last two are optional
+
+Before any payload the server opens every object and parses its header (``prepare_gather``): a missing key
+is a 404 ``NoSuchKey`` naming the missing names, chunks that disagree on geometry or a bad layer range are a
+400 ``InvalidRequest``, a body that is too big or names too many keys a 413 ``EntityTooLarge`` / 400.
+
+Response body (``application/x-objectcache-gather``, ``Content-Length`` known up front), layer_start first::
+
+    layer frame:  b"OCLF" | layer u32 | n_slices u32 | slice_bytes u64 | n_slices x u64 xxh3_64 (stored
+                  per-slice checksums) | payload: layer-l slice of each chunk in key order
+    error frame:  b"OCER" | msg_len u32 | utf-8 message      (then the server closes the connection)
+    end frame:    b"OCEN" | layers_sent u32                  (a stream without it is truncated: failed)
+
+Payload bytes leave the server with ``sendfile`` straight from the object files when the store exposes file
+descriptors (the filesystem store), otherwise they are read into a layer buffer (``preadv``/ranged reads in a
+thread) while the previous layer is sent.  The server does not re-hash payload bytes: the frame carries the
+*stored* checksums, and the client verifies every slice end to end (``iter_frames`` + ``verify_frame``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from testbed.errors import (
+    ChecksumMismatch,
+    ChunkMissing,
+    CorruptObject,
+    GeometryMismatch,
+    InvalidRequest,
+    ProtocolError,
+    RequestTooLarge,
+    TruncatedStream,
+)
+from testbed.kvformat import HEADER_PROBE_BYTES, ChunkHeader, parse_header, slice_checksum
+from testbed.pacer import DEFAULT_PIECE_BYTES, PacedStream, Pacer
+from testbed.store import ObjectHandle, Store
+
+CONTENT_TYPE = "application/x-objectcache-gather"
+GATHER_VERSION = 1
+LAYER_MAGIC = b"OCLF"
+ERROR_MAGIC = b"OCER"
+END_MAGIC = b"OCEN"
+_LAYER_HEAD = struct.Struct("<4sIIQ")  # magic, layer, n_slices, slice_bytes
+_ERROR_HEAD = struct.Struct("<4sI")
+_END = struct.Struct("<4sI")
+DEFAULT_MAX_KEYS = 4096
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+_HEADER_BATCH = 16  # keys per executor task while reading headers
+
+
+@dataclass(frozen=True)
+class GatherRequest:
+    keys: tuple[str, ...]
+    layer_start: int
+    layer_end: int | None
+    compute_per_layer_s: float | None = None
+    stream_id: str | None = None
+
+
+def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRequest:
+    """Validate a gather request body; raise ``InvalidRequest`` / ``RequestTooLarge``."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("gather body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("gather body must be a JSON object")
+    if doc.get("version", GATHER_VERSION) != GATHER_VERSION:
+        raise InvalidRequest(f"unsupported gather version {doc.get('version')!r}; this server speaks 1")
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise InvalidRequest("gather 'keys' must be a non-empty list of object names")
+    if len(keys) > max_keys:
+        raise RequestTooLarge(f"gather names {len(keys)} keys; the limit is {max_keys}")
+    start = doc.get("layer_start", 0)
+    end = doc.get("layer_end")
+    if not _is_int(start) or start < 0 or (end is not None and (not _is_int(end) or end <= start)):
+        raise InvalidRequest(f"bad layer range [{start!r}, {end!r})")
+    cpl = doc.get("compute_per_layer_s")
+    if cpl is not None and (
+        not isinstance(cpl, int | float) or isinstance(cpl, bool) or not math.isfinite(cpl) or cpl < 0
+    ):
+        raise InvalidRequest("compute_per_layer_s must be a non-negative number")
+    sid = doc.get("stream_id")
+    if sid is not None and (not isinstance(sid, str) or len(sid) > 128):
+        raise InvalidRequest("stream_id must be a string of at most 128 characters")
+    return GatherRequest(tuple(keys), start, end, float(cpl) if cpl is not None else None, sid)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class GatherPlan:
+    """Open objects and their headers, checked to agree, for one gather."""
+
+    keys: tuple[str, ...]
+    handles: list[ObjectHandle]
+    headers: list[ChunkHeader]
+    layer_start: int
+    layer_end: int
+
+    @property
+    def slice_bytes(self) -> int:
+        return self.headers[0].slice_bytes
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.keys)
+
+    @property
+    def layer_payload_bytes(self) -> int:
+        return self.n_slices * self.slice_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def frame_head(self, layer: int) -> bytes:
+        return layer_frame_head(layer, self.slice_bytes, [h.checksums[layer] for h in self.headers])
+
+    @property
+    def content_length(self) -> int:
+        per_layer = _LAYER_HEAD.size + 8 * self.n_slices + self.layer_payload_bytes
+        return per_layer * self.num_layers + _END.size
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.close()
+        self.handles = []
+
+
+def _open_batch(store: Store, bucket: str, keys: Sequence[str]) -> list:
+    """Open and parse the header of each key; a result is (handle, header), ChunkMissing, or an error."""
+    out = []
+    for key in keys:
+        try:
+            handle = store.open_object(bucket, key)
+        except ChunkMissing as e:
+            out.append(e)
+            continue
+        try:
+            buf = bytearray(min(HEADER_PROBE_BYTES, handle.info.size_bytes))
+            handle.read_into(0, memoryview(buf))
+            header = parse_header(buf)
+            if header.total_bytes != handle.info.size_bytes:
+                raise CorruptObject(
+                    f"chunk {key}: object is {handle.info.size_bytes} bytes, header says {header.total_bytes}",
+                    key=key,
+                )
+            out.append((handle, header))
+        except CorruptObject as e:
+            handle.close()
+            out.append(CorruptObject(f"chunk {key}: {e}", key=key))
+        except BaseException:
+            handle.close()
+            raise
+    return out
+
+
+async def prepare_gather(
+    store: Store, bucket: str, req: GatherRequest, executor: Executor | None = None
+) -> GatherPlan:
+    """Open all objects and check them (see the module docstring); nothing is sent yet."""
+    loop = asyncio.get_running_loop()
+    batches = [req.keys[i : i + _HEADER_BATCH] for i in range(0, len(req.keys), _HEADER_BATCH)]
+    results = await asyncio.gather(
+        *(loop.run_in_executor(executor, _open_batch, store, bucket, b) for b in batches),
+        return_exceptions=True,
+    )
+    flat: list = []
+    for r in results:
+        flat.extend(r if isinstance(r, list) else [r])
+    handles = [r[0] for r in flat if isinstance(r, tuple)]
+    try:
+        missing = [k for k, r in zip(req.keys, flat) if isinstance(r, ChunkMissing)]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            raise ChunkMissing(f"{len(missing)} of {len(req.keys)} keys do not exist: {shown}", keys=missing)
+        for r in flat:
+            if isinstance(r, BaseException):
+                raise r
+        headers = [r[1] for r in flat]
+        first = headers[0].geometry()
+        for key, h in zip(req.keys, headers):
+            if h.geometry() != first:
+                raise GeometryMismatch(
+                    f"chunk {key} has geometry {h.geometry()}, but {req.keys[0]} has {first}", key=key
+                )
+        num_layers = headers[0].num_layers
+        end = num_layers if req.layer_end is None else req.layer_end
+        if end > num_layers or req.layer_start >= end:
+            raise InvalidRequest(
+                f"layer range [{req.layer_start}, {end}) outside the model's {num_layers} layers"
+            )
+        return GatherPlan(req.keys, handles, headers, req.layer_start, end)
+    except BaseException:
+        for h in handles:
+            h.close()
+        raise
+
+
+# --- frames -----------------------------------------------------------------------------------------------
+
+
+def layer_frame_head(layer: int, slice_bytes: int, checksums: Sequence[int]) -> bytes:
+    n = len(checksums)
+    return _LAYER_HEAD.pack(LAYER_MAGIC, layer, n, slice_bytes) + struct.pack(f"<{n}Q", *checksums)
+
+
+def error_frame(message: str) -> bytes:
+    raw = message.encode("utf-8", "replace")[:65536]
+    return _ERROR_HEAD.pack(ERROR_MAGIC, len(raw)) + raw
+
+
+def end_frame(layers_sent: int) -> bytes:
+    return _END.pack(END_MAGIC, layers_sent)
+
+
+@dataclass
+class LayerFrame:
+    layer: int
+    slice_bytes: int
+    checksums: tuple[int, ...]
+    payload: memoryview
+
+
+def iter_frames(read_exact: Callable[[int], bytes]) -> Iterator[LayerFrame]:
+    """Parse a gather body with ``read_exact(n)`` (returns exactly ``n`` bytes, or fewer at EOF).
+
+    Yields layer frames; returns after the end frame; raises ``TruncatedStream`` for an error frame or a
+    stream that ends early, ``ProtocolError`` for anything else unexpected.
+    """
+    layers = 0
+    while True:
+        magic = read_exact(4)
+        if len(magic) < 4:
+            raise TruncatedStream(f"gather stream ended after {layers} layers without an end frame")
+        if magic == LAYER_MAGIC:
+            head = read_exact(_LAYER_HEAD.size - 4)
+            if len(head) < _LAYER_HEAD.size - 4:
+                raise TruncatedStream("gather stream truncated inside a layer frame header")
+            layer, n, slice_bytes = struct.unpack("<IIQ", head)
+            sums = read_exact(8 * n)
+            payload = read_exact(n * slice_bytes)
+            if len(sums) < 8 * n or len(payload) < n * slice_bytes:
+                raise TruncatedStream(f"gather stream truncated inside layer {layer}", layer=layer)
+            layers += 1
+            yield LayerFrame(layer, slice_bytes, struct.unpack(f"<{n}Q", sums), memoryview(payload))
+        elif magic == ERROR_MAGIC:
+            (length,) = struct.unpack("<I", read_exact(4))
+            msg = read_exact(length).decode("utf-8", "replace")
+            raise TruncatedStream(f"server aborted the gather after {layers} layers: {msg}")
+        elif magic == END_MAGIC:
+            (sent,) = struct.unpack("<I", read_exact(4))
+            if sent != layers:
+                raise ProtocolError(f"end frame says {sent} layers, received {layers}")
+            return
+        else:
+            raise ProtocolError(f"unknown gather frame magic {magic!r}")
+
+
+def verify_frame(frame: LayerFrame, keys: Sequence[str]) -> None:
+    """Check every slice of a layer frame against its stored checksum; the error names key and layer."""
+    for i, expected in enumerate(frame.checksums):
+        piece = frame.payload[i * frame.slice_bytes : (i + 1) * frame.slice_bytes]
+        if slice_checksum(piece) != expected:
+            key = keys[i] if i < len(keys) else f"#{i}"
+            raise ChecksumMismatch(
+                f"chunk {key} layer {frame.layer}: checksum mismatch", key=key, layer=frame.layer
+            )
+
+
+# --- streaming --------------------------------------------------------------------------------------------
+
+
+class _Fd:
+    """A file-like wrapper so ``loop.sendfile`` can use a raw descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def _read_layer(plan: GatherPlan, layer: int, buf: memoryview) -> None:
+    sb = plan.slice_bytes
+    for i, (handle, header) in enumerate(zip(plan.handles, plan.headers)):
+        start, _ = header.layer_range(layer)
+        got = handle.read_into(start, buf[i * sb : (i + 1) * sb])
+        if got != sb:
+            raise CorruptObject(
+                f"chunk {plan.keys[i]} layer {layer}: short read", key=plan.keys[i], layer=layer
+            )
+
+
+async def stream_gather(
+    plan: GatherPlan,
+    write: Callable[[bytes | memoryview], Awaitable[None]],
+    sendfile: Callable[[object, int, int], Awaitable[None]] | None,
+    pacer: Pacer,
+    stream: PacedStream,
+    executor: Executor | None = None,
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Send all layer frames and the end frame; return the layers sent.
+
+    ``sendfile(fileobj, offset, count)`` is used when every handle has a file descriptor; otherwise layers
+    are read into fresh buffers in ``executor`` one layer ahead of the one being sent.  Errors propagate:
+    the caller sends an error frame and closes the connection.
+    """
+    loop = asyncio.get_running_loop()
+    fds = [h.fileno() for h in plan.handles]
+    use_sendfile = sendfile is not None and all(fd is not None for fd in fds)
+    # Unpaced streams send whole slices (fewer calls); paced ones send pieces so the rate applies in a layer.
+    piece = piece_bytes if pacer.limited else max(piece_bytes, 8 << 20)
+    sb = plan.slice_bytes
+    account = on_bytes or (lambda n: None)
+
+    def start_read(layer: int):
+        # A fresh buffer per layer: the transport may still reference the previous one (zero-copy writes).
+        buf = bytearray(plan.layer_payload_bytes)
+        return buf, loop.run_in_executor(executor, _read_layer, plan, layer, memoryview(buf))
+
+    pending = None if use_sendfile else start_read(plan.layer_start)
+    sent = 0
+    for layer in range(plan.layer_start, plan.layer_end):
+        head = plan.frame_head(layer)
+        await write(head)
+        account(len(head))
+        if use_sendfile:
+            for i, header in enumerate(plan.headers):
+                start, _ = header.layer_range(layer)
+                for off in range(0, sb, piece):
+                    n = min(piece, sb - off)
+                    await pacer.pace(stream, n)
+                    await sendfile(_Fd(fds[i]), start + off, n)
+                    account(n)
+        else:
+            buf, fut = pending
+            await fut
+            pending = start_read(layer + 1) if layer + 1 < plan.layer_end else None
+            view = memoryview(buf)
+            for off in range(0, len(view), piece):
+                chunk = view[off : off + piece]
+                await pacer.pace(stream, len(chunk))
+                await write(chunk)
+                account(len(chunk))
+        sent += 1
+        pacer.layer_sent(stream)
+    await write(end_frame(sent))
+    account(_END.size)
+    return sent

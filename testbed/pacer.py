@@ -1,0 +1,207 @@
+"""The server's egress pacer: concurrent gather streams share one egress link through a scheduler policy.
+
+Every gather stream registers with the pacer (bytes per layer, layers, the client's per-layer compute hint).
+Whenever a stream comes or goes, or crosses a layer boundary, the pacer builds a ``scheduler.flows.FlowView``
+per stream on one link ``egress`` of capacity ``egress_Bps`` and asks the configured policy
+(``scheduler.policies.get_policy``: ``equal``, ``bandwidth_aware``, ...) for per-stream rates.  Each stream
+then sends its frames in pieces (256 KiB by default) and calls ``await pace(stream, n)`` before each piece: a
+token bucket with a small burst allowance turns the rate into sleeps, so a rate applies within a layer.
+
+The server does not see the client's GPU, so it estimates it the way the policy's model defines it: the
+client starts computing layer ``l`` when layer ``l`` has been sent and layer ``l-1`` is computed, and each
+layer takes ``compute_per_layer_s``.  With ``egress_Bps=None`` (the default) nothing is paced.
+
+The clock is injected (``clock``, seconds, monotonic) so tests can drive the pacer deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scheduler.flows import FlowView, Link
+from scheduler.policies import get_policy
+
+EGRESS = "egress"
+DEFAULT_PIECE_BYTES = 256 * 1024
+
+
+@dataclass
+class PacedStream:
+    """Pacer-side state of one gather stream.
+
+    ``layer_sent_s`` holds when each layer finished sending; the estimated GPU schedule follows from it:
+    layer ``l`` starts at ``max(sent_l, end_{l-1})`` and ends ``compute_per_layer_s`` later.
+    """
+
+    stream_id: str
+    layer_bytes: int
+    layers_total: int
+    compute_per_layer_s: float
+    arrival_s: float
+    delivered_bytes: int = 0
+    layer_sent_s: list[float] = field(default_factory=list)
+    rate_Bps: float = math.inf
+    next_send_s: float = 0.0
+    changed: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def layers_sent(self) -> int:
+        return len(self.layer_sent_s)
+
+    def gpu_state(self, now_s: float) -> tuple[int, float]:
+        """(layers whose compute has started by ``now_s``, when the GPU finishes those layers)."""
+        started, busy_until = 0, self.arrival_s
+        for sent_s in self.layer_sent_s:
+            start = max(sent_s, busy_until)
+            if start > now_s:
+                break
+            started += 1
+            busy_until = start + self.compute_per_layer_s
+        return started, busy_until
+
+    def view(self, now_s: float) -> FlowView:
+        started, busy_until = self.gpu_state(now_s)
+        return FlowView(
+            flow_id=self.stream_id,
+            path=(EGRESS,),
+            layer_bytes=float(self.layer_bytes),
+            layers_total=self.layers_total,
+            delivered_bytes=float(min(self.delivered_bytes, self.layer_bytes * self.layers_total)),
+            compute_per_layer_s=self.compute_per_layer_s,
+            gpu_busy_until_s=busy_until,
+            layers_computed=started,
+            arrival_s=self.arrival_s,
+            start_s=self.arrival_s,
+            first_layer_s=self.layer_sent_s[0] if self.layer_sent_s else math.nan,
+        )
+
+
+class Pacer:
+    """Per-stream rates from a scheduler policy over one egress link, applied by ``pace``."""
+
+    def __init__(
+        self,
+        policy: str = "equal",
+        egress_Bps: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        burst_s: float = 0.002,
+        starve_poll_s: float = 0.05,
+    ) -> None:
+        self.policy_name = policy
+        self.policy = get_policy(policy)
+        self.egress_Bps = egress_Bps if egress_Bps and egress_Bps > 0 else None
+        self.clock = clock
+        self._t0 = clock()
+        self.burst_s = burst_s
+        self.starve_poll_s = starve_poll_s
+        self.streams: dict[str, PacedStream] = {}
+        self._ids = itertools.count()
+        self.reallocations = 0
+
+    @property
+    def limited(self) -> bool:
+        return self.egress_Bps is not None
+
+    def now_s(self) -> float:
+        return self.clock() - self._t0
+
+    def open_stream(
+        self,
+        layer_bytes: int,
+        layers_total: int,
+        compute_per_layer_s: float | None = None,
+        stream_id: str | None = None,
+    ) -> PacedStream:
+        """Register a stream and reallocate.  Stream ids are made unique (a counter suffix)."""
+        n = next(self._ids)
+        sid = f"{stream_id}#{n}" if stream_id else f"s{n}"
+        cpl = float(compute_per_layer_s) if compute_per_layer_s and compute_per_layer_s > 0 else 0.0
+        s = PacedStream(sid, int(layer_bytes), int(layers_total), cpl, self.now_s())
+        s.next_send_s = s.arrival_s
+        s.changed = asyncio.Event() if _in_loop() else None
+        self.streams[sid] = s
+        self.reallocate()
+        return s
+
+    def close_stream(self, stream: PacedStream) -> None:
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self.reallocate()
+
+    def layer_sent(self, stream: PacedStream) -> None:
+        """A stream finished sending a layer: record it (for the GPU estimate) and reallocate."""
+        stream.layer_sent_s.append(self.now_s())
+        self.reallocate()
+
+    def reallocate(self) -> dict[str, float]:
+        """Ask the policy for new rates of all active streams (infinite when egress is unlimited)."""
+        self.reallocations += 1
+        if not self.streams:
+            return {}
+        if self.egress_Bps is None:
+            rates = {sid: math.inf for sid in self.streams}
+        else:
+            now = self.now_s()
+            flows = [s.view(now) for s in sorted(self.streams.values(), key=lambda s: s.stream_id)]
+            link = Link(EGRESS, self.egress_Bps)
+            rates = self.policy.allocate(now, flows, {EGRESS: link})
+        for sid, s in self.streams.items():
+            s.rate_Bps = float(rates.get(sid, 0.0))
+            if s.changed is not None:
+                s.changed.set()
+        return rates
+
+    def delay_for(self, stream: PacedStream, nbytes: int) -> float:
+        """Account ``nbytes`` to the stream's token bucket; return how long to wait before sending them."""
+        now = self.now_s()
+        stream.delivered_bytes += nbytes
+        if math.isinf(stream.rate_Bps):
+            stream.next_send_s = now
+            return 0.0
+        start = max(stream.next_send_s, now - self.burst_s)
+        stream.next_send_s = start + nbytes / stream.rate_Bps
+        return max(0.0, start - now)
+
+    async def pace(self, stream: PacedStream, nbytes: int) -> None:
+        """Wait until the stream may send ``nbytes`` more bytes at its current rate."""
+        if self.egress_Bps is None:
+            stream.delivered_bytes += nbytes
+            return
+        while stream.rate_Bps <= 0:
+            # The policy gave this stream nothing for now: wait for the next reallocation.
+            if stream.changed is None:
+                stream.changed = asyncio.Event()
+            stream.changed.clear()
+            try:
+                await asyncio.wait_for(stream.changed.wait(), self.starve_poll_s)
+            except TimeoutError:
+                self.reallocate()
+            stream.next_send_s = max(stream.next_send_s, self.now_s())
+        delay = self.delay_for(stream, nbytes)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def snapshot(self) -> list[dict]:
+        return [
+            {
+                "stream_id": s.stream_id,
+                "rate_Bps": s.rate_Bps,
+                "delivered_bytes": s.delivered_bytes,
+                "layers_sent": s.layers_sent,
+                "layers_total": s.layers_total,
+                "compute_per_layer_s": s.compute_per_layer_s,
+            }
+            for s in self.streams.values()
+        ]
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,990 @@
+"""The ObjectCache S3 server: an S3 API subset plus layer-major gather, on aiohttp.
+
+Run ``python -m testbed.server --data-dir DIR`` (or the console script ``objectcache-server``); it binds
+127.0.0.1 by default.  Path-style addressing only (``http://host:port/<bucket>/<key>``).  See
+docs/object_tier.md for the operations, flags, credentials and the gather protocol (``testbed.gather``).
+
+Request flow: every request is verified with SigV4 (``testbed.s3auth``), its bucket and key are checked
+against the credential's buckets and namespaces, and it is dispatched on method + sub-resource.  Blocking
+store calls run in a thread pool; payload bytes go out with ``sendfile`` where the store has file descriptors.
+Errors are S3 XML documents; an unexpected exception is logged and answered ``500 InternalError`` without
+internals.  Unauthenticated endpoints: ``GET /_objectcache/health`` (JSON) and ``GET /_objectcache/metrics``
+(Prometheus text) -- names no bucket can have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from testbed import gather as gather_mod
+from testbed import s3xml
+from testbed.errors import ObjectCacheError, S3Error
+from testbed.metrics import Metrics
+from testbed.pacer import DEFAULT_PIECE_BYTES, Pacer
+from testbed.s3auth import (
+    STREAMING_SIGNED,
+    STREAMING_SIGNED_TRAILER,
+    STREAMING_UNSIGNED_TRAILER,
+    AuthResult,
+    ChunkedDecoder,
+    CredentialStore,
+    checksum_b64,
+    new_checksum,
+    verify_request,
+)
+from testbed.store import (
+    FilesystemStore,
+    MultipartSpool,
+    Store,
+    multipart_etag,
+    validate_bucket_name,
+    validate_key,
+)
+
+log = logging.getLogger("objectcache.server")
+
+INTERNAL_PREFIX = "/_objectcache/"
+MiB = 1 << 20
+_BATCH_BYTES = 4 * MiB
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CHECKSUM_ALGS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    data_dir: str = "objectcache-data"
+    store: str = "fs"  # fs | s3proxy
+    store_options: dict[str, str] = field(default_factory=dict)
+    spool_dir: str | None = None
+    credentials_file: str | None = None
+    region: str = "us-east-1"
+    policy: str = "equal"
+    egress_gbps: float | None = None  # None: unpaced
+    piece_bytes: int = DEFAULT_PIECE_BYTES
+    max_object_bytes: int = 5 * 1024 * MiB
+    max_request_body_bytes: int = MiB  # XML / JSON bodies
+    max_gather_keys: int = gather_mod.DEFAULT_MAX_KEYS
+    min_part_bytes: int = 5 * MiB
+    io_threads: int = 16
+    fsync: bool = True
+    ready_file: str | None = None
+    log_level: str = "INFO"
+
+
+@dataclass
+class Ctx:
+    request: web.Request
+    bucket: str
+    key: str
+    query: dict[str, str]
+    auth: AuthResult
+
+    @property
+    def cred(self):
+        return self.auth.credential
+
+
+def parse_query(raw_query: str) -> list[tuple[str, str]]:
+    """Query pairs decoded with ``unquote`` (not ``unquote_plus``: S3 clients encode spaces as %20)."""
+    out = []
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        out.append((unquote(k), unquote(v)))
+    return out
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """[start, end] inclusive of a single ``bytes=`` range; None to serve the whole object (S3 ignores
+    multi-range requests); raises InvalidRange when unsatisfiable."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m:
+        if header.strip().startswith("bytes=") and "," in header:
+            return None
+        raise S3Error("InvalidRange", f"bad Range header {header!r}", 416)
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        raise S3Error("InvalidRange", f"bad Range header {header!r}", 416)
+    if first == "":  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise S3Error("InvalidRange", "the requested range is not satisfiable", 416)
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if last != "" and int(last) < start:
+        return None  # syntactically invalid range: ignored, like S3
+    if start >= size:
+        raise S3Error("InvalidRange", "the requested range is not satisfiable", 416)
+    return start, end
+
+
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class S3Server:
+    def __init__(self, config: ServerConfig, store: Store, credentials: CredentialStore) -> None:
+        self.config = config
+        self.store = store
+        self.credentials = credentials
+        egress_Bps = config.egress_gbps * 1e9 / 8 if config.egress_gbps else None
+        self.pacer = Pacer(config.policy, egress_Bps)
+        spool = config.spool_dir or os.path.join(config.data_dir, "multipart")
+        self.spool = MultipartSpool(spool)
+        self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="oc-io")
+        self.metrics = Metrics()
+        self._rid = itertools.count(1)
+        self._rid_prefix = f"{os.getpid():x}"
+
+    # --- plumbing -----------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_request_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(self._on_prepare)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-amz-request-id"] = request.get("rid", "")
+        response.headers["Server"] = "ObjectCache"
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def error_response(self, request: web.Request, err: ObjectCacheError) -> web.Response:
+        code = getattr(err, "s3_code", "InternalError")
+        status = getattr(err, "http_status", 500)
+        self.metrics.errors[code] += 1
+        extra = {}
+        if getattr(err, "key", None):
+            extra["Key"] = err.key
+        body = s3xml.error_xml(code, str(err), request.path, request.get("rid", ""), **extra)
+        resp = web.Response(status=status, body=None if request.method == "HEAD" else body)
+        resp.content_type = "application/xml"
+        if status == 416 and "size" in request:
+            resp.headers["Content-Range"] = f"bytes */{request['size']}"
+        return resp
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        request["rid"] = f"{self._rid_prefix}-{next(self._rid):08x}"
+        request["op"] = "unknown"
+        try:
+            resp = await self._dispatch(request)
+        except ObjectCacheError as e:
+            resp = self.error_response(request, e)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            resp = self.error_response(request, S3Error("InternalError", "internal error", 500))
+        status = resp.status
+        self.metrics.observe(request["op"], status, time.perf_counter() - t0)
+        return resp
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        if raw_path.startswith(INTERNAL_PREFIX):
+            return await self._internal(request, raw_path[len(INTERNAL_PREFIX) :])
+        query_pairs = parse_query(raw_query)
+        auth = verify_request(
+            request.method,
+            raw_path,
+            query_pairs,
+            request.headers.items(),
+            self.credentials,
+            datetime.now(UTC),
+        )
+        bucket_raw, _, key_raw = raw_path.lstrip("/").partition("/")
+        bucket, key = unquote(bucket_raw), unquote(key_raw)
+        # Routing ignores presign parameters and botocore's informational ``x-id``.
+        routing = {k: v for k, v in query_pairs if not k.startswith("X-Amz-") and k != "x-id"}
+        ctx = Ctx(request, bucket, key, routing, auth)
+        m, q = request.method, ctx.query
+        if not bucket:
+            if m == "GET":
+                return await self._op(ctx, "ListBuckets", self.list_buckets)
+            raise S3Error("MethodNotAllowed", f"{m} / is not supported", 405)
+        validate_bucket_name(bucket)
+        if not ctx.cred.allows_bucket(bucket):
+            raise S3Error("AccessDenied", f"credential may not access bucket {bucket!r}", 403)
+        if not key:
+            if m == "POST" and "gather" in q:
+                return await self._op(ctx, "Gather", self.gather)
+            if m == "POST" and "delete" in q:
+                return await self._op(ctx, "DeleteObjects", self.delete_objects)
+            if m == "PUT" and not q:
+                return await self._op(ctx, "CreateBucket", self.create_bucket)
+            if m == "HEAD":
+                return await self._op(ctx, "HeadBucket", self.head_bucket)
+            if m == "DELETE" and not q:
+                return await self._op(ctx, "DeleteBucket", self.delete_bucket)
+            if m == "GET" and "location" in q:
+                return await self._op(ctx, "GetBucketLocation", self.bucket_location)
+            if m == "GET" and not (
+                set(q)
+                - {
+                    "list-type",
+                    "prefix",
+                    "delimiter",
+                    "max-keys",
+                    "continuation-token",
+                    "start-after",
+                    "encoding-type",
+                    "fetch-owner",
+                    "marker",
+                }
+            ):
+                return await self._op(ctx, "ListObjects", self.list_objects)
+            raise S3Error("NotImplemented", f"{m} on a bucket with {sorted(q)} is not implemented", 501)
+        validate_key(key)
+        if not ctx.cred.allows_key(key):
+            raise S3Error("AccessDenied", f"key {key!r} is outside the credential's namespaces", 403, key=key)
+        if m == "PUT" and "uploadId" in q and "partNumber" in q:
+            return await self._op(ctx, "UploadPart", self.upload_part)
+        if m == "PUT" and "x-amz-copy-source" in request.headers:
+            raise S3Error("NotImplemented", "CopyObject is not implemented", 501)
+        if m == "PUT" and not q:
+            return await self._op(ctx, "PutObject", self.put_object)
+        if m in ("GET", "HEAD") and not ({"uploadId", "partNumber", "acl", "tagging"} & set(q)):
+            return await self._op(ctx, "GetObject" if m == "GET" else "HeadObject", self.get_object)
+        if m == "DELETE" and "uploadId" in q:
+            return await self._op(ctx, "AbortMultipartUpload", self.abort_multipart)
+        if m == "DELETE" and not q:
+            return await self._op(ctx, "DeleteObject", self.delete_object)
+        if m == "POST" and "uploads" in q:
+            return await self._op(ctx, "CreateMultipartUpload", self.create_multipart)
+        if m == "POST" and "uploadId" in q:
+            return await self._op(ctx, "CompleteMultipartUpload", self.complete_multipart)
+        raise S3Error("NotImplemented", f"{m} on an object with {sorted(q)} is not implemented", 501)
+
+    async def _op(self, ctx: Ctx, name: str, fn) -> web.StreamResponse:
+        ctx.request["op"] = name
+        return await fn(ctx)
+
+    async def _internal(self, request: web.Request, what: str) -> web.Response:
+        request["op"] = "internal"
+        if request.method != "GET":
+            raise S3Error("MethodNotAllowed", "internal endpoints are GET only", 405)
+        if what == "health":
+            body = {
+                "status": "ok",
+                "gather": gather_mod.GATHER_VERSION,
+                "pid": os.getpid(),
+                "policy": self.pacer.policy_name,
+            }
+            return web.json_response(body)
+        if what == "metrics":
+            return web.Response(
+                text=self.metrics.render(self.pacer), content_type="text/plain", charset="utf-8"
+            )
+        raise S3Error("NoSuchKey", "unknown internal endpoint", 404)
+
+    def _xml(self, body: bytes, status: int = 200) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/xml")
+
+    # --- request bodies -----------------------------------------------------------------------------------
+
+    async def read_body(self, ctx: Ctx, max_bytes: int, sink=None) -> tuple[bytes, int, dict[str, str]]:
+        """Read (and decode, verify) the body.  Returns (bytes if no sink, decoded size, checksums).
+
+        Verifies: the signed SHA-256 (``x-amz-content-sha256`` hex), ``aws-chunked`` framing and chunk
+        signatures, ``x-amz-checksum-*`` headers or trailers, and ``Content-MD5``.  With ``sink`` the
+        decoded bytes go to ``await sink(batch)`` in batches of ~4 MiB instead of being returned.
+        """
+        request, auth = ctx.request, ctx.auth
+        h = request.headers
+        mode = auth.payload_hash
+        chunked = mode in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER) or (
+            "aws-chunked" in h.get("Content-Encoding", "")
+        )
+        if chunked:
+            if mode.startswith("STREAMING-AWS4-ECDSA"):
+                raise S3Error("NotImplemented", "SigV4a streaming payloads are not supported", 501)
+            declared = h.get("x-amz-decoded-content-length")
+        else:
+            declared = h.get("Content-Length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                raise S3Error("InvalidArgument", "bad content length", 400) from None
+            if declared_n > max_bytes:
+                raise S3Error(
+                    "EntityTooLarge", f"body of {declared_n} bytes exceeds the limit of {max_bytes}", 413
+                )
+        elif request.method == "PUT" and "chunked" not in h.get("Transfer-Encoding", ""):
+            raise S3Error("MissingContentLength", "you must provide the Content-Length header", 411)
+        decoder = ChunkedDecoder(auth, mode) if chunked else None
+        sha = hashlib.sha256() if _HEX64.match(mode) else None
+        md5 = hashlib.md5() if "Content-MD5" in h else None
+        checks: dict[str, tuple[object, str | None]] = {}
+        for alg in _CHECKSUM_ALGS:
+            value = h.get(f"x-amz-checksum-{alg}")
+            if value is not None:
+                checks[alg] = (new_checksum(alg), value)
+        trailer = h.get("x-amz-trailer", "").strip().lower()
+        if trailer:
+            if not trailer.startswith("x-amz-checksum-"):
+                raise S3Error("InvalidRequest", f"unsupported trailer {trailer!r}", 400)
+            checks.setdefault(trailer[len("x-amz-checksum-") :], (new_checksum(trailer[15:]), None))
+        hashers = [c for c in (sha, md5) if c is not None] + [c for c, _ in checks.values()]
+
+        def consume(batch: bytes) -> None:
+            # Runs in the thread pool: hashing (GIL released for large buffers) overlaps network reads.
+            for hsh in hashers:
+                hsh.update(batch)
+            if sink is not None:
+                sink(batch)
+
+        loop = asyncio.get_running_loop()
+        kept = bytearray()
+        chunks: list[bytes] = []
+        pending = None
+        size = 0
+        async for data in request.content.iter_any():
+            for piece in decoder.feed(data) if decoder else (data,):
+                size += len(piece)
+                if size > max_bytes:
+                    raise S3Error("EntityTooLarge", f"body exceeds the limit of {max_bytes} bytes", 413)
+                kept += piece
+            if len(kept) >= _BATCH_BYTES:
+                batch = bytes(kept)
+                kept.clear()
+                if sink is None:
+                    chunks.append(batch)
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(self.executor, consume, batch)
+        trailers = decoder.finish() if decoder else {}
+        batch = bytes(kept)
+        if sink is None:
+            chunks.append(batch)
+        if pending is not None:
+            await pending
+        await loop.run_in_executor(self.executor, consume, batch)
+        body = b"".join(chunks)
+        if declared is not None and size != int(declared):
+            raise S3Error("IncompleteBody", f"received {size} bytes, expected {declared}", 400)
+        if sha is not None and sha.hexdigest() != mode:
+            raise S3Error("XAmzContentSHA256Mismatch", "the payload does not match x-amz-content-sha256", 400)
+        if md5 is not None and base64.b64encode(md5.digest()).decode() != h["Content-MD5"].strip():
+            raise S3Error("BadDigest", "the Content-MD5 you specified did not match what we received", 400)
+        results = {}
+        for alg, (c, expected) in checks.items():
+            expected = expected if expected is not None else trailers.get(f"x-amz-checksum-{alg}")
+            if expected is None:
+                raise S3Error(
+                    "InvalidRequest", f"trailer x-amz-checksum-{alg} was announced but not sent", 400
+                )
+            got = checksum_b64(c)
+            if got != expected.strip():
+                raise S3Error(
+                    "BadDigest", f"the {alg.upper()} you specified did not match the calculated checksum", 400
+                )
+            results[f"x-amz-checksum-{alg}"] = got
+        self.metrics.bytes_received[ctx.request["op"]] += size
+        return body, size, results
+
+    # --- buckets ------------------------------------------------------------------------------------------
+
+    async def list_buckets(self, ctx: Ctx) -> web.Response:
+        buckets = [b for b in await self.run(self.store.list_buckets) if ctx.cred.allows_bucket(b.name)]
+        items = "".join(
+            f"<Bucket>{s3xml.el('Name', b.name)}{s3xml.el('CreationDate', s3xml.iso8601(b.created_s))}</Bucket>"
+            for b in buckets
+        )
+        return self._xml(s3xml.doc("ListAllMyBucketsResult", s3xml.owner() + f"<Buckets>{items}</Buckets>"))
+
+    async def create_bucket(self, ctx: Ctx) -> web.Response:
+        await self.read_body(ctx, self.config.max_request_body_bytes)
+        await self.run(self.store.create_bucket, ctx.bucket)
+        # us-east-1 semantics: re-creating your own bucket succeeds, so ensure_bucket() is idempotent.
+        return web.Response(status=200, headers={"Location": f"/{ctx.bucket}"})
+
+    async def head_bucket(self, ctx: Ctx) -> web.Response:
+        if not await self.run(self.store.bucket_exists, ctx.bucket):
+            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+        return web.Response(status=200, headers={"x-amz-bucket-region": self.config.region})
+
+    async def delete_bucket(self, ctx: Ctx) -> web.Response:
+        if not ctx.cred.is_admin:
+            raise S3Error("AccessDenied", "only an admin credential may delete buckets", 403)
+        await self.run(self.store.delete_bucket, ctx.bucket)
+        return web.Response(status=204)
+
+    async def bucket_location(self, ctx: Ctx) -> web.Response:
+        if not await self.run(self.store.bucket_exists, ctx.bucket):
+            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+        region = "" if self.config.region == "us-east-1" else self.config.region
+        return self._xml(s3xml.doc("LocationConstraint", s3xml.escape(region)))
+
+    def _list_entries(self, bucket: str, prefix: str, delimiter: str, start_after: str, max_keys: int):
+        """Up to ``max_keys`` entries after ``start_after``: ("obj", ObjectInfo) or ("cp", prefix); the
+        cursor to continue from; and whether more entries follow."""
+        entries: list[tuple[str, object]] = []
+        cursor = start_after
+        while len(entries) < max_keys:
+            page = self.store.list_objects(bucket, prefix, cursor, min(1000, max_keys - len(entries) + 1))
+            if not page.objects:
+                return entries, cursor, False
+            restart = False
+            for obj in page.objects:
+                if len(entries) == max_keys:
+                    return entries, cursor, True
+                rest = obj.key[len(prefix) :]
+                i = rest.find(delimiter) if delimiter else -1
+                if i >= 0:
+                    cp = prefix + rest[: i + len(delimiter)]
+                    entries.append(("cp", cp))
+                    cursor = cp + "\U0010ffff"  # skip every key under this common prefix
+                    restart = True
+                    break
+                entries.append(("obj", obj))
+                cursor = obj.key
+            if not restart and not page.is_truncated:
+                return entries, cursor, False
+        more = self.store.list_objects(bucket, prefix, cursor, 1).objects
+        return entries, cursor, bool(more)
+
+    async def list_objects(self, ctx: Ctx) -> web.Response:
+        q = ctx.query
+        v2 = q.get("list-type") == "2"
+        prefix = q.get("prefix", "")
+        delimiter = q.get("delimiter", "")
+        if not ctx.cred.allows_prefix(prefix):
+            raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
+        try:
+            max_keys = max(0, min(1000, int(q.get("max-keys", "1000"))))
+        except ValueError:
+            raise S3Error("InvalidArgument", "max-keys must be an integer", 400) from None
+        token = q.get("continuation-token")
+        if v2 and token is not None:
+            try:
+                start = base64.urlsafe_b64decode(token.encode()).decode("utf-8", "surrogatepass")
+            except (ValueError, UnicodeDecodeError):
+                raise S3Error("InvalidArgument", "bad continuation token", 400) from None
+        else:
+            start = q.get("start-after", "") if v2 else q.get("marker", "")
+        if not await self.run(self.store.bucket_exists, ctx.bucket):
+            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+        entries, cursor, truncated = await self.run(
+            self._list_entries, ctx.bucket, prefix, delimiter, start, max_keys
+        )
+        url = q.get("encoding-type") == "url"
+
+        def enc(s: str) -> str:
+            return quote(s, safe="/") if url else s
+
+        parts = [s3xml.el("Name", ctx.bucket), s3xml.el("Prefix", enc(prefix)), s3xml.el("MaxKeys", max_keys)]
+        if delimiter:
+            parts.append(s3xml.el("Delimiter", enc(delimiter)))
+        if url:
+            parts.append(s3xml.el("EncodingType", "url"))
+        parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
+        if v2:
+            parts.append(s3xml.el("KeyCount", len(entries)))
+            if token is not None:
+                parts.append(s3xml.el("ContinuationToken", token))
+            if "start-after" in q:
+                parts.append(s3xml.el("StartAfter", enc(q["start-after"])))
+            if truncated:
+                nxt = base64.urlsafe_b64encode(cursor.encode("utf-8", "surrogatepass")).decode()
+                parts.append(s3xml.el("NextContinuationToken", nxt))
+        else:
+            parts.append(s3xml.el("Marker", enc(q.get("marker", ""))))
+            if truncated and delimiter and entries:
+                last = entries[-1]
+                parts.append(s3xml.el("NextMarker", enc(last[1] if last[0] == "cp" else last[1].key)))
+        for kind, item in entries:
+            if kind == "obj":
+                parts.append(
+                    "<Contents>"
+                    + s3xml.el("Key", enc(item.key))
+                    + s3xml.el("LastModified", s3xml.iso8601(item.last_modified_s))
+                    + s3xml.el("ETag", f'"{item.etag}"')
+                    + s3xml.el("Size", item.size_bytes)
+                    + s3xml.el("StorageClass", "STANDARD")
+                    + "</Contents>"
+                )
+            else:
+                parts.append(f"<CommonPrefixes>{s3xml.el('Prefix', enc(item))}</CommonPrefixes>")
+        return self._xml(s3xml.doc("ListBucketResult", "".join(parts)))
+
+    async def delete_objects(self, ctx: Ctx) -> web.Response:
+        body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
+        try:
+            keys, quiet = s3xml.parse_delete_objects(body)
+        except Exception:
+            raise S3Error("MalformedXML", "the XML you provided was not well-formed", 400) from None
+        if len(keys) > 1000:
+            raise S3Error("MalformedXML", "at most 1000 keys per DeleteObjects request", 400)
+        out = []
+        for key in keys:
+            try:
+                validate_key(key)
+                if not ctx.cred.allows_key(key):
+                    raise S3Error("AccessDenied", "key outside the credential's namespaces", 403)
+                await self.run(self.store.delete_object, ctx.bucket, key)
+                if not quiet:
+                    out.append(f"<Deleted>{s3xml.el('Key', key)}</Deleted>")
+            except ObjectCacheError as e:
+                code = getattr(e, "s3_code", "InternalError")
+                out.append(
+                    f"<Error>{s3xml.el('Key', key)}{s3xml.el('Code', code)}{s3xml.el('Message', str(e))}</Error>"
+                )
+        return self._xml(s3xml.doc("DeleteResult", "".join(out)))
+
+    # --- objects ------------------------------------------------------------------------------------------
+
+    def _user_metadata(self, request: web.Request) -> dict[str, str]:
+        meta = {}
+        for k, v in request.headers.items():
+            lk = k.lower()
+            if lk.startswith("x-amz-meta-"):
+                meta[lk[len("x-amz-meta-") :]] = v
+        if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
+            raise S3Error("MetadataTooLarge", "user metadata exceeds 2 KiB", 400)
+        return meta
+
+    def _if_none_match_star(self, request: web.Request) -> bool:
+        value = request.headers.get("If-None-Match")
+        if value is None:
+            return False
+        if value.strip() != "*":
+            raise S3Error("NotImplemented", "only 'If-None-Match: *' is supported on writes", 501)
+        return True
+
+    async def put_object(self, ctx: Ctx) -> web.Response:
+        request = ctx.request
+        conditional = self._if_none_match_star(request)
+        if conditional and await self._exists(ctx.bucket, ctx.key):
+            # Fail fast: the final check is the atomic one in commit.
+            raise S3Error(
+                "PreconditionFailed",
+                f"object {ctx.key!r} already exists (If-None-Match: *)",
+                412,
+                key=ctx.key,
+            )
+        content_type = request.headers.get("Content-Type", "application/octet-stream")
+        writer = await self.run(
+            lambda: self.store.begin_write(ctx.bucket, ctx.key, content_type, self._user_metadata(request))
+        )
+        try:
+            _, _, sums = await self.read_body(ctx, self.config.max_object_bytes, sink=writer.write)
+            info = await self.run(writer.commit, conditional)
+        except BaseException:
+            await self.run(writer.abort)
+            raise
+        return web.Response(status=200, headers={"ETag": f'"{info.etag}"', **sums})
+
+    async def _exists(self, bucket: str, key: str) -> bool:
+        try:
+            await self.run(self.store.head_object, bucket, key)
+            return True
+        except ObjectCacheError as e:
+            if getattr(e, "s3_code", "") == "NoSuchKey":
+                return False
+            raise
+
+    def _check_conditions(self, request: web.Request, etag: str, mtime_s: float) -> int | None:
+        h = request.headers
+        quoted = f'"{etag}"'
+        if "If-Match" in h and h["If-Match"].strip() not in (quoted, etag, "*"):
+            return 412
+        if "If-None-Match" in h and h["If-None-Match"].strip() in (quoted, etag, "*"):
+            return 304
+        for name, cond in (("If-Unmodified-Since", 412), ("If-Modified-Since", 304)):
+            if name in h and not ("If-Match" in h if cond == 412 else "If-None-Match" in h):
+                try:
+                    t = parsedate_to_datetime(h[name]).timestamp()
+                except (TypeError, ValueError):
+                    continue
+                if (cond == 412 and int(mtime_s) > t) or (cond == 304 and int(mtime_s) <= t):
+                    return cond
+        return None
+
+    async def get_object(self, ctx: Ctx) -> web.StreamResponse:
+        request = ctx.request
+        handle = await self.run(self.store.open_object, ctx.bucket, ctx.key)
+        try:
+            info = handle.info
+            request["size"] = info.size_bytes
+            headers = {
+                "ETag": f'"{info.etag}"',
+                "Last-Modified": s3xml.http_date(info.last_modified_s),
+                "Accept-Ranges": "bytes",
+                "Content-Type": info.content_type,
+            }
+            for k, v in info.metadata.items():
+                headers[f"x-amz-meta-{k}"] = v
+            cond = self._check_conditions(request, info.etag, info.last_modified_s)
+            if cond == 412:
+                raise S3Error("PreconditionFailed", "at least one of the preconditions did not hold", 412)
+            if cond == 304:
+                return web.Response(status=304, headers={"ETag": headers["ETag"]})
+            rng = None
+            if "Range" in request.headers:
+                rng = parse_range(request.headers["Range"], info.size_bytes)
+            if rng is None:
+                start, count, status = 0, info.size_bytes, 200
+            else:
+                start, count, status = rng[0], rng[1] - rng[0] + 1, 206
+                headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size_bytes}"
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = count
+            await resp.prepare(request)
+            if request.method == "GET" and count:
+                await self._send_range(request, resp, handle, start, count)
+                self.metrics.bytes_served["GetObject"] += count
+            await resp.write_eof()
+            return resp
+        finally:
+            handle.close()
+
+    async def _send_range(self, request, resp, handle, start: int, count: int) -> None:
+        fd = handle.fileno()
+        if fd is not None and request.transport is not None:
+            await asyncio.get_running_loop().sendfile(request.transport, _Fd(fd), start, count)
+            return
+        off = 0
+        while off < count:
+            n = min(_BATCH_BYTES, count - off)
+            buf = bytearray(n)
+            got = await self.run(handle.read_into, start + off, memoryview(buf))
+            if got != n:
+                raise S3Error("InternalError", "short read from the store", 500)
+            await resp.write(buf)
+            off += n
+
+    async def delete_object(self, ctx: Ctx) -> web.Response:
+        await self.run(self.store.delete_object, ctx.bucket, ctx.key)
+        return web.Response(status=204)
+
+    # --- multipart ----------------------------------------------------------------------------------------
+
+    async def create_multipart(self, ctx: Ctx) -> web.Response:
+        await self.read_body(ctx, self.config.max_request_body_bytes)
+        if not await self.run(self.store.bucket_exists, ctx.bucket):
+            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+        content_type = ctx.request.headers.get("Content-Type", "application/octet-stream")
+        info = await self.run(
+            self.spool.create, ctx.bucket, ctx.key, content_type, self._user_metadata(ctx.request)
+        )
+        body = (
+            s3xml.el("Bucket", ctx.bucket) + s3xml.el("Key", ctx.key) + s3xml.el("UploadId", info.upload_id)
+        )
+        return self._xml(s3xml.doc("InitiateMultipartUploadResult", body))
+
+    async def upload_part(self, ctx: Ctx) -> web.Response:
+        try:
+            part_number = int(ctx.query["partNumber"])
+        except ValueError:
+            raise S3Error("InvalidArgument", "partNumber must be an integer", 400) from None
+        if not 1 <= part_number <= 10000:
+            raise S3Error("InvalidArgument", "partNumber must be in 1..10000", 400)
+        upload_id = ctx.query["uploadId"]
+        await self.run(self.spool.get, upload_id, ctx.bucket, ctx.key)
+        writer = await self.run(self.spool.part_writer, upload_id, part_number)
+        try:
+            _, _, sums = await self.read_body(
+                ctx, min(self.config.max_object_bytes, 5 * 1024 * MiB), sink=writer.write
+            )
+            etag = await self.run(writer.commit)
+        except BaseException:
+            await self.run(writer.abort)
+            raise
+        return web.Response(status=200, headers={"ETag": f'"{etag}"', **sums})
+
+    async def complete_multipart(self, ctx: Ctx) -> web.Response:
+        upload_id = ctx.query["uploadId"]
+        conditional = self._if_none_match_star(ctx.request)
+        body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
+        upload = await self.run(self.spool.get, upload_id, ctx.bucket, ctx.key)
+        try:
+            wanted = s3xml.parse_complete_multipart(body)
+        except Exception:
+            raise S3Error("MalformedXML", "the XML you provided was not well-formed", 400) from None
+        if not wanted:
+            raise S3Error("MalformedXML", "CompleteMultipartUpload names no parts", 400)
+        have = {n: (size, etag) for n, size, etag in await self.run(self.spool.parts, upload_id)}
+        numbers = [n for n, _ in wanted]
+        if numbers != sorted(set(numbers)):
+            raise S3Error("InvalidPartOrder", "the list of parts was not in ascending order", 400)
+        for i, (n, etag) in enumerate(wanted):
+            if n not in have or have[n][1] != etag:
+                raise S3Error("InvalidPart", f"part {n} was not uploaded or its ETag does not match", 400)
+            if i < len(wanted) - 1 and have[n][0] < self.config.min_part_bytes:
+                raise S3Error("EntityTooSmall", f"part {n} is smaller than the minimum part size", 400)
+        total = sum(have[n][0] for n in numbers)
+        if total > self.config.max_object_bytes:
+            raise S3Error("EntityTooLarge", "the assembled object exceeds the size limit", 413)
+        etag = multipart_etag([e for _, e in wanted])
+
+        def assemble():
+            writer = self.store.begin_write(ctx.bucket, ctx.key, upload.content_type, upload.metadata)
+            try:
+                for n in numbers:
+                    with open(self.spool.part_path(upload_id, n), "rb") as f:
+                        while block := f.read(_BATCH_BYTES):
+                            writer.write(block)
+                return writer.commit(conditional, etag)
+            except BaseException:
+                writer.abort()
+                raise
+
+        info = await self.run(assemble)
+        await self.run(self.spool.remove, upload_id)
+        body_xml = (
+            s3xml.el("Location", f"/{ctx.bucket}/{ctx.key}")
+            + s3xml.el("Bucket", ctx.bucket)
+            + s3xml.el("Key", ctx.key)
+            + s3xml.el("ETag", f'"{info.etag}"')
+        )
+        return self._xml(s3xml.doc("CompleteMultipartUploadResult", body_xml))
+
+    async def abort_multipart(self, ctx: Ctx) -> web.Response:
+        upload_id = ctx.query["uploadId"]
+        await self.run(self.spool.get, upload_id, ctx.bucket, ctx.key)
+        await self.run(self.spool.remove, upload_id)
+        return web.Response(status=204)
+
+    # --- gather -------------------------------------------------------------------------------------------
+
+    async def gather(self, ctx: Ctx) -> web.StreamResponse:
+        request = ctx.request
+        body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
+        req = gather_mod.parse_gather_body(body, self.config.max_gather_keys)
+        denied = [k for k in req.keys if not ctx.cred.allows_key(k)]
+        if denied:
+            raise S3Error(
+                "AccessDenied",
+                f"key {denied[0]!r} is outside the credential's namespaces",
+                403,
+                key=denied[0],
+            )
+        for k in req.keys:
+            validate_key(k)
+        if not await self.run(self.store.bucket_exists, ctx.bucket):
+            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+        plan = await gather_mod.prepare_gather(self.store, ctx.bucket, req, self.executor)
+        stream = self.pacer.open_stream(
+            plan.layer_payload_bytes, plan.num_layers, req.compute_per_layer_s, req.stream_id
+        )
+        self.metrics.active_streams += 1
+        self.metrics.gather_streams_total += 1
+        try:
+            resp = web.StreamResponse(
+                status=200,
+                headers={
+                    "Content-Type": gather_mod.CONTENT_TYPE,
+                    "x-oc-num-chunks": str(plan.n_slices),
+                    "x-oc-slice-bytes": str(plan.slice_bytes),
+                    "x-oc-layer-start": str(plan.layer_start),
+                    "x-oc-layer-end": str(plan.layer_end),
+                    "x-oc-stream-id": stream.stream_id,
+                },
+            )
+            resp.content_length = plan.content_length
+            await resp.prepare(request)
+            transport = request.transport
+            if transport is not None:
+                transport.set_write_buffer_limits(high=8 * MiB)
+            loop = asyncio.get_running_loop()
+
+            async def sendfile(fobj, offset: int, count: int) -> None:
+                if request.transport is None:
+                    raise ConnectionResetError("client went away")
+                await loop.sendfile(request.transport, fobj, offset, count)
+
+            def account(n: int) -> None:
+                self.metrics.bytes_served["Gather"] += n
+
+            try:
+                sent = await gather_mod.stream_gather(
+                    plan,
+                    resp.write,
+                    sendfile,
+                    self.pacer,
+                    stream,
+                    self.executor,
+                    self.config.piece_bytes,
+                    account,
+                )
+                self.metrics.gather_layers += sent
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.metrics.errors["ClientDisconnected"] += 1
+                raise
+            except Exception as e:  # after the headers: report in-band, then close the connection
+                code = getattr(e, "s3_code", "InternalError")
+                self.metrics.errors[code] += 1
+                if not isinstance(e, ObjectCacheError):
+                    log.exception("gather stream failed")
+                msg = f"{code}: {e}" if isinstance(e, ObjectCacheError) else f"{code}: internal error"
+                if request.transport is not None:
+                    request.transport.write(gather_mod.error_frame(msg))
+                    request.transport.close()
+                return resp
+            await resp.write_eof()
+            return resp
+        finally:
+            self.pacer.close_stream(stream)
+            self.metrics.active_streams -= 1
+            plan.close()
+
+
+# --- entry point ------------------------------------------------------------------------------------------
+
+
+def make_store(config: ServerConfig) -> Store:
+    if config.store == "fs":
+        return FilesystemStore(os.path.join(config.data_dir, "store"), fsync=config.fsync)
+    if config.store == "s3proxy":
+        from testbed.s3proxy import S3ProxyStore  # the S3-proxy backend (testbed/s3proxy.py)
+
+        return S3ProxyStore(**config.store_options)
+    raise ValueError(f"unknown store {config.store!r} (fs | s3proxy)")
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the server until ``stop`` is set (or SIGTERM/SIGINT when run from ``main``)."""
+    store = make_store(config)
+    credentials = CredentialStore.default(
+        config.credentials_file or os.environ.get("OBJECTCACHE_CREDENTIALS")
+    )
+    server = S3Server(config, store, credentials)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    await site.start()
+    sock = site._server.sockets[0]  # the bound socket: the real port when --port 0
+    host, port = sock.getsockname()[:2]
+    if config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s: reachable beyond loopback", config.host)
+    log.info(
+        "objectcache-server on http://%s:%d store=%s policy=%s egress=%s credentials=%d",
+        host,
+        port,
+        config.store,
+        config.policy,
+        f"{config.egress_gbps} Gbps" if config.egress_gbps else "unpaced",
+        len(credentials),
+    )
+    if config.ready_file:
+        tmp = config.ready_file + ".tmp"
+        Path(tmp).write_text(
+            json.dumps({"host": host, "port": port, "pid": os.getpid(), "url": f"http://{host}:{port}"})
+        )
+        os.replace(tmp, config.ready_file)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="objectcache-server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=9000, help="TCP port; 0 picks a free one (see --ready-file)")
+    p.add_argument("--data-dir", default="objectcache-data", help="filesystem store and multipart spool")
+    p.add_argument("--store", choices=["fs", "s3proxy"], default="fs")
+    p.add_argument(
+        "--store-option",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="keyword argument of the store (s3proxy: endpoint_url=..., bucket=..., ...)",
+    )
+    p.add_argument("--spool-dir", default=None, help="multipart part files (default DATA_DIR/multipart)")
+    p.add_argument("--credentials", default=None, help="JSON credentials file (see docs/object_tier.md)")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--policy", default="equal", help="bandwidth policy of the pacer (scheduler.policies)")
+    p.add_argument("--egress-gbps", type=float, default=None, help="egress capacity to share; unset: unpaced")
+    p.add_argument("--piece-kib", type=int, default=DEFAULT_PIECE_BYTES // 1024, help="pacing granularity")
+    p.add_argument("--max-object-mib", type=int, default=5 * 1024)
+    p.add_argument("--max-gather-keys", type=int, default=gather_mod.DEFAULT_MAX_KEYS)
+    p.add_argument("--min-part-mib", type=float, default=5.0, help="minimum multipart part size (not last)")
+    p.add_argument("--io-threads", type=int, default=16)
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync on writes (benchmarks only)")
+    p.add_argument("--ready-file", default=None, help="write {host, port, pid, url} JSON here once listening")
+    p.add_argument("--log-level", default=os.environ.get("OBJECTCACHE_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    opts = {}
+    for item in a.store_option:
+        k, sep, v = item.partition("=")
+        if not sep:
+            p.error(f"--store-option wants K=V, got {item!r}")
+        opts[k] = v
+    return ServerConfig(
+        host=a.host,
+        port=a.port,
+        data_dir=a.data_dir,
+        store=a.store,
+        store_options=opts,
+        spool_dir=a.spool_dir,
+        credentials_file=a.credentials,
+        region=a.region,
+        policy=a.policy,
+        egress_gbps=a.egress_gbps,
+        piece_bytes=a.piece_kib * 1024,
+        max_object_bytes=a.max_object_mib * MiB,
+        max_gather_keys=a.max_gather_keys,
+        min_part_bytes=int(a.min_part_mib * MiB),
+        io_threads=a.io_threads,
+        fsync=not a.no_fsync,
+        ready_file=a.ready_file,
+        log_level=a.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The layerwise prefill engine (tiny float32 model on the CPU): any split of a prompt into cached prefix and
+new tokens gives the logits and KV of a full recompute; failures fall back to recompute with the same
+answer; the save path fills the DRAM tier and the object tier in the object format.  GPU versions (bf16,
+CUDA streams and events) run on the device machine with ``pytest -m gpu``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from testbed import kvformat
+from testbed.kvsource import DramSource, DramTier, KVSaver, LayerCopier, ObjectCacheSource
+from testbed.model import build_model
+from testbed.prefill import PrefillEngine, kv_rel_err, rel_err
+from tests.testbed.test_kvsource import MemoryObjectClient
+
+CT = 16
+MODEL = build_model("tiny", seed=11)
+SPEC = MODEL.spec
+TOL = 1e-4
+
+
+def prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, SPEC.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def make(model=MODEL, capacity=64, client=None, namespace="t1"):
+    dev = model.device
+    tier = DramTier(model.spec, capacity, chunk_tokens=CT, device=dev)
+    engine = PrefillEngine(model, chunk_tokens=CT, namespace=namespace)
+    engine.saver = KVSaver(tier, object_client=client, scope=engine.scope)
+    cp = LayerCopier(model.spec, CT, dev, 8, model.lm_head.weight.dtype)
+    return engine, tier, cp
+
+
+def reference(ids, model=MODEL):
+    return PrefillEngine(model, chunk_tokens=CT).prefill(ids)
+
+
+def check_same(result, ref, tol=TOL):
+    assert rel_err(result.logits, ref.logits) <= tol
+    assert kv_rel_err(result.kv, ref.kv) <= tol
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prefix_tokens=st.integers(1, 120),
+    new_tokens=st.integers(1, 40),
+    layerwise=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_any_split_equals_full_recompute(prefix_tokens, new_tokens, layerwise, seed):
+    engine, tier, cp = make()
+    first = prompt(prefix_tokens, seed)
+    engine.prefill(first)  # saves the prefix's full chunks to DRAM
+    ids = torch.cat([first, prompt(new_tokens, seed + 1)])
+    result = engine.prefill(ids, DramSource(tier, cp, layerwise=layerwise))
+    expected_cached = min(prefix_tokens // CT, (len(ids) - 1) // CT)
+    assert result.cached_tokens == expected_cached * CT
+    assert result.source == (
+        "recompute" if expected_cached == 0 else DramSource(tier, cp, layerwise=layerwise).name
+    )
+    check_same(result, reference(ids))
+
+
+def test_fully_cached_prompt_still_computes_its_last_chunk():
+    engine, tier, cp = make()
+    ids = prompt(4 * CT, 1)
+    engine.prefill(ids)
+    result = engine.prefill(ids, DramSource(tier, cp))
+    assert result.cached_tokens == 3 * CT and result.new_tokens == CT and result.saved_keys == []
+    check_same(result, reference(ids))
+
+
+def test_cached_kv_is_really_used():
+    """Overwrite the DRAM copy of the prefix: the answer must change (the engine did not recompute it)."""
+    engine, tier, cp = make()
+    ids = prompt(3 * CT + 5, 2)
+    engine.prefill(ids)
+    for pool in tier.pools:
+        pool.view(torch.float32).mul_(-1.0)
+    result = engine.prefill(ids, DramSource(tier, cp))
+    assert result.cached_tokens == 3 * CT
+    assert rel_err(result.logits, reference(ids).logits) > 1e-2
+
+
+def test_save_path_writes_dram_and_object_tier_in_object_format():
+    client = MemoryObjectClient()
+    engine, tier, _ = make(client=client)
+    ids = prompt(5 * CT + 3, 3)
+    result = engine.prefill(ids)
+    assert engine.saver.flush() == 5
+    assert result.saved_keys == result.keys == engine.keys(ids) and len(result.keys) == 5
+    for c, key in enumerate(result.keys):
+        name = f"t1/{SPEC.fingerprint()}/{key}"
+        header, layers = kvformat.decode_chunk(client.objects[name], key=name)
+        assert header.matches(SPEC, CT)
+        for layer in range(SPEC.num_layers):
+            expected = result.kv[layer][:, c * CT : (c + 1) * CT].contiguous()
+            got = torch.frombuffer(bytearray(layers[layer]), dtype=torch.float32).view(expected.shape)
+            assert torch.equal(got, expected)
+            assert bytes(tier.chunk_layers(key)[layer]) == bytes(layers[layer])
+    # Saving again is idempotent: nothing new to write.
+    assert engine.prefill(ids).saved_keys == [] and engine.saver.flush() == 0
+
+
+def test_objectcache_source_equals_recompute_and_falls_back_on_corruption_and_misses():
+    client = MemoryObjectClient()
+    writer, _, _ = make(client=client)
+    first = prompt(6 * CT, 4)
+    writer.prefill(first)
+    writer.saver.flush()
+    # A second node: empty DRAM, same object tier.
+    engine, tier, cp = make(client=None)
+    src = ObjectCacheSource(client, engine.scope, cp)
+    ids = torch.cat([first, prompt(21, 5)])
+    ref = reference(ids)
+    ok = engine.prefill(ids, src)
+    assert ok.source == "objectcache" and ok.cached_tokens == 6 * CT and ok.fallback == ""
+    check_same(ok, ref)
+
+    name = f"t1/{SPEC.fingerprint()}/{ok.keys[3]}"
+    blob = bytearray(client.objects[name])
+    blob[len(blob) // 2] ^= 0x55
+    client.objects[name] = bytes(blob)
+    bad = engine.prefill(ids, src, save=False)
+    assert bad.source == "recompute" and bad.cached_tokens == 0
+    assert "ChecksumMismatch" in bad.fallback and ok.keys[3] in bad.fallback
+    check_same(bad, ref)
+
+    del client.objects[name]  # lookup says 3 chunks now; a miss after lookup also falls back
+    partial = engine.prefill(ids, src, save=False)
+    assert partial.cached_tokens == 3 * CT and partial.source == "objectcache"
+    check_same(partial, ref)
+    src.check_exists = False
+    missed = engine.prefill(ids, src, save=False)
+    assert missed.source == "recompute" and "ChunkMissing" in missed.fallback
+    check_same(missed, ref)
+
+
+# ---- GPU (device machine) ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_gpu_bf16_dram_split_equals_recompute(layerwise):
+    model = build_model("tiny", seed=11, device="cuda", dtype_override=torch.bfloat16)
+    engine, tier, cp = make(model)
+    first = prompt(200, 6)
+    engine.prefill(first)
+    ids = torch.cat([first, prompt(77, 7)])
+    result = engine.prefill(ids, DramSource(tier, cp, layerwise=layerwise))
+    assert result.cached_tokens == 192
+    check_same(result, reference(ids, model), tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_objectcache_source_and_fallback():
+    model = build_model("tiny", seed=11, device="cuda", dtype_override=torch.bfloat16)
+    client = MemoryObjectClient()
+    writer, _, _ = make(model, client=client)
+    first = prompt(160, 8)
+    writer.prefill(first)
+    writer.saver.flush()
+    engine, _, cp = make(model)
+    src = ObjectCacheSource(client, engine.scope, cp)
+    ids = torch.cat([first, prompt(50, 9)])
+    ref = reference(ids, model)
+    check_same(engine.prefill(ids, src, save=False), ref, tol=1e-2)
+    client.fail_after_layers = 2
+    res = engine.prefill(ids, src, save=False)
+    assert res.source == "recompute" and res.fallback
+    check_same(res, ref, tol=1e-2)
