@@ -147,7 +147,10 @@ class Urgency:
     def jit_rate_Bps(self) -> float:
         """Least constant rate meeting every current deadline (inf when the first is due now)."""
         r = 0.0
-        for need, slack in ((self.need_first_bytes, self.slack_first_s), (self.need_last_bytes, self.slack_last_s)):
+        for need, slack in (
+            (self.need_first_bytes, self.slack_first_s),
+            (self.need_last_bytes, self.slack_last_s),
+        ):
             if need <= BYTES_EPS:
                 continue
             if slack <= 0:
@@ -241,11 +244,20 @@ class BandwidthAware:
             jit = u.jit_rate_Bps()
             if self.protect == "never" and late:
                 continue
-            if self.protect == "exchange" and not self._protect_worth_it(u, jit, laxity, late, full):
+            if self.protect == "exchange" and not self._protect_worth_it(
+                u, jit, laxity, late, full, residual
+            ):
                 continue
             grant(f, jit, residual, rates)
-        # Phase 2: late flows, least bottleneck work first, each takes what is left on its path.
-        for _, _, u in late:
+        # Phase 2: late flows, least effective work first, each takes what is left on its path.  The keys
+        # are re-derived against what the protected flows left: a compute-bound flow whose pace is large
+        # next to that residual is effectively transfer-bound.
+        rekeyed = []
+        for _, tie, u in late:
+            left = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+            rekeyed.append((late_key_bytes(u, left) if left > 0 else u.need_last_bytes, tie, u))
+        rekeyed.sort(key=lambda t: (t[0], t[1]))
+        for _, _, u in rekeyed:
             grant(u.flow, math.inf, residual, rates)
         # Phase 3: leftovers build buffer for the least-laxity flows (work conservation).
         for _, _, u in on_time:
@@ -254,21 +266,30 @@ class BandwidthAware:
 
     @staticmethod
     def _protect_worth_it(
-        u: Urgency, jit_Bps: float, laxity_s: float, late: list, full: Mapping[str, float]
+        u: Urgency,
+        jit_Bps: float,
+        laxity_s: float,
+        late: list,
+        full: Mapping[str, float],
+        residual: Mapping[str, float],
     ) -> bool:
-        """Exchange test: does granting this flow its JIT rate cost the late flows less than its stall?"""
-        sharing = [t[2] for t in late if set(t[2].flow.path) & set(u.flow.path)]
+        """Exchange test: does granting this flow its JIT rate cost the late flows less than its stall?
+
+        Evaluated against what is left after the flows already protected, so reservations add up.
+        """
+        sharing = [t for t in late if set(t[2].flow.path) & set(u.flow.path)]
         if not sharing:
             return True
-        head = sharing[0]
-        cap = min(path_residual_Bps(head.flow, full), head.flow.max_rate_Bps)
+        head_key, head_tie, head = sharing[0]
         # Consistency: a flow that would outrank the head once it stalls keeps its rate now.
-        own_cap = min(path_residual_Bps(u.flow, full), u.flow.max_rate_Bps)
-        if (late_key_bytes(u, own_cap), tie_key(u.flow.flow_id)) <= (late[0][0], late[0][1]):
+        # Its key is taken against what the flows protected before it left, so reservations add up.
+        own_cap = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+        if own_cap > 0 and (late_key_bytes(u, own_cap), tie_key(u.flow.flow_id)) <= (head_key, head_tie):
             return True
-        work = head.bottleneck_bytes(cap)
+        cap = min(path_residual_Bps(head.flow, residual), head.flow.max_rate_Bps)
         if jit_Bps >= cap:
             return False
+        work = head.bottleneck_bytes(min(path_residual_Bps(head.flow, full), head.flow.max_rate_Bps))
         # Protecting slows the head late flow from cap to cap - jit; every late flow waits for it.
         cost_protect = len(sharing) * (work / (cap - jit_Bps) - work / cap)
         # Not protecting stalls this flow once its laxity is used up, for as long as the head is served.

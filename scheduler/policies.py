@@ -68,9 +68,14 @@ def max_min_fill(
         active = [
             f
             for f in active
-            if not (set(f.path) & saturated) and caps[f.flow_id] - rates[f.flow_id] > 1e-9 * max(1.0, caps[f.flow_id])
+            if not (set(f.path) & saturated) and _below_cap(rates[f.flow_id], caps[f.flow_id])
         ]
     return rates
+
+
+def _below_cap(rate: float, cap: float) -> bool:
+    """Whether a flow can still grow (an infinite cap never binds)."""
+    return cap == float("inf") or cap - rate > 1e-9 * max(1.0, cap)
 
 
 class EqualShare:

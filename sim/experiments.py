@@ -167,7 +167,8 @@ def fluid_specs(setup: Setup, draws: list[tuple[float, int, int]], ids: list[str
         extra = getattr(comp, "overhead_time_s", lambda *_: 0.0)(c, n)
         specs.append(
             RequestSpec(
-                rid, a + st.request_overhead_s, float(m.kv_bytes_per_token_layer * c), m.num_layers,
+                rid, a + st.request_overhead_s + math.ceil(c / setup.model.chunk_tokens) * st.gather_per_chunk_s,
+                float(m.kv_bytes_per_token_layer * c), m.num_layers,
                 comp.layer_time_s(c, n), OBJECT_LINKS, st.ttfb_s + net.rtt_s, extra,
             )  # fmt: skip
         )
@@ -188,7 +189,7 @@ def shared_bandwidth(ctx: Context, p: dict) -> ExperimentResult:
                 ids = [f"n{n}-r{rep}-{i}" for i in range(int(n))]
                 setup = dataclasses.replace(ctx.setup, net_Gbps=float(cap))
                 specs = fluid_specs(setup, draws, ids)
-                ideal = {s.request_id: s.ideal_ttft_s + ctx.setup.storage.request_overhead_s for s in specs}
+                ideal = {s.request_id: s.ideal_ttft_s + s.arrival_s - a for s, (a, _, _) in zip(specs, draws)}
                 point = {"concurrency": int(n), "link_Gbps": float(cap), "repeat": rep}
                 for pol in p["policies"]:
                     reqs = [SimRequest(rid, a, c, w, "gather") for rid, (a, c, w) in zip(ids, draws)]

@@ -109,13 +109,16 @@ def serve(
     new_tokens: int,
     dram_first_layers: int = 0,
     gpu_free_s: float | None = None,
+    fetch_tokens: int | None = None,
 ):
     """SimPy process: serve one request over ``path``; returns a ``PathOutcome``.
 
     ``dram_first_layers`` (gather only): the first k layers of the prefix come from local DRAM, the rest
     from the object tier, so the object tier's first byte hides behind k layers of compute.
     ``gpu_free_s`` (gather only): the GPU is busy until then (the request was admitted early and its
-    fetch started at admission: prefetch).
+    fetch started at admission: prefetch).  ``fetch_tokens``: tokens whose KV this path moves, when fewer
+    than ``cached_tokens`` (the rest is already in HBM or comes from a faster tier in parallel); path
+    ``hbm``: the whole prefix is already on the GPU, nothing moves.
     """
     env = node.env
     arrival = env.now
@@ -123,9 +126,13 @@ def serve(
     L = m.num_layers
     c = node.compute.layer_time_s(cached_tokens, new_tokens)
     extra = node.overhead_s(cached_tokens, new_tokens)
-    layer_bytes = m.kv_bytes_per_token_layer * cached_tokens
+    layer_bytes = m.kv_bytes_per_token_layer * (cached_tokens if fetch_tokens is None else fetch_tokens)
     total_bytes = layer_bytes * L
     compute_s = L * c + extra
+
+    if path == "hbm":
+        yield env.timeout(compute_s)
+        return PathOutcome(compute_s, 0.0, 0.0, 0, compute_s)
 
     if path == "recompute" or (cached_tokens <= 0 and path != "gather"):
         full = node.compute.prefill_time_s(0, cached_tokens + new_tokens)
@@ -164,7 +171,8 @@ def serve(
             return PathOutcome(env.now - arrival, local_first - arrival, 0.0, total_bytes, compute_s)
         with node.server.request() as slot:
             yield slot
-            yield env.timeout(node.storage.request_overhead_s)
+            n_keys = math.ceil(cached_tokens / node.chunk_tokens)
+            yield env.timeout(node.storage.request_overhead_s + n_keys * node.storage.gather_per_chunk_s)
         spec = RequestSpec(
             request_id, env.now, float(layer_bytes), remote_layers, c, OBJECT_LINKS, node.storage.ttfb_s + node.net.rtt_s, extra
         )

@@ -38,6 +38,7 @@ class SimRequest:
     prefetch_lead_s: float = 0.0  # fetch starts this long before the GPU is free (prefetch at admission)
     client: int | None = None  # closed loop: a client's requests run back to back, ``think_s`` apart
     think_s: float = 0.0
+    fetch_tokens: int | None = None  # KV tokens the path moves (default: cached_tokens)
 
     @property
     def context_tokens(self) -> int:
@@ -156,7 +157,10 @@ def simulate(
             yield env.timeout(req.arrival_s - env.now)
         gpu_free = env.now + req.prefetch_lead_s if req.prefetch_lead_s > 0 else None
         out = yield env.process(
-            serve(node, req.request_id, req.path, req.cached_tokens, req.new_tokens, req.dram_first_layers, gpu_free)
+            serve(
+                node, req.request_id, req.path, req.cached_tokens, req.new_tokens, req.dram_first_layers, gpu_free,
+                req.fetch_tokens,
+            )  # fmt: skip
         )
         outcomes[req.request_id] = out
 

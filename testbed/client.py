@@ -33,7 +33,6 @@ import json
 import math
 import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -129,6 +128,11 @@ def _xml_field(text: str, tag: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def object_path(bucket: str, name: str) -> str:
+    """URL path of an object (path-style addressing)."""
+    return f"/{quote(bucket, safe='')}/{quote(name, safe='/-_.~')}"
+
+
 def _as_byte_view(buf) -> memoryview:
     view = memoryview(buf)
     if view.readonly:
@@ -184,6 +188,103 @@ class _Connections:
                 return
 
 
+class SignedHTTP:
+    """SigV4-signed requests over pooled keep-alive ``http.client`` connections to one S3 endpoint.
+
+    The data path of the client and of the S3-proxy store: responses are read with ``readinto`` into the
+    caller's memory.  Connection failures are retried on a fresh connection, 503s after a short back-off.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        access_key: str,
+        secret_key: str,
+        region: str = "us-east-1",
+        timeout_s: float = 30.0,
+        pool_size: int = 16,
+        retries: int = 2,
+    ) -> None:
+        self.endpoint_url = endpoint_url.rstrip("/")
+        self.retries = retries
+        self._signer = botocore.auth.S3SigV4Auth(
+            botocore.credentials.Credentials(access_key, secret_key), "s3", region
+        )
+        self._conns = _Connections(self.endpoint_url, timeout_s, pool_size)
+
+    def close(self) -> None:
+        self._conns.close()
+
+    def signed_headers(self, method: str, path_query: str, headers: dict[str, str], body: bytes) -> dict:
+        req = botocore.awsrequest.AWSRequest(
+            method=method, url=self.endpoint_url + path_query, data=body, headers=headers
+        )
+        self._signer.add_auth(req)
+        return dict(req.headers.items())
+
+    def open(self, method: str, path_query: str, headers: dict[str, str], body: bytes = b"", key=None):
+        """Send a signed request; returns (connection, response).  Retries connection failures."""
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            conn, reused = self._conns.get()
+            try:
+                signed = self.signed_headers(method, path_query, headers, body)
+                conn.request(method, path_query, body=body or None, headers=signed)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                last = e
+                # A pooled keep-alive connection the server already closed: retry at once on a fresh one.
+                if not reused:
+                    time.sleep(min(0.05 * 2**attempt, 1.0))
+                continue
+            if resp.status == 503 and attempt < self.retries:  # SlowDown / overloaded: back off and retry
+                resp.read()
+                self._conns.put(conn)
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+                continue
+            return conn, resp
+        raise StorageUnavailable(
+            f"{method} {path_query[:120]}: {self.endpoint_url} unreachable after {self.retries + 1} tries: {last}",
+            key=key,
+        )
+
+    def finish(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Return a connection to the pool if its response was read to the end, else close it."""
+        if resp.isclosed() and not resp.will_close:
+            self._conns.put(conn)
+        else:
+            conn.close()
+
+    def get_range_into(self, bucket: str, name: str, start: int, view: memoryview, what: str) -> None:
+        """GET object bytes ``[start, start + len(view))`` straight into ``view``."""
+        end = start + len(view) - 1
+        conn, resp = self.open("GET", object_path(bucket, name), {"Range": f"bytes={start}-{end}"}, key=name)
+        try:
+            if resp.status not in (200, 206):
+                body = resp.read()
+                if resp.status == 416:
+                    raise CorruptObject(f"{what}: object {name!r} is shorter than its header says", key=name)
+                raise _error_from_body(resp.status, body, name)
+            if resp.status == 200 and start != 0:
+                raise ProtocolError(f"{what}: {self.endpoint_url} ignored the Range header", key=name)
+            length = resp.getheader("Content-Length")
+            if resp.status == 206 and length is not None and int(length) != len(view):
+                raise CorruptObject(
+                    f"{what}: object {name!r} returned {length} bytes, expected {len(view)}", key=name
+                )
+            _read_exact(resp, view, f"{what} ({name!r})")
+            if resp.status == 200:
+                resp.read()  # a 200 for a prefix range: drain the rest of the object
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise StorageUnavailable(f"{what}: reading {name!r}: {e}", key=name) from e
+        except BaseException:
+            conn.close()
+            raise
+        self.finish(conn, resp)
+
+
 class ObjectCacheClient:
     """Client of the object tier (see the module docstring).
 
@@ -219,10 +320,9 @@ class ObjectCacheClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.last_path: str | None = None  # path the last load_layers used: gather | ranged | whole
-        self._signer = botocore.auth.S3SigV4Auth(
-            botocore.credentials.Credentials(access_key, secret_key), "s3", region
+        self._http = SignedHTTP(
+            self.endpoint_url, access_key, secret_key, region, timeout_s, max_concurrency + 2, retries
         )
-        self._conns = _Connections(self.endpoint_url, timeout_s, max_concurrency + 2)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="oc-client")
         self._s3 = boto3.client(
             "s3",
@@ -244,7 +344,7 @@ class ObjectCacheClient:
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._conns.close()
+        self._http.close()
         self._s3.close()
 
     def __enter__(self) -> ObjectCacheClient:
@@ -318,9 +418,10 @@ class ObjectCacheClient:
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
                     return False
-                raise from_s3_error(
-                    str(e.response.get("Error", {}).get("Code") or status), str(e), key=name
-                ) from e
+                code = str(e.response.get("Error", {}).get("Code") or status)
+                # A HEAD reply has no body: botocore's "code" is then the status number.
+                code = {"403": "AccessDenied", "503": "ServiceUnavailable"}.get(code, code)
+                raise from_s3_error(code, str(e), key=name) from e
             except (BotoCoreError, OSError) as e:
                 raise StorageUnavailable(f"head {name!r}: {e}", key=name) from e
 
@@ -340,78 +441,17 @@ class ObjectCacheClient:
             for f in futures:
                 f.cancel()
 
-    # --- raw signed requests (data path) ------------------------------------------------------------------
-    def _object_path(self, name: str) -> str:
-        return f"/{quote(self.bucket, safe='')}/{quote(name, safe='/-_.~')}"
-
-    def _signed_headers(self, method: str, path_query: str, headers: dict[str, str], body: bytes) -> dict:
-        req = botocore.awsrequest.AWSRequest(
-            method=method, url=self.endpoint_url + path_query, data=body, headers=headers
-        )
-        self._signer.add_auth(req)
-        return dict(req.headers.items())
-
-    def _open(self, method: str, path_query: str, headers: dict[str, str], body: bytes = b"", key=None):
-        """Send a signed request; returns (connection, response).  Retries connection failures."""
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            conn, reused = self._conns.get()
-            try:
-                signed = self._signed_headers(method, path_query, headers, body)
-                conn.request(method, path_query, body=body or None, headers=signed)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                last = e
-                # A pooled keep-alive connection the server already closed: retry at once on a fresh one.
-                if not reused:
-                    time.sleep(min(0.05 * 2**attempt, 1.0))
-                continue
-            if resp.status == 503 and attempt < self.retries:  # SlowDown / overloaded: back off and retry
-                resp.read()
-                self._conns.put(conn)
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-                continue
-            return conn, resp
-        raise StorageUnavailable(
-            f"{method} {path_query[:120]}: {self.endpoint_url} unreachable after {self.retries + 1} tries: {last}",
-            key=key,
-        )
-
-    def _finish(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        """Return a connection to the pool if its response was read to the end, else close it."""
-        if resp.isclosed() and not resp.will_close:
-            self._conns.put(conn)
-        else:
-            conn.close()
-
-    def _get_range_into(self, name: str, start: int, view: memoryview, what: str) -> None:
-        """GET object bytes ``[start, start + len(view))`` straight into ``view``."""
-        end = start + len(view) - 1
-        conn, resp = self._open("GET", self._object_path(name), {"Range": f"bytes={start}-{end}"}, key=name)
+    def report_corrupt(self, name: str) -> bool:
+        """Tell a gather server that ``name`` failed its checksum here (``POST /<bucket>/<key>?quarantine``);
+        the server re-verifies the stored bytes and quarantines the object if they are bad, so later
+        lookups miss.  Best effort: True if the server quarantined it, False otherwise (never raises)."""
         try:
-            if resp.status not in (200, 206):
-                body = resp.read()
-                if resp.status == 416:
-                    raise CorruptObject(f"{what}: object {name!r} is shorter than its header says", key=name)
-                raise _error_from_body(resp.status, body, name)
-            if resp.status == 200 and start != 0:
-                raise ProtocolError(f"{what}: {self.endpoint_url} ignored the Range header", key=name)
-            length = resp.getheader("Content-Length")
-            if resp.status == 206 and length is not None and int(length) != len(view):
-                raise CorruptObject(
-                    f"{what}: object {name!r} returned {length} bytes, expected {len(view)}", key=name
-                )
-            _read_exact(resp, view, f"{what} ({name!r})")
-            if resp.status == 200:
-                resp.read()  # a 200 for a prefix range: drain the rest of the object
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise StorageUnavailable(f"{what}: reading {name!r}: {e}", key=name) from e
-        except BaseException:
-            conn.close()
-            raise
-        self._finish(conn, resp)
+            conn, resp = self._http.open("POST", object_path(self.bucket, name) + "?quarantine", {}, key=name)
+            body = resp.read()
+            self._http.finish(conn, resp)
+            return resp.status == 200 and b"<Quarantined>true</Quarantined>" in body
+        except (ObjectCacheError, OSError, http.client.HTTPException):
+            return False
 
     # --- layer loading ------------------------------------------------------------------------------------
     def load_layers(
@@ -435,6 +475,8 @@ class ObjectCacheClient:
             raise ValueError("load_layers needs at least one chunk name")
         if layer_start < 0 or (layer_end is not None and layer_end < layer_start):
             raise ValueError(f"bad layer range [{layer_start}, {layer_end})")
+        if layer_end == layer_start:
+            return
         mode = self.mode
         if mode == "auto":
             with _GATHER_SUPPORT_LOCK:
@@ -455,10 +497,6 @@ class ObjectCacheClient:
                     with _GATHER_SUPPORT_LOCK:
                         _GATHER_SUPPORT[self.endpoint_url] = True
                 self.last_path = "gather"
-                if first is None:  # empty layer range: still read the end frame
-                    for _ in stream:
-                        pass
-                    return
                 yield first
                 yield from stream
                 return
@@ -494,7 +532,7 @@ class ObjectCacheClient:
 
     # gather ------------------------------------------------------------------------------------------------
     def _gather(self, names, layer_start, layer_end, out, compute_per_layer_s):
-        """Generator: first yields the first layer (or None if the range is empty), then the rest."""
+        """Generator of the gathered layers (the range is not empty)."""
         request = {"version": 1, "keys": names, "layer_start": layer_start}
         if layer_end is not None:
             request["layer_end"] = layer_end
@@ -502,7 +540,7 @@ class ObjectCacheClient:
             request["compute_per_layer_s"] = float(compute_per_layer_s)
         body = json.dumps(request).encode()
         path = f"/{quote(self.bucket, safe='')}?gather"
-        conn, resp = self._open("POST", path, {"Content-Type": "application/json"}, body)
+        conn, resp = self._http.open("POST", path, {"Content-Type": "application/json"}, body)
         try:
             if resp.status != 200:
                 err_body = resp.read()
@@ -530,7 +568,6 @@ class ObjectCacheClient:
                     f"gather answered layers [{first}, {end}), asked [{layer_start}, {layer_end})"
                 )
             views = self._out_views(out, end - first, n * slice_bytes)
-            yielded_first = False
             fixed = memoryview(bytearray(20))
             for layer in range(first, end):
                 _read_exact(resp, fixed[:4], f"gather frame before layer {layer}")
@@ -565,16 +602,18 @@ class ObjectCacheClient:
                     want = int.from_bytes(sums[8 * i : 8 * i + 8], "little")
                     got = xxhash.xxh3_64_intdigest(view[i * slice_bytes : (i + 1) * slice_bytes])
                     if got != want:
+                        self.report_corrupt(names[i])
                         raise ChecksumMismatch(
                             f"chunk {names[i]!r} layer {layer}: xxh3_64 {got:016x} != stored {want:016x}",
                             key=names[i],
                             layer=layer,
                         )
-                yielded_first = True
                 yield layer, view
-            if not yielded_first:
-                yield None
             _read_exact(resp, fixed[:8], "gather end frame")
+            if bytes(fixed[:4]) == _ERROR_FRAME:
+                msg = bytearray(int.from_bytes(fixed[4:8], "little"))
+                _read_exact(resp, memoryview(msg), "gather error frame")
+                raise TruncatedStream(f"server aborted gather at its end: {msg.decode('utf-8', 'replace')}")
             if bytes(fixed[:4]) != _END_FRAME:
                 raise ProtocolError(f"gather: expected the end frame, got {bytes(fixed[:4])!r}")
             if int.from_bytes(fixed[4:8], "little") != end - first:
@@ -587,7 +626,7 @@ class ObjectCacheClient:
         except BaseException:
             conn.close()  # also on GeneratorExit: the rest of the stream is not read
             raise
-        self._finish(conn, resp)
+        self._http.finish(conn, resp)
 
     # fallback: headers ---------------------------------------------------------------------------------------
     def _layouts(self, names: list[str]) -> list[kvformat.ChunkHeader]:
@@ -596,13 +635,13 @@ class ObjectCacheClient:
         def fetch(name: str) -> kvformat.ChunkHeader:
             buf = memoryview(bytearray(HEADER_PROBE_BYTES))
             try:
-                self._get_range_into(name, 0, buf, "read header")
+                self._http.get_range_into(self.bucket, name, 0, buf, "read header")
             except TruncatedStream as e:  # object shorter than the probe: not a chunk object
                 raise CorruptObject(f"object {name!r} is too short for a chunk header", key=name) from e
             need = _declared_header_bytes(name, buf)
             if need > len(buf):
                 big = memoryview(bytearray(need))
-                self._get_range_into(name, 0, big, "read header")
+                self._http.get_range_into(self.bucket, name, 0, big, "read header")
                 buf = big
             return _parse_header(name, buf)
 
@@ -639,7 +678,7 @@ class ObjectCacheClient:
 
         def fetch_slice(name: str, layout: kvformat.ChunkHeader, layer: int, view: memoryview) -> None:
             start, _ = layout.layer_range(layer)
-            self._get_range_into(name, start, view, f"layer {layer}")
+            self._http.get_range_into(self.bucket, name, start, view, f"layer {layer}")
             got = xxhash.xxh3_64_intdigest(view)
             want = layout.checksums[layer]
             if got != want:
@@ -699,7 +738,7 @@ class ObjectCacheClient:
 
         def fetch(i: int) -> None:
             name = names[i]
-            conn, resp = self._open("GET", self._object_path(name), {}, key=name)
+            conn, resp = self._http.open("GET", object_path(self.bucket, name), {}, key=name)
             try:
                 if resp.status != 200:
                     raise _error_from_body(resp.status, resp.read(), name)
@@ -719,6 +758,7 @@ class ObjectCacheClient:
                 with cond:
                     if views_box[0] is None:
                         setup(name, layout)
+                        cond.notify_all()  # the consumer waits for the geometry (an empty range needs no more)
                     elif layout.geometry() != state["geometry"]:
                         raise GeometryMismatch(
                             f"chunk {name!r} has geometry {layout.geometry()}, chunk {state['first']!r} has "
@@ -757,7 +797,7 @@ class ObjectCacheClient:
             except BaseException:
                 conn.close()
                 raise
-            self._finish(conn, resp)
+            self._http.finish(conn, resp)
 
         def run(i: int) -> None:
             try:
@@ -768,16 +808,21 @@ class ObjectCacheClient:
                         state["error"] = e
                     cond.notify_all()
 
+        def blocks(layer: int) -> bool:
+            err = state["error"]
+            return err is not None and (getattr(err, "layer", None) is None or layer >= err.layer)
+
         futures = [self._pool.submit(run, i) for i in range(n)]
         try:
             layer = layer_start
             while True:
                 with cond:
-                    while state["error"] is None and (
+                    # A failure at layer k (checksum) still lets the complete layers before k through.
+                    while not blocks(layer) and (
                         views_box[0] is None or (layer < state["end"] and done[layer - layer_start] < n)
                     ):
                         cond.wait()
-                    if state["error"] is not None:
+                    if blocks(layer):
                         raise state["error"]
                     if layer >= state["end"]:
                         return
@@ -788,40 +833,3 @@ class ObjectCacheClient:
             for f in futures:
                 f.cancel()
             wait_futures(futures)
-
-
-def probe_socket_ceiling_Bps(
-    total_bytes: int = 1 << 30, block_bytes: int = 1 << 20, host: str = "127.0.0.1"
-) -> float:
-    """Raw TCP throughput of plain Python sockets on ``host`` (sender thread -> receiver ``recv_into``).
-
-    The ceiling the gather benchmark compares against: it moves bytes with no HTTP, framing or checksums.
-    """
-    srv = socket.create_server((host, 0))
-    port = srv.getsockname()[1]
-    payload = memoryview(bytearray(block_bytes))
-
-    def sender() -> None:
-        conn, _ = srv.accept()
-        with conn:
-            left = total_bytes
-            while left > 0:
-                k = min(left, block_bytes)
-                conn.sendall(payload[:k])
-                left -= k
-
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
-    buf = memoryview(bytearray(block_bytes))
-    with socket.create_connection((host, port)) as c:
-        got = 0
-        t0 = time.perf_counter()
-        while got < total_bytes:
-            k = c.recv_into(buf)
-            if not k:
-                break
-            got += k
-        dt = time.perf_counter() - t0
-    t.join()
-    srv.close()
-    return got / dt

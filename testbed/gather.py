@@ -25,8 +25,12 @@ thread) while the previous layer is sent.  The server does not re-hash payload b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
+import select
+import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -260,16 +264,23 @@ def iter_frames(read_exact: Callable[[int], bytes]) -> Iterator[LayerFrame]:
             layers += 1
             yield LayerFrame(layer, slice_bytes, struct.unpack(f"<{n}Q", sums), memoryview(payload))
         elif magic == ERROR_MAGIC:
-            (length,) = struct.unpack("<I", read_exact(4))
+            (length,) = struct.unpack("<I", _read_u32(read_exact, "an error frame"))
             msg = read_exact(length).decode("utf-8", "replace")
             raise TruncatedStream(f"server aborted the gather after {layers} layers: {msg}")
         elif magic == END_MAGIC:
-            (sent,) = struct.unpack("<I", read_exact(4))
+            (sent,) = struct.unpack("<I", _read_u32(read_exact, "the end frame"))
             if sent != layers:
                 raise ProtocolError(f"end frame says {sent} layers, received {layers}")
             return
         else:
             raise ProtocolError(f"unknown gather frame magic {magic!r}")
+
+
+def _read_u32(read_exact: Callable[[int], bytes], what: str) -> bytes:
+    raw = read_exact(4)
+    if len(raw) < 4:
+        raise TruncatedStream(f"gather stream truncated inside {what}")
+    return raw
 
 
 def verify_frame(frame: LayerFrame, keys: Sequence[str]) -> None:
@@ -286,21 +297,132 @@ def verify_frame(frame: LayerFrame, keys: Sequence[str]) -> None:
 # --- streaming --------------------------------------------------------------------------------------------
 
 
-class _Fd:
-    """A file-like wrapper so ``loop.sendfile`` can use a raw descriptor."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
+Part = bytes | bytearray | memoryview | tuple[int, int, int]  # bytes, or (file descriptor, offset, count)
 
 
-def _read_layer(plan: GatherPlan, layer: int, buf: memoryview) -> None:
+class WriterSink:
+    """Sends parts through an awaitable ``write(bytes)`` (aiohttp's ``StreamResponse.write``, or a test).
+
+    File ranges are not supported (``can_sendfile`` is False): the buffered path is used.
+    """
+
+    can_sendfile = False
+
+    def __init__(self, write: Callable[[bytes | memoryview], Awaitable[None]]) -> None:
+        self._write = write
+
+    async def send(self, parts: Sequence[Part]) -> None:
+        for part in parts:
+            await self._write(part)
+
+    async def send_groups(
+        self, groups: Sequence[Sequence[Part]], on_group_sent: Callable[[int], None]
+    ) -> None:
+        for i, parts in enumerate(groups):
+            await self.send(parts)
+            on_group_sent(i)
+
+
+class SocketSink:
+    """Sends parts straight to a connected non-blocking socket from a worker thread.
+
+    One thread hop per call moves a whole list of parts (a frame header and the file ranges or buffer of a
+    layer): ``os.sendfile`` for file ranges (zero copy from the page cache), ``socket.send`` for buffers (no
+    copy into an asyncio buffer).  The event loop's transport must not hold unsent bytes meanwhile
+    (``send`` waits until its buffer is empty).  A peer that accepts nothing for ``stall_timeout_s`` is
+    dropped (``TimeoutError``); a closed peer raises ``ConnectionResetError``.
+    """
+
+    can_sendfile = True
+
+    def __init__(
+        self, transport, executor: Executor | None, stall_timeout_s: float = 60.0, sndbuf_bytes: int = 4 << 20
+    ) -> None:
+        self._transport = transport
+        self._sock = transport.get_extra_info("socket")
+        self._executor = executor
+        self.stall_timeout_s = stall_timeout_s
+        if sndbuf_bytes:
+            # A larger send buffer means fewer wake-ups per MiB (~+30% on loopback here).
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf_bytes)
+
+    @classmethod
+    def usable(cls, transport) -> bool:
+        """A plain TCP transport (no TLS) whose socket we can write to directly."""
+        return (
+            transport is not None
+            and transport.get_extra_info("socket") is not None
+            and transport.get_extra_info("sslcontext") is None
+        )
+
+    async def send(self, parts: Sequence[Part]) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("client went away")
+        while t.get_write_buffer_size():  # e.g. response headers still queued in the transport
+            await asyncio.sleep(0.0005)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._send_blocking, list(parts))
+
+    async def send_groups(
+        self, groups: Sequence[Sequence[Part]], on_group_sent: Callable[[int], None]
+    ) -> None:
+        """Send several groups (e.g. whole layers) in one thread hop; ``on_group_sent(i)`` runs on the event
+        loop after group ``i`` is handed to the kernel.  No gaps between groups waiting for the loop."""
+        t = self._transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("client went away")
+        while t.get_write_buffer_size():
+            await asyncio.sleep(0.0005)
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            for i, parts in enumerate(groups):
+                self._send_blocking(list(parts))
+                loop.call_soon_threadsafe(on_group_sent, i)
+
+        await loop.run_in_executor(self._executor, run)
+
+    def _send_blocking(self, parts: list[Part]) -> None:
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise ConnectionResetError("client went away")
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        timeout_ms = int(self.stall_timeout_s * 1000)
+        for part in parts:
+            if isinstance(part, tuple):
+                src, offset, count = part
+                while count:
+                    try:
+                        n = os.sendfile(fd, src, offset, count)
+                    except BlockingIOError:
+                        n = -1
+                    if n == 0:
+                        raise ConnectionResetError("short sendfile: file truncated or peer closed")
+                    if n < 0:
+                        if not poller.poll(timeout_ms):
+                            raise TimeoutError("client stopped reading")
+                        continue
+                    offset += n
+                    count -= n
+            else:
+                view = memoryview(part).cast("B")
+                while view:
+                    try:
+                        n = os.write(fd, view)
+                    except BlockingIOError:
+                        if not poller.poll(timeout_ms):
+                            raise TimeoutError("client stopped reading") from None
+                        continue
+                    view = view[n:]
+
+
+def _read_slices(plan: GatherPlan, layer: int, buf: memoryview, chunk_ids: range) -> None:
     sb = plan.slice_bytes
-    for i, (handle, header) in enumerate(zip(plan.handles, plan.headers)):
-        start, _ = header.layer_range(layer)
-        got = handle.read_into(start, buf[i * sb : (i + 1) * sb])
+    for i in chunk_ids:
+        start, _ = plan.headers[i].layer_range(layer)
+        got = plan.handles[i].read_into(start, buf[i * sb : (i + 1) * sb])
         if got != sb:
             raise CorruptObject(
                 f"chunk {plan.keys[i]} layer {layer}: short read", key=plan.keys[i], layer=layer
@@ -309,59 +431,92 @@ def _read_layer(plan: GatherPlan, layer: int, buf: memoryview) -> None:
 
 async def stream_gather(
     plan: GatherPlan,
-    write: Callable[[bytes | memoryview], Awaitable[None]],
-    sendfile: Callable[[object, int, int], Awaitable[None]] | None,
+    sink: WriterSink | SocketSink,
     pacer: Pacer,
     stream: PacedStream,
     executor: Executor | None = None,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    read_parallelism: int = 8,
 ) -> int:
-    """Send all layer frames and the end frame; return the layers sent.
+    """Send all layer frames and the end frame through ``sink``; return the layers sent.
 
-    ``sendfile(fileobj, offset, count)`` is used when every handle has a file descriptor; otherwise layers
-    are read into fresh buffers in ``executor`` one layer ahead of the one being sent.  Errors propagate:
-    the caller sends an error frame and closes the connection.
+    File ranges go to the sink (sendfile) when it and every object handle allow it; otherwise each layer
+    is read into a fresh buffer in ``executor`` one layer ahead of the one being sent.  Unpaced, a layer is
+    one ``sink.send`` call; paced, its payload goes in ``piece_bytes`` pieces, each after ``pacer.pace``.
+    Errors propagate: the caller sends an error frame and closes the connection.
     """
     loop = asyncio.get_running_loop()
     fds = [h.fileno() for h in plan.handles]
-    use_sendfile = sendfile is not None and all(fd is not None for fd in fds)
-    # Unpaced streams send whole slices (fewer calls); paced ones send pieces so the rate applies in a layer.
-    piece = piece_bytes if pacer.limited else max(piece_bytes, 8 << 20)
+    use_sendfile = sink.can_sendfile and all(fd is not None for fd in fds)
     sb = plan.slice_bytes
     account = on_bytes or (lambda n: None)
 
     def start_read(layer: int):
-        # A fresh buffer per layer: the transport may still reference the previous one (zero-copy writes).
+        # A fresh buffer per layer: a sink may still reference the previous one.  The slices are read in
+        # up to ``read_parallelism`` concurrent tasks (a remote store serves each with its own request).
         buf = bytearray(plan.layer_payload_bytes)
-        return buf, loop.run_in_executor(executor, _read_layer, plan, layer, memoryview(buf))
+        n = plan.n_slices
+        step = -(-n // max(1, min(read_parallelism, n)))
+        futs = [
+            loop.run_in_executor(
+                executor, _read_slices, plan, layer, memoryview(buf), range(i, min(n, i + step))
+            )
+            for i in range(0, n, step)
+        ]
+        return buf, asyncio.gather(*futs)
+
+    layers = range(plan.layer_start, plan.layer_end)
+    if use_sendfile and not pacer.limited:
+        # Unpaced zero-copy: every layer in one hop, so the socket never idles between layers.
+        groups = [
+            [
+                plan.frame_head(layer),
+                *[(fds[i], h.layer_range(layer)[0], sb) for i, h in enumerate(plan.headers)],
+            ]
+            for layer in layers
+        ]
+
+        def layer_done(i: int) -> None:
+            stream.delivered_bytes += plan.layer_payload_bytes
+            account(len(groups[i][0]) + plan.layer_payload_bytes)
+            pacer.layer_sent(stream)
+
+        await sink.send_groups(groups, layer_done)
+        await sink.send([end_frame(len(groups))])
+        account(_END.size)
+        return len(groups)
 
     pending = None if use_sendfile else start_read(plan.layer_start)
     sent = 0
-    for layer in range(plan.layer_start, plan.layer_end):
+    for layer in layers:
         head = plan.frame_head(layer)
-        await write(head)
-        account(len(head))
         if use_sendfile:
-            for i, header in enumerate(plan.headers):
-                start, _ = header.layer_range(layer)
-                for off in range(0, sb, piece):
-                    n = min(piece, sb - off)
-                    await pacer.pace(stream, n)
-                    await sendfile(_Fd(fds[i]), start + off, n)
-                    account(n)
+            ranges = [(fds[i], h.layer_range(layer)[0], sb) for i, h in enumerate(plan.headers)]
         else:
             buf, fut = pending
             await fut
             pending = start_read(layer + 1) if layer + 1 < plan.layer_end else None
             view = memoryview(buf)
-            for off in range(0, len(view), piece):
-                chunk = view[off : off + piece]
-                await pacer.pace(stream, len(chunk))
-                await write(chunk)
-                account(len(chunk))
+            ranges = [view[i * sb : (i + 1) * sb] for i in range(plan.n_slices)]
+        if not pacer.limited:
+            await pacer.pace(stream, plan.layer_payload_bytes)
+            await sink.send([head, *ranges])
+            account(len(head) + plan.layer_payload_bytes)
+        else:
+            await sink.send([head])
+            account(len(head))
+            for part in ranges:
+                for off in range(0, sb, piece_bytes):
+                    n = min(piece_bytes, sb - off)
+                    await pacer.pace(stream, n)
+                    if isinstance(part, tuple):
+                        await sink.send([(part[0], part[1] + off, n)])
+                    else:
+                        await sink.send([part[off : off + n]])
+                    account(n)
         sent += 1
         pacer.layer_sent(stream)
-    await write(end_frame(sent))
+    await sink.send([end_frame(sent)])
     account(_END.size)
     return sent

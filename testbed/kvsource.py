@@ -305,18 +305,30 @@ class DramSource(KVSource):
 
 
 class ObjectCacheSource(KVSource):
-    """The object tier: ``client.load_layers`` runs in a background thread, reading each layer's gather
-    payload into a pinned buffer; as each layer completes the thread issues its host-to-device copy on the
-    copy stream and records the event.  ``wait_for_layer`` blocks only until that layer's bytes have arrived
-    (a host wait for the network, not for the GPU) and then queues an event wait on the compute stream."""
+    """The object tier: ``client.load_layers`` runs in background threads, reading each layer's gather payload
+    into a pinned buffer; when a layer is complete the thread that completed it issues the layer's
+    host-to-device copy on the copy stream and records its event.  ``wait_for_layer`` blocks only until that
+    layer's bytes have arrived (a host wait for the network, not for the GPU) and then queues an event wait
+    on the compute stream.
+
+    ``streams > 1`` splits the prefix's chunks into that many contiguous groups, one gather request each, in
+    parallel: group ``g``'s slices land at its own offset of the same per-layer buffer (the payload is
+    chunk-major), and a layer is complete when every group has delivered it.  One Python reader tops out
+    around 2 GB/s; several spread the socket reads and checksum work over cores.
+    """
 
     name = "objectcache"
 
-    def __init__(self, client, scope: KeyScope, copier: LayerCopier, *, check_exists: bool = True):
+    def __init__(
+        self, client, scope: KeyScope, copier: LayerCopier, *, check_exists: bool = True, streams: int = 1
+    ):
+        if streams < 1:
+            raise ValueError("streams must be >= 1")
         self.client, self.scope, self.copier, self.check_exists = client, scope, copier, check_exists
+        self.streams = streams
         self.spec = copier.spec
         self._buffers: list[torch.Tensor] = []
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def names(self, keys: Sequence[str]) -> list[str]:
         return [object_key(self.scope, k) for k in keys]
@@ -351,48 +363,73 @@ class ObjectCacheSource(KVSource):
         if not n:
             return
         self.reserve(n)
-        nbytes = n * self.copier.slice_bytes
-        outs = [memoryview(b[:nbytes].numpy()) for b in self._buffers]
+        sb = self.copier.slice_bytes
         names = self.names(request.keys)
-        self._thread = threading.Thread(
-            target=self._fetch, args=(names, outs, request), name="objectcache-load", daemon=True
-        )
-        self._thread.start()
+        groups = min(self.streams, n)
+        bounds = [round(g * n / groups) for g in range(groups + 1)]
+        self._groups = groups
+        self._delivered = [0] * L
+        self._lock = threading.Lock()
+        self._threads = []
+        for g in range(groups):
+            lo, hi = bounds[g], bounds[g + 1]
+            outs = [memoryview(b[lo * sb : hi * sb].numpy()) for b in self._buffers]
+            t = threading.Thread(
+                target=self._fetch,
+                args=(names[lo:hi], outs, lo, request),
+                name=f"objectcache-load-{g}",
+                daemon=True,
+            )
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
 
-    def _fetch(self, names, outs, request: LoadRequest) -> None:
+    def _fetch(self, names, outs, first: int, request: LoadRequest) -> None:
         # The engine's KV tensors are inference tensors; inference mode is per thread.
-        with torch.inference_mode():
-            self._fetch_layers(names, outs, request)
-
-    def _fetch_layers(self, names, outs, request: LoadRequest) -> None:
-        nbytes = self.n * self.copier.slice_bytes
-        expected = 0
         try:
-            stream = self.client.load_layers(names, out=outs, compute_per_layer_s=request.compute_per_layer_s)
+            with torch.inference_mode():
+                self._fetch_layers(names, outs, first, request)
+        except BaseException as exc:  # delivered to the compute thread at its next wait
+            self._cancel.set()
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+            for ev in self._ready:
+                ev.set()
+
+    def _fetch_layers(self, names, outs, first: int, request: LoadRequest) -> None:
+        sb = self.copier.slice_bytes
+        nbytes = len(names) * sb
+        expected = 0
+        stream = self.client.load_layers(names, out=outs, compute_per_layer_s=request.compute_per_layer_s)
+        try:
             for layer, view in stream:
                 if self._cancel.is_set():
-                    break
+                    return
                 if layer != expected or memoryview(view).nbytes != nbytes:
                     raise KVLoadError(
                         f"object tier sent layer {layer} ({memoryview(view).nbytes} bytes), "
                         f"expected layer {expected} ({nbytes} bytes)"
                     )
-                host = self._buffers[layer][:nbytes]
+                host = self._buffers[layer][first * sb : first * sb + nbytes]
                 if not _same_memory(view, host):  # the client used its own buffer: stage it ourselves
                     host.copy_(torch.frombuffer(view, dtype=torch.uint8))
-                self.copier.copy_layer(layer, [(host, 0)], request.kv[layer], self.n)
-                self._ready[layer].set()
+                # Under the lock, so layers are copied in completion order (which is layer order: a group
+                # delivers its layers in order) and the copy stream's staging buffer is never shared.
+                with self._lock:
+                    self._delivered[layer] += 1
+                    if self._delivered[layer] == self._groups:
+                        total = self.n * sb
+                        self.copier.copy_layer(
+                            layer, [(self._buffers[layer][:total], 0)], request.kv[layer], self.n
+                        )
+                        self.stats.bytes_loaded += total
+                        self._ready[layer].set()
                 expected += 1
-            if expected != self.spec.num_layers and not self._cancel.is_set():
-                raise KVLoadError(
-                    f"object tier stream ended after {expected} of {self.spec.num_layers} layers"
-                )
-            self.stats.bytes_loaded = expected * nbytes
-        except BaseException as exc:  # delivered to the compute thread at its next wait
-            self._error = exc
         finally:
-            for ev in self._ready:
-                ev.set()
+            stream.close()
+        if expected != self.spec.num_layers:
+            raise KVLoadError(f"object tier stream ended after {expected} of {self.spec.num_layers} layers")
 
     def wait_for_layer(self, layer: int) -> None:
         if not self.n:
@@ -407,18 +444,19 @@ class ObjectCacheSource(KVSource):
             raise KVLoadError(f"object tier load failed at layer {layer}: {err!r}") from err
         self.copier.wait(layer)
 
+    def _join(self, timeout_s: float | None = None) -> None:
+        for t in self._threads:
+            t.join(timeout=timeout_s)
+        self._threads = []
+
     def finish_load(self) -> LoadStats:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._join()
         return self.stats
 
     def abort(self) -> None:
         if getattr(self, "_cancel", None) is not None:
             self._cancel.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._join(timeout_s=30)
         self.copier.events.clear()
 
 

@@ -151,7 +151,9 @@ def start_server(
         access_key, secret_key = docs[0]["access_key"], docs[0]["secret_key"]
     cmd += list(args)
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     full_env.pop("OBJECTCACHE_ACCESS_KEY", None)
     full_env.pop("OBJECTCACHE_SECRET_KEY", None)
     full_env.pop("OBJECTCACHE_CREDENTIALS", None)
@@ -171,7 +173,15 @@ def start_server(
     srv = None
     if info is not None:
         srv = ServerProcess(
-            info["url"], info["host"], info["port"], proc, data_dir, log_path, access_key, secret_key, _tmpdir=tmp
+            info["url"],
+            info["host"],
+            info["port"],
+            proc,
+            data_dir,
+            log_path,
+            access_key,
+            secret_key,
+            _tmpdir=tmp,
         )
         if _wait_healthy(srv.url, deadline, proc):
             return srv
@@ -181,4 +191,6 @@ def start_server(
         proc.wait(5)
     if tmp is not None:
         tmp.cleanup()
-    raise RuntimeError(f"objectcache server did not become ready within {timeout_s}s (exit {proc.returncode}):\n{tail}")
+    raise RuntimeError(
+        f"objectcache server did not become ready within {timeout_s}s (exit {proc.returncode}):\n{tail}"
+    )

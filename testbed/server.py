@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -38,7 +39,7 @@ from aiohttp import web
 
 from testbed import gather as gather_mod
 from testbed import s3xml
-from testbed.errors import ObjectCacheError, S3Error
+from testbed.errors import CorruptObject, ObjectCacheError, S3Error
 from testbed.metrics import Metrics
 from testbed.pacer import DEFAULT_PIECE_BYTES, Pacer
 from testbed.s3auth import (
@@ -88,6 +89,7 @@ class ServerConfig:
     max_gather_keys: int = gather_mod.DEFAULT_MAX_KEYS
     min_part_bytes: int = 5 * MiB
     io_threads: int = 16
+    send_threads: int = 64
     fsync: bool = True
     ready_file: str | None = None
     log_level: str = "INFO"
@@ -142,14 +144,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class _Fd:
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
-
-
 class S3Server:
     def __init__(self, config: ServerConfig, store: Store, credentials: CredentialStore) -> None:
         self.config = config
@@ -160,6 +154,8 @@ class S3Server:
         spool = config.spool_dir or os.path.join(config.data_dir, "multipart")
         self.spool = MultipartSpool(spool)
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="oc-io")
+        # Sends block a thread for as long as the client takes to read: a pool of their own.
+        self.send_executor = ThreadPoolExecutor(config.send_threads, thread_name_prefix="oc-send")
         self.metrics = Metrics()
         self._rid = itertools.count(1)
         self._rid_prefix = f"{os.getpid():x}"
@@ -179,6 +175,7 @@ class S3Server:
 
     async def _on_cleanup(self, app: web.Application) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.send_executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     async def run(self, fn, *args):
@@ -208,6 +205,14 @@ class S3Server:
             resp = self.error_response(request, e)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("unexpected error in %s %s", request.method, request.path)
+                e = S3Error("InternalError", "internal error", 500)
+            else:  # a full disk is the operator's problem, not a bug: say so, keep serving reads
+                log.warning("store is full: %s %s: %s", request.method, request.path, e)
+                e = S3Error("InsufficientStorage", "the object store has no space left for this write", 507)
+            resp = self.error_response(request, e)
         except Exception:
             log.exception("unexpected error in %s %s", request.method, request.path)
             resp = self.error_response(request, S3Error("InternalError", "internal error", 500))
@@ -287,6 +292,8 @@ class S3Server:
             return await self._op(ctx, "DeleteObject", self.delete_object)
         if m == "POST" and "uploads" in q:
             return await self._op(ctx, "CreateMultipartUpload", self.create_multipart)
+        if m == "POST" and "quarantine" in q:
+            return await self._op(ctx, "Quarantine", self.quarantine_report)
         if m == "POST" and "uploadId" in q:
             return await self._op(ctx, "CompleteMultipartUpload", self.complete_multipart)
         raise S3Error("NotImplemented", f"{m} on an object with {sorted(q)} is not implemented", 501)
@@ -639,7 +646,11 @@ class S3Server:
 
     async def get_object(self, ctx: Ctx) -> web.StreamResponse:
         request = ctx.request
-        handle = await self.run(self.store.open_object, ctx.bucket, ctx.key)
+        try:
+            handle = await self.run(self.store.open_object, ctx.bucket, ctx.key)
+        except CorruptObject as e:  # the store's own framing is broken: stop serving it
+            await self.run(self.store.quarantine, ctx.bucket, ctx.key, str(e))
+            raise
         try:
             info = handle.info
             request["size"] = info.size_bytes
@@ -675,10 +686,17 @@ class S3Server:
         finally:
             handle.close()
 
+    def _sink(self, request: web.Request, resp: web.StreamResponse):
+        transport = request.transport
+        if gather_mod.SocketSink.usable(transport):
+            return gather_mod.SocketSink(transport, self.send_executor)
+        return gather_mod.WriterSink(resp.write)
+
     async def _send_range(self, request, resp, handle, start: int, count: int) -> None:
+        sink = self._sink(request, resp)
         fd = handle.fileno()
-        if fd is not None and request.transport is not None:
-            await asyncio.get_running_loop().sendfile(request.transport, _Fd(fd), start, count)
+        if fd is not None and sink.can_sendfile:
+            await sink.send([(fd, start, count)])
             return
         off = 0
         while off < count:
@@ -687,7 +705,7 @@ class S3Server:
             got = await self.run(handle.read_into, start + off, memoryview(buf))
             if got != n:
                 raise S3Error("InternalError", "short read from the store", 500)
-            await resp.write(buf)
+            await sink.send([buf])
             off += n
 
     async def delete_object(self, ctx: Ctx) -> web.Response:
@@ -782,6 +800,36 @@ class S3Server:
         await self.run(self.spool.remove, upload_id)
         return web.Response(status=204)
 
+    # --- quarantine ---------------------------------------------------------------------------------------
+
+    def check_and_quarantine(self, bucket: str, key: str) -> str | None:
+        """Verify a stored KV chunk object (header, size, every layer's checksum); if it is damaged, move it
+        out of service (``store.quarantine``) and return why.  Objects that are not KV chunks at all (no
+        ``OCKV`` magic) are left alone: not ours to judge.  Blocking; reads the whole object."""
+        try:
+            handle = self.store.open_object(bucket, key)
+        except CorruptObject as e:
+            reason = str(e)
+        else:
+            with handle:
+                reason = _chunk_damage(handle, key)
+        if reason is None:
+            return None
+        if self.store.quarantine(bucket, key, reason):
+            log.warning("quarantined %s/%s: %s", bucket, key, reason)
+            self.metrics.errors["Quarantined"] += 1
+        return reason
+
+    async def quarantine_report(self, ctx: Ctx) -> web.Response:
+        """``POST /<bucket>/<key>?quarantine``: a client reports a checksum mismatch.  The server re-checks
+        the stored bytes itself (a flip in flight, or a false report, must not take a good object away)."""
+        await self.read_body(ctx, self.config.max_request_body_bytes)
+        reason = await self.run(self.check_and_quarantine, ctx.bucket, ctx.key)
+        body = s3xml.el("Key", ctx.key) + s3xml.el("Quarantined", "true" if reason else "false")
+        if reason:
+            body += s3xml.el("Reason", reason)
+        return self._xml(s3xml.doc("QuarantineResult", body))
+
     # --- gather -------------------------------------------------------------------------------------------
 
     async def gather(self, ctx: Ctx) -> web.StreamResponse:
@@ -800,7 +848,12 @@ class S3Server:
             validate_key(k)
         if not await self.run(self.store.bucket_exists, ctx.bucket):
             raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-        plan = await gather_mod.prepare_gather(self.store, ctx.bucket, req, self.executor)
+        try:
+            plan = await gather_mod.prepare_gather(self.store, ctx.bucket, req, self.executor)
+        except CorruptObject as e:
+            if e.key:
+                await self.run(self.check_and_quarantine, ctx.bucket, e.key)
+            raise
         stream = self.pacer.open_stream(
             plan.layer_payload_bytes, plan.num_layers, req.compute_per_layer_s, req.stream_id
         )
@@ -820,33 +873,20 @@ class S3Server:
             )
             resp.content_length = plan.content_length
             await resp.prepare(request)
-            transport = request.transport
-            if transport is not None:
-                transport.set_write_buffer_limits(high=8 * MiB)
-            loop = asyncio.get_running_loop()
-
-            async def sendfile(fobj, offset: int, count: int) -> None:
-                if request.transport is None:
-                    raise ConnectionResetError("client went away")
-                await loop.sendfile(request.transport, fobj, offset, count)
+            sink = self._sink(request, resp)
 
             def account(n: int) -> None:
                 self.metrics.bytes_served["Gather"] += n
 
             try:
                 sent = await gather_mod.stream_gather(
-                    plan,
-                    resp.write,
-                    sendfile,
-                    self.pacer,
-                    stream,
-                    self.executor,
-                    self.config.piece_bytes,
-                    account,
+                    plan, sink, self.pacer, stream, self.executor, self.config.piece_bytes, account
                 )
                 self.metrics.gather_layers += sent
-            except (ConnectionResetError, asyncio.CancelledError):
+            except (ConnectionError, TimeoutError, asyncio.CancelledError):
                 self.metrics.errors["ClientDisconnected"] += 1
+                if request.transport is not None:
+                    request.transport.abort()
                 raise
             except Exception as e:  # after the headers: report in-band, then close the connection
                 code = getattr(e, "s3_code", "InternalError")
@@ -854,9 +894,11 @@ class S3Server:
                 if not isinstance(e, ObjectCacheError):
                     log.exception("gather stream failed")
                 msg = f"{code}: {e}" if isinstance(e, ObjectCacheError) else f"{code}: internal error"
-                if request.transport is not None:
-                    request.transport.write(gather_mod.error_frame(msg))
-                    request.transport.close()
+                try:
+                    await sink.send([gather_mod.error_frame(msg)])
+                finally:
+                    if request.transport is not None:
+                        request.transport.close()
                 return resp
             await resp.write_eof()
             return resp
@@ -864,6 +906,29 @@ class S3Server:
             self.pacer.close_stream(stream)
             self.metrics.active_streams -= 1
             plan.close()
+
+
+def _chunk_damage(handle, key: str) -> str | None:
+    """Why a stored object claiming to be a KV chunk is damaged, or None (intact, or not a chunk object)."""
+    from testbed.kvformat import HEADER_PROBE_BYTES, MAGIC, parse_header, slice_checksum
+
+    size = handle.info.size_bytes
+    probe = bytearray(min(HEADER_PROBE_BYTES, size))
+    handle.read_into(0, memoryview(probe))
+    if bytes(probe[:4]) != MAGIC:
+        return None
+    try:
+        header = parse_header(probe)
+    except CorruptObject as e:
+        return f"chunk {key}: {e}"
+    if header.total_bytes != size:
+        return f"chunk {key}: object is {size} bytes, header says {header.total_bytes}"
+    buf = bytearray(header.slice_bytes)
+    for layer in range(header.num_layers):
+        got = handle.read_into(header.layer_range(layer)[0], memoryview(buf))
+        if got != len(buf) or slice_checksum(buf) != header.checksums[layer]:
+            return f"chunk {key} layer {layer}: checksum mismatch"
+    return None
 
 
 # --- entry point ------------------------------------------------------------------------------------------

@@ -53,10 +53,10 @@ from testbed.errors import (
     BucketMissing,
     BucketNotEmpty,
     ChunkMissing,
+    CorruptObject,
     InvalidRequest,
     KeyTooLong,
     NoSuchUpload,
-    ObjectCacheError,
     PreconditionFailed,
 )
 
@@ -172,6 +172,18 @@ class Store(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def quarantine(self, bucket: str, key: str, reason: str) -> bool:
+        """Stop serving a corrupt object (later lookups miss); True if it was there.  Stores that can keep
+        it aside for inspection do (the filesystem store); the default deletes it."""
+        try:
+            self.head_object(bucket, key)
+        except ChunkMissing:
+            return False
+        except CorruptObject:
+            pass
+        self.delete_object(bucket, key)
+        return True
+
 
 # --- filesystem store -------------------------------------------------------------------------------------
 
@@ -182,6 +194,8 @@ _TAIL_READ_BYTES = 4096
 
 def _file_name(key: str) -> str:
     name = quote(key, safe="")
+    if name.startswith("."):  # "." and ".." must not name the directory itself or its parent
+        name = "%2E" + name[1:]
     if len(name) > 250:
         raise KeyTooLong(
             "object key too long for the filesystem store (percent-encoded > 250 bytes)", key=key[:80]
@@ -194,17 +208,20 @@ def _read_trailer(fd: int, file_size: int, key: str) -> tuple[int, dict]:
     n = min(file_size, _TAIL_READ_BYTES)
     tail = os.pread(fd, n, file_size - n)
     if n < _TRAILER_TAIL.size:
-        raise ObjectCacheError(f"object file of {key!r} has no trailer", key=key)
+        raise CorruptObject(f"object file of {key!r} has no trailer", key=key)
     json_len, magic = _TRAILER_TAIL.unpack_from(tail, n - _TRAILER_TAIL.size)
     if magic != _TRAILER_MAGIC or json_len + _TRAILER_TAIL.size > file_size:
-        raise ObjectCacheError(f"object file of {key!r} has a bad trailer", key=key)
+        raise CorruptObject(f"object file of {key!r} has a bad trailer (truncated or overwritten)", key=key)
     start = n - _TRAILER_TAIL.size - json_len
     raw = (
         tail[start : n - _TRAILER_TAIL.size]
         if start >= 0
         else os.pread(fd, json_len, file_size - _TRAILER_TAIL.size - json_len)
     )
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CorruptObject(f"object file of {key!r} has unreadable metadata", key=key) from None
     return file_size - _TRAILER_TAIL.size - json_len, meta
 
 
@@ -304,6 +321,9 @@ class FilesystemStore(Store):
         (self.root / "buckets").mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._lock = threading.Lock()
+        # Uncommitted temp files of writes cut short by a crash: never visible, but they hold disk space.
+        for tmp in (self.root / "buckets").glob("*/tmp/*.part"):
+            tmp.unlink(missing_ok=True)
 
     # layout
     def _bucket_dir(self, bucket: str) -> Path:
@@ -359,6 +379,11 @@ class FilesystemStore(Store):
             for leftover in (self._bucket_dir(bucket) / "tmp").iterdir():
                 leftover.unlink(missing_ok=True)
             (self._bucket_dir(bucket) / "tmp").rmdir()
+            qdir = self._bucket_dir(bucket) / "quarantine"
+            if qdir.is_dir():
+                for leftover in qdir.iterdir():
+                    leftover.unlink(missing_ok=True)
+                qdir.rmdir()
             d.rmdir()
             self._bucket_dir(bucket).rmdir()
 
@@ -391,6 +416,21 @@ class FilesystemStore(Store):
         self._require_bucket(bucket)
         validate_key(key)
         return _FileWriter(self, bucket, key, content_type, metadata or {})
+
+    def quarantine(self, bucket: str, key: str, reason: str) -> bool:
+        """Move a corrupt object's file to ``<bucket>/quarantine/`` (with a ``.reason`` note) so it is no
+        longer served; True if it was there."""
+        path = self._require_bucket(bucket) / _file_name(validate_key(key))
+        qdir = self._bucket_dir(bucket) / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        dest = qdir / f"{path.name}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return False
+        dest.with_name(dest.name + ".reason").write_text(reason)
+        self._fsync_dir(path.parent)
+        return True
 
     def delete_object(self, bucket: str, key: str) -> None:
         path = self._require_bucket(bucket) / _file_name(validate_key(key))

@@ -42,7 +42,14 @@ K = 1024
 # (cached, new): the simulator's headline configurations (configs/experiment/context_sweep.yaml): 4K cached +
 # 128 new, 16K + 1K, 60K + 4K (the 64K context of the headline ratio).
 DEFAULT_CONFIGS = ((4 * K, 128), (16 * K, 1 * K), (60 * K, 4 * K))
-SOURCES = ("recompute", "dram", "dram_layerwise", "objectcache_paced", "objectcache_max")
+SOURCES = (
+    "recompute",
+    "dram",
+    "dram_layerwise",
+    "objectcache_paced",
+    "objectcache_max",
+    "objectcache_max_1stream",
+)
 RESEARCH = {"ttft_ratio_64k": 1.056, "added_ms_4k": [56.0, 75.0]}
 
 
@@ -84,13 +91,14 @@ def measure(args) -> dict:
     spec = model.spec
     dtype = model.lm_head.weight.dtype
     max_chunks = max(c for c, _ in configs) // ct
+    tier_chunks = max(c + n for c, n in configs) // ct  # the recompute saves every full chunk of the prompt
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{platform.machine()}"
     log(f"model {spec.name} on {gpu}; max prefix {max_chunks} chunks")
     h2d = measure_h2d_GBps(torch) if dev.type == "cuda" else None
     log(f"pinned H2D {h2d} GB/s")
 
     engine = PrefillEngine(model, chunk_tokens=ct, namespace="ttft")
-    tier = DramTier(spec, max_chunks, chunk_tokens=ct, device=dev)
+    tier = DramTier(spec, tier_chunks, chunk_tokens=ct, device=dev)
     copier = LayerCopier(spec, ct, dev, max_chunks, dtype)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="oc-ttft-"))
     out: dict = {
@@ -103,6 +111,8 @@ def measure(args) -> dict:
         "link_Gbps": args.link_gbps,
         "pinned_h2d_GBps": h2d,
         "repeats": args.repeats,
+        "streams": args.streams,
+        "piece_kib": args.piece_kib,
         "configs": [],
     }
     servers = {}
@@ -113,7 +123,7 @@ def measure(args) -> dict:
         clients = {"objectcache_max": _client(ObjectCacheClient, servers["objectcache_max"])}
         clients["objectcache_max"].ensure_bucket()
         servers["objectcache_paced"] = start_server(
-            data_dir, args=flags + ["--egress-gbps", str(args.link_gbps)]
+            data_dir, args=flags + ["--egress-gbps", str(args.link_gbps), "--piece-kib", str(args.piece_kib)]
         )
         clients["objectcache_paced"] = _client(ObjectCacheClient, servers["objectcache_paced"])
         saver = KVSaver(tier, object_client=clients["objectcache_max"], scope=engine.scope)
@@ -124,36 +134,41 @@ def measure(args) -> dict:
         # One object source (its pinned receive buffers are the big allocation); the client picks the server.
         oc = ObjectCacheSource(clients["objectcache_max"], engine.scope, copier, check_exists=False)
         oc.reserve(max_chunks)
+        # Inputs are random, never zeros; a fresh prompt per configuration.
         gen = torch.Generator().manual_seed(args.seed)
         for cached, new in configs:
             ids = torch.randint(0, spec.vocab_size, (cached + new,), generator=gen)
-            # Populate both tiers through the engine's own save path: prefill the prefix once.
+            # Populate both tiers through the engine's own save path: the full recompute of the prompt saves
+            # its full chunks (DRAM now, the object tier in the background) and is the logits reference, so
+            # the cached KV is bitwise the reference's and the error measures the engine alone.
             engine.saver = saver
             t0 = time.perf_counter()
-            engine.prefill(ids[:cached])
+            ref = engine.prefill(ids)
             written = saver.flush()
             engine.saver = None
             log(
-                f"[{cached}+{new}] cached prefix saved ({written} objects) in {time.perf_counter() - t0:.1f} s"
+                f"[{cached}+{new}] saved {len(ref.saved_keys)} chunks ({written} objects) in {time.perf_counter() - t0:.1f} s"
             )
-            ref = engine.prefill(ids)  # warm-up of recompute; also the logits reference
-            ref = engine.prefill(ids)
             row = {"cached_tokens": cached, "new_tokens": new, "context_tokens": cached + new, "sources": {}}
             for name in sources:
-                if name.startswith("objectcache"):
-                    oc.client = clients[name]
-                    source = oc
-                else:
-                    source = None if name == "recompute" else src[name]
                 cpl = None
                 if name.startswith("objectcache"):
-                    cpl = (
-                        ref.ttft_s / spec.num_layers
-                    )  # hint for the pacer; refined by the profile in practice
+                    oc.client = clients[
+                        "objectcache_paced" if name == "objectcache_paced" else "objectcache_max"
+                    ]
+                    oc.streams = 1 if name.endswith("_1stream") else args.streams
+                    source = oc
+                    # The pacer's hint: this request's per-layer compute, from the layerwise DRAM run.
+                    lw = row["sources"].get("dram_layerwise")
+                    cpl = lw["ttft_ms"] / 1e3 / spec.num_layers if lw else None
+                else:
+                    source = None if name == "recompute" else src[name]
                 runs = []
                 errs = []
                 for rep in range(args.repeats + 1):
-                    r = engine.prefill(ids, source, max_cached_chunks=cached // ct, compute_per_layer_s=cpl, save=False)
+                    r = engine.prefill(
+                        ids, source, max_cached_chunks=cached // ct, compute_per_layer_s=cpl, save=False
+                    )
                     expected = "recompute" if source is None else source.name
                     if r.fallback or r.source != expected:
                         raise RuntimeError(f"{name}: fell back to {r.source}: {r.fallback}")
@@ -190,9 +205,58 @@ def measure(args) -> dict:
     return out
 
 
+def check(args) -> dict:
+    """Split-vs-recompute error at the real geometry, per dtype: the prefix is prefilled alone first (as an
+    earlier request would have), saved to the DRAM tier, then the whole prompt is prefilled on top of it and
+    compared with a full recompute.  In float32 this isolates the engine (expect ~1e-6); in bf16 it adds the
+    rounding difference between computing the prefix KV alone and inside the longer prompt."""
+    import torch
+
+    from testbed.kvsource import DramSource, DramTier, KVSaver, LayerCopier
+    from testbed.model import build_model
+    from testbed.prefill import PrefillEngine, kv_rel_err, rel_err
+
+    dev, ct = torch.device(args.device), args.chunk_tokens
+    out: dict = {}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        model = build_model(args.model, device=dev, fast_init=True, seed=args.seed, dtype_override=dtype)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        for cached, new in parse_configs(args.configs):
+            ids = torch.randint(0, model.spec.vocab_size, (cached + new,), generator=gen)
+            tier = DramTier(model.spec, cached // ct, chunk_tokens=ct, device=dev)
+            engine = PrefillEngine(model, chunk_tokens=ct, namespace="check", saver=KVSaver(tier))
+            prefix = engine.prefill(ids[:cached])
+            engine.saver = None
+            copier = LayerCopier(model.spec, ct, dev, cached // ct, dtype)
+            split = engine.prefill(ids, DramSource(tier, copier), max_cached_chunks=cached // ct)
+            full = engine.prefill(ids)
+            res = {
+                "cached_tokens_used": split.cached_tokens,
+                "logits_rel_err": rel_err(split.logits, full.logits),
+                "kv_rel_err_prefix_alone_vs_in_prompt": kv_rel_err(prefix.kv, full.kv, cached),
+                "kv_rel_err_new_tokens": max(
+                    rel_err(a[:, cached:], b[:, cached:]) for a, b in zip(split.kv, full.kv)
+                ),
+            }
+            out[f"{dtype_name}/{cached}+{new}"] = res
+            log(f"check {dtype_name} {cached}+{new}: {res}")
+            del tier, engine, prefix, split, full, copier
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def _client(cls, srv):
     return cls(
-        srv.url, "objectcache-kv", srv.access_key, srv.secret_key, mode="gather", max_concurrency=16, timeout_s=120
+        srv.url,
+        "objectcache-kv",
+        srv.access_key,
+        srv.secret_key,
+        mode="gather",
+        max_concurrency=16,
+        timeout_s=120,
     )
 
 
@@ -307,9 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--chunk-tokens", type=int, default=256)
     m.add_argument("--io-threads", type=int, default=16)
+    m.add_argument("--streams", type=int, default=4, help="parallel gather streams per request")
+    m.add_argument("--piece-kib", type=int, default=1024, help="the paced server's pacing granularity")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--data-dir", default=None, help="object server data directory (default: a temp dir)")
     m.add_argument("--raw", required=True, help="raw JSON to write")
+    c = sub.add_parser("check", help="split-vs-recompute error per dtype at the real geometry")
+    c.add_argument("--model", default="llama-3.1-8b")
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--dtypes", default="float32,bfloat16")
+    c.add_argument("--configs", default="4096+128,16384+1024")
+    c.add_argument("--chunk-tokens", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
     s = sub.add_parser("summarize", help="add the simulator's prediction; write the results JSON")
     s.add_argument("--raw", required=True)
     s.add_argument("--profile", default=None, help="measured profile CSV for the simulator")
@@ -322,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         raw["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         Path(args.raw).write_text(json.dumps(raw, indent=1))
         log(f"wrote {args.raw}")
+    elif args.cmd == "check":
+        res = check(args)
+        Path(args.out).write_text(json.dumps({"command": command, "results": res}, indent=1))
     else:
         raw = json.loads(Path(args.raw).read_text())
         res = summarize(raw, args.profile, command)

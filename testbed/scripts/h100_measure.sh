@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > $OUT/gpu.txt 2>&1
-STAGES=${STAGES:-tests,hf,profile,ttft}
+STAGES=${STAGES:-tests,hf,check,profile,ttft}
 if [[ $STAGES == *tests* ]]; then
   timeout 180 python3 -m pytest -m gpu -p no:cacheprovider -q tests/testbed/test_model.py tests/testbed/test_prefill.py 2>&1 | tee $OUT/gpu_tests.log
 fi
@@ -20,11 +20,14 @@ r['transformers'] = transformers.__version__; r['torch'] = torch.__version__
 print(json.dumps(r, indent=1)); open('$OUT/hf_equivalence.json', 'w').write(json.dumps(r, indent=1))
 " 2>&1 | tee $OUT/hf.log
 fi
+if [[ $STAGES == *check* ]]; then
+  timeout 150 python3 -m testbed.ttft check --out $OUT/check.json 2>&1 | tee $OUT/check.log
+fi
 if [[ $STAGES == *profile* ]]; then
   timeout ${PROFILE_TIMEOUT:-240} python3 -m testbed.profile --model llama-3.1-8b --repeats 3 \
     --out $OUT/llama-3.1-8b_h100_measured.csv --json $OUT/profile.json 2>&1 | tee $OUT/profile.log
 fi
 if [[ $STAGES == *ttft* ]]; then
   timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
-    --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
+    --streams ${STREAMS:-4} --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
 fi

@@ -242,7 +242,7 @@ def test_layer0_is_sent_before_later_layers_are_read(tmp_path):
                 events.append(("send", int.from_bytes(bytes(data[4:8]), "little")))
             sink.extend(data)
 
-        sent = await gather.stream_gather(plan, write, None, pacer, stream)
+        sent = await gather.stream_gather(plan, gather.WriterSink(write), pacer, stream)
         plan.close()
         return sent, bytes(sink)
 

@@ -135,4 +135,6 @@ def test_round_trip_property(layers, kv_heads, head_dim, dtype_bytes, tokens, se
     blob = encode_chunk(spec, data, chunk_tokens=tokens)
     header, views = decode_chunk(blob)
     assert [bytes(v) for v in views] == data
-    assert header.header_bytes % ALIGN_BYTES == 0 and header.checksums == tuple(slice_checksum(d) for d in data)
+    assert header.header_bytes % ALIGN_BYTES == 0 and header.checksums == tuple(
+        slice_checksum(d) for d in data
+    )

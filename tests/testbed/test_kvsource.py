@@ -137,13 +137,14 @@ def _store_objects(client: MemoryObjectClient, scope: KeyScope, keys, payloads) 
     assert len(client.objects) >= n
 
 
-def test_objectcache_source_streams_layers_into_kv():
+@pytest.mark.parametrize("streams", [1, 2, 5])
+def test_objectcache_source_streams_layers_into_kv(streams):
     client = MemoryObjectClient()
     scope = KeyScope(SPEC.fingerprint(), "t1")
     keys = [f"{i + 10:064x}" for i in range(3)]
     payloads = random_slices(3, 11)
     _store_objects(client, scope, keys, payloads)
-    src = ObjectCacheSource(client, scope, copier())
+    src = ObjectCacheSource(client, scope, copier(), streams=streams)
     assert src.lookup(keys + ["e" * 64]) == 3
     for _ in range(2):  # the pinned receive buffers and the copier are reused across requests
         kv = empty_kv(3 * CT)
@@ -154,11 +155,13 @@ def test_objectcache_source_streams_layers_into_kv():
         stats = src.finish_load()
         assert stats.bytes_loaded == 3 * SPEC.num_layers * SPEC.kv_bytes_per_chunk_layer(CT)
         assert len(stats.wait_s) == SPEC.num_layers
-    assert not [t for t in threading.enumerate() if t.name == "objectcache-load"]
+    assert client.calls == 2 * min(streams, 3)  # one gather per group of chunks per request
+    assert not [t for t in threading.enumerate() if t.name.startswith("objectcache-load")]
 
 
+@pytest.mark.parametrize("streams", [1, 2])
 @pytest.mark.parametrize("failure", ["missing", "corrupt", "dropped"])
-def test_objectcache_source_delivers_storage_errors_at_wait(failure):
+def test_objectcache_source_delivers_storage_errors_at_wait(failure, streams):
     client = MemoryObjectClient()
     scope = KeyScope(SPEC.fingerprint(), "t1")
     keys = [f"{i + 20:064x}" for i in range(2)]
@@ -172,7 +175,7 @@ def test_objectcache_source_delivers_storage_errors_at_wait(failure):
         client.objects[name] = bytes(blob)
     else:
         client.fail_after_layers = 2
-    src = ObjectCacheSource(client, scope, copier(), check_exists=False)
+    src = ObjectCacheSource(client, scope, copier(), check_exists=False, streams=streams)
     src.start_load(LoadRequest(keys, empty_kv(2 * CT)))
     with pytest.raises((ChunkMissing, StorageUnavailable, KVLoadError, kvformat.ChecksumMismatch)) as info:
         for layer in range(SPEC.num_layers):

@@ -14,7 +14,7 @@ import pytest
 from scheduler.policies import get_policy, register_policy
 from testbed import gather
 from testbed.pacer import EGRESS, Pacer
-from tests.fixtures.servers import signed_request
+from tests.fixtures.servers import signed_request, wait_for_metrics
 from tests.testbed.test_gather import TINY, make_chunks, put_all
 
 
@@ -97,7 +97,9 @@ class _FirstTakesAll:
 
     def allocate(self, now_s, flows, links):
         cap = links[EGRESS].capacity_Bps
-        return {f.flow_id: (cap if i == 0 else 0.0) for i, f in enumerate(sorted(flows, key=lambda f: f.flow_id))}
+        return {
+            f.flow_id: (cap if i == 0 else 0.0) for i, f in enumerate(sorted(flows, key=lambda f: f.flow_id))
+        }
 
 
 def test_starved_stream_waits_for_reallocation():
@@ -117,7 +119,9 @@ def test_starved_stream_waits_for_reallocation():
 
 
 def _gather(server, bucket, keys, out, i):
-    body = json.dumps({"version": 1, "keys": keys, "compute_per_layer_s": 0.01, "stream_id": f"t{i}"}).encode()
+    body = json.dumps(
+        {"version": 1, "keys": keys, "compute_per_layer_s": 0.01, "stream_id": f"t{i}"}
+    ).encode()
     t0 = time.monotonic()
     resp = signed_request(server, "POST", f"/{bucket}?gather", body=body)
     frames = list(gather.iter_frames(resp.read))
@@ -146,7 +150,9 @@ def test_server_paces_concurrent_streams(start_objectcache_server):
         t.start()
     while any(t.is_alive() for t in threads):
         text = srv.metrics_text()
-        seen_rates += [float(v) for v in re.findall(r'objectcache_stream_rate_bytes_per_second\{[^}]*\} (\S+)', text)]
+        seen_rates += [
+            float(v) for v in re.findall(r"objectcache_stream_rate_bytes_per_second\{[^}]*\} (\S+)", text)
+        ]
         time.sleep(0.02)
     for t in threads:
         t.join()
@@ -154,5 +160,26 @@ def test_server_paces_concurrent_streams(start_objectcache_server):
     # Two streams share the link: together they take about twice as long as one alone.
     assert max(out[1][2], out[2][2]) >= 0.8 * 2 * stream_bytes / egress_Bps
     assert seen_rates and max(seen_rates) <= egress_Bps * 1.001
-    text = srv.metrics_text()
-    assert "objectcache_gather_layers_total 12" in text and "objectcache_active_streams 0" in text
+    needles = ["objectcache_gather_layers_total 12", "objectcache_active_streams 0"]
+    text = wait_for_metrics(srv, needles)
+    assert all(n in text for n in needles)
+
+
+def test_client_disconnect_mid_stream_is_cleaned_up(start_objectcache_server):
+    # 2 MB/s: a stream takes ~0.25 s.
+    srv = start_objectcache_server(["--egress-gbps", "0.016", "--piece-kib", "32"])
+    s3 = srv.boto3_client()
+    s3.create_bucket(Bucket="drop")
+    chunks = make_chunks(2, seed=12)
+    put_all(s3, "drop", chunks)
+    body = json.dumps({"version": 1, "keys": [c[0] for c in chunks]}).encode()
+    resp = signed_request(srv, "POST", "/drop?gather", body=body)
+    assert resp.status == 200 and resp.read(1000)[:4] == gather.LAYER_MAGIC
+    resp.close()  # the client goes away mid-stream
+    text = wait_for_metrics(srv, ["objectcache_active_streams 0", 'code="ClientDisconnected"'])
+    assert (
+        "objectcache_active_streams 0" in text
+        and 'objectcache_errors_total{code="ClientDisconnected"} 1' in text
+    )
+    resp = signed_request(srv, "POST", "/drop?gather", body=body)  # the server carries on
+    assert resp.status == 200 and len(list(gather.iter_frames(resp.read))) == 4

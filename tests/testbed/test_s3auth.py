@@ -53,7 +53,9 @@ def test_aws_example_get_object_header_signed():
         verify_request("GET", "/test.txt", [], headers, STORE, EXAMPLE_TIME + timedelta(hours=1))
     assert err.value.s3_code == "RequestTimeTooSkewed"
     with pytest.raises(S3AuthError) as err:
-        verify_request("GET", "/test.txt", [], headers, CredentialStore([Credential("other", SK)]), EXAMPLE_TIME)
+        verify_request(
+            "GET", "/test.txt", [], headers, CredentialStore([Credential("other", SK)]), EXAMPLE_TIME
+        )
     assert err.value.s3_code == "InvalidAccessKeyId"
 
 
@@ -86,7 +88,9 @@ def test_botocore_signed_requests_verify(key):
 
     url = "http://127.0.0.1:9000/bucket/" + quote(key, safe="/~")
     now = datetime.now(UTC)
-    req = AWSRequest("PUT", url + "?partNumber=1&uploadId=x%20y", data=b"body", headers={"x-amz-meta-k": " a  b "})
+    req = AWSRequest(
+        "PUT", url + "?partNumber=1&uploadId=x%20y", data=b"body", headers={"x-amz-meta-k": " a  b "}
+    )
     S3SigV4Auth(Credentials(AK, SK), "s3", "us-east-1").add_auth(req)
     path, query = _split(req)
     headers = list(req.headers.items()) + [("Host", "127.0.0.1:9000")]
@@ -124,7 +128,9 @@ def test_namespaces_and_credential_files(tmp_path):
     path.write_text('{"credentials": [{"access_key": "t", "secret_key": "s", "namespaces": ["tenant-a"]}]}')
     store = CredentialStore.default(path, env={})
     assert store.get("t").namespaces == ("tenant-a",) and store.get("objectcache") is None
-    env_store = CredentialStore.default(None, env={"OBJECTCACHE_ACCESS_KEY": "x", "OBJECTCACHE_SECRET_KEY": "y"})
+    env_store = CredentialStore.default(
+        None, env={"OBJECTCACHE_ACCESS_KEY": "x", "OBJECTCACHE_SECRET_KEY": "y"}
+    )
     assert env_store.get("x").is_admin and len(env_store) == 1
     assert CredentialStore.default(None, env={}).get("objectcache").is_admin
 

@@ -12,7 +12,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from testbed.launch import start_server
-from tests.fixtures.servers import TENANT_ACCESS_KEY, TENANT_SECRET_KEY, TEST_CREDENTIALS, signed_request
+from tests.fixtures.servers import (
+    TENANT_ACCESS_KEY,
+    TENANT_SECRET_KEY,
+    TEST_CREDENTIALS,
+    signed_request,
+    wait_for_metrics,
+)
 
 MiB = 1 << 20
 
@@ -24,7 +30,9 @@ def code_of(exc_info) -> str:
 def test_put_get_head_delete(objectcache_s3, objectcache_bucket):
     s3, b = objectcache_s3, objectcache_bucket
     body = bytes(range(256)) * 4096  # 1 MiB: boto3 sends Expect: 100-continue
-    put = s3.put_object(Bucket=b, Key="ns/obj one", Body=body, ContentType="application/x-kv", Metadata={"m": "v"})
+    put = s3.put_object(
+        Bucket=b, Key="ns/obj one", Body=body, ContentType="application/x-kv", Metadata={"m": "v"}
+    )
     head = s3.head_object(Bucket=b, Key="ns/obj one")
     assert head["ContentLength"] == len(body) and head["ETag"] == put["ETag"]
     assert head["ContentType"] == "application/x-kv" and head["Metadata"] == {"m": "v"}
@@ -92,7 +100,12 @@ def test_list_v2_continuation_prefix_delimiter(objectcache_s3, objectcache_bucke
     assert [o["Key"] for o in page["Contents"]] == ["ns/b/y", "ns/top", "other/z"]
     assert [o["Key"] for o in s3.list_objects(Bucket=b, Prefix="ns/b/")["Contents"]] == ["ns/b/x", "ns/b/y"]
     paginator = s3.get_paginator("list_objects_v2")
-    assert sum(len(p.get("Contents", [])) for p in paginator.paginate(Bucket=b, PaginationConfig={"PageSize": 2})) == 11
+    assert (
+        sum(
+            len(p.get("Contents", [])) for p in paginator.paginate(Bucket=b, PaginationConfig={"PageSize": 2})
+        )
+        == 11
+    )
     assert b in [x["Name"] for x in s3.list_buckets()["Buckets"]]
     res = s3.delete_objects(Bucket=b, Delete={"Objects": [{"Key": k} for k in keys[:3]]})
     assert sorted(d["Key"] for d in res["Deleted"]) == keys[:3]
@@ -114,9 +127,13 @@ def test_multipart_upload(objectcache_s3, objectcache_bucket):
     assert code_of(err) == "InvalidPartOrder"
     bad = [dict(parts[0], ETag='"' + "0" * 32 + '"')] + parts[1:]
     with pytest.raises(ClientError) as err:
-        s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": bad})
+        s3.complete_multipart_upload(
+            Bucket=b, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": bad}
+        )
     assert code_of(err) == "InvalidPart"
-    done = s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": parts})
+    done = s3.complete_multipart_upload(
+        Bucket=b, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
     assert done["ETag"].endswith('-3"')
     got = s3.get_object(Bucket=b, Key="mp")
     assert got["Body"].read() == b"".join(parts_data) and got["ContentType"] == "application/x-test"
@@ -126,11 +143,18 @@ def test_multipart_upload(objectcache_s3, objectcache_bucket):
     # A small non-last part is refused; an aborted upload is gone.
     up2 = s3.create_multipart_upload(Bucket=b, Key="mp2")
     small = [
-        {"PartNumber": i, "ETag": s3.upload_part(Bucket=b, Key="mp2", UploadId=up2["UploadId"], PartNumber=i, Body=b"x")["ETag"]}
+        {
+            "PartNumber": i,
+            "ETag": s3.upload_part(Bucket=b, Key="mp2", UploadId=up2["UploadId"], PartNumber=i, Body=b"x")[
+                "ETag"
+            ],
+        }
         for i in (1, 2)
     ]
     with pytest.raises(ClientError) as err:
-        s3.complete_multipart_upload(Bucket=b, Key="mp2", UploadId=up2["UploadId"], MultipartUpload={"Parts": small})
+        s3.complete_multipart_upload(
+            Bucket=b, Key="mp2", UploadId=up2["UploadId"], MultipartUpload={"Parts": small}
+        )
     assert code_of(err) == "EntityTooSmall"
     s3.abort_multipart_upload(Bucket=b, Key="mp2", UploadId=up2["UploadId"])
     with pytest.raises(ClientError) as err:
@@ -229,7 +253,9 @@ def test_payload_integrity_checks(objectcache_server, objectcache_bucket):
     srv, b = objectcache_server, objectcache_bucket
     data = bytes(range(256)) * 3000
     # boto3 >= 1.36 sends aws-chunked bodies with a trailing CRC32 over TLS; the same bytes here.
-    encoded = AwsChunkedWrapper(io.BytesIO(data), checksum_cls=Crc32Checksum, checksum_name="x-amz-checksum-crc32").read()
+    encoded = AwsChunkedWrapper(
+        io.BytesIO(data), checksum_cls=Crc32Checksum, checksum_name="x-amz-checksum-crc32"
+    ).read()
     headers = {
         "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
         "Content-Encoding": "aws-chunked",
@@ -255,7 +281,9 @@ def test_payload_integrity_checks(objectcache_server, objectcache_bucket):
 
 def _put_raw(srv, path, body, headers):
     """PUT whose signed x-amz-content-sha256 is the streaming mode named in ``headers``."""
-    return signed_request(srv, "PUT", path, body=body, headers=headers, payload_hash=headers["x-amz-content-sha256"])
+    return signed_request(
+        srv, "PUT", path, body=body, headers=headers, payload_hash=headers["x-amz-content-sha256"]
+    )
 
 
 def test_bad_input_gets_s3_errors_not_500(objectcache_server, objectcache_bucket):
@@ -295,8 +323,34 @@ def test_limits_restart_and_metrics(tmp_path, start_objectcache_server):
     with start_server(data_dir, credentials=TEST_CREDENTIALS) as two:
         c = two.boto3_client()
         assert c.get_object(Bucket="keep", Key="k")["Body"].read() == b"durable"
-        text = two.metrics_text()
-    assert 'objectcache_requests_total{op="GetObject",status="200"} 1' in text
-    assert 'objectcache_bytes_served_total{op="GetObject"} 7' in text
-    assert "objectcache_active_streams 0" in text
-    assert 'objectcache_request_duration_seconds_count{op="GetObject"} 1' in text
+        needles = [
+            'objectcache_requests_total{op="GetObject",status="200"} 1',
+            'objectcache_bytes_served_total{op="GetObject"} 7',
+            "objectcache_active_streams 0",
+            'objectcache_request_duration_seconds_count{op="GetObject"} 1',
+        ]
+        text = wait_for_metrics(two, needles)
+    for needle in needles:
+        assert needle in text
+
+
+def test_filesystem_store_keys_cannot_escape(tmp_path):
+    from testbed.store import FilesystemStore
+
+    store = FilesystemStore(tmp_path / "s", fsync=False)
+    store.create_bucket("bkt")
+    for key in ["..", ".", "../../etc/passwd", ".hidden", "a/../b", "%2E%2E"]:
+        w = store.begin_write("bkt", key)
+        w.write(key.encode())
+        w.commit()
+    keys = [o.key for o in store.list_objects("bkt").objects]
+    assert sorted(keys) == sorted(["..", ".", "../../etc/passwd", ".hidden", "a/../b", "%2E%2E"])
+    for key in keys:
+        with store.open_object("bkt", key) as h:
+            buf = bytearray(h.info.size_bytes)
+            h.read_into(0, memoryview(buf))
+            assert buf == key.encode()
+    # Everything stayed inside the bucket's object directory.
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == sorted(
+        p.name for p in (tmp_path / "s" / "buckets" / "bkt" / "obj").iterdir()
+    )

@@ -1,0 +1,498 @@
+"""Gather benchmarks: ``python -m testbed.bench gather`` (writes ``results/bench/gather.json``).
+
+Three measurements, Llama-3.1-8B geometry (32 layers, 256-token chunks: 1 MiB per chunk-layer slice,
+32 MiB per chunk object), all through ``testbed.client.ObjectCacheClient`` with checksums verified:
+
+1. **Delivery time** of all 32 layers of N chunks (N = 1, 4, 16, 64, 256) by path: gather from our server,
+   per-(chunk, layer) ranged GETs against Ceph RGW and against our server, whole-object GETs against RGW.
+   64 distinct chunks are stored (2 GiB); N = 256 names each of them 4 times (RGW's memstore holds ~2x the
+   bytes in RAM, so 8 GiB of distinct chunks would not fit next to everything else).  Whole-object GETs need
+   all layers in memory at once, so they stop at N = 64.  Median of ``--repeats`` runs (1 run for N >= 64).
+2. **Loopback throughput** of gather (N = 64, 2 GiB) against the raw TCP ceiling of plain Python sockets
+   (``sendall`` / ``recv_into``, no HTTP, no checksums), measured interleaved in the same run.
+3. **Shaped link**: our server in one network namespace, the client in another, joined by a veth pair with
+   an HTB cap (``--shaped-gbps``, default 2).  (a) one unpaced gather stream: fraction of the cap;
+   (b) two concurrent streams with different compute hints through the server's pacer (policy ``equal``,
+   then ``bandwidth_aware``, pacer capacity 95 % of the cap): each stream's rate while both are active,
+   against the rate the scheduler policy assigns to the same two flows at their start.
+
+Needs root for (3) (skipped with the reason otherwise) and Ceph RGW for the RGW rows (skipped likewise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.flows import FlowView, Link
+from scheduler.geometry import get_model
+from scheduler.keys import KeyScope, object_key
+from scheduler.policies import get_policy
+from scheduler.units import Bps_to_gbps, gbps_to_Bps
+from testbed.client import ObjectCacheClient
+from testbed.kvformat import encode_chunk
+from testbed.launch import REPO_ROOT, start_server
+from testbed.s3auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
+
+BUCKET = "bench-gather"
+DISTINCT_CHUNKS = 64
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+def chunk_names(model, n: int, namespace: str = "bench") -> list[str]:
+    scope = KeyScope(model.fingerprint(), namespace)
+    return [object_key(scope, f"{i:064x}") for i in range(n)]
+
+
+def make_chunk(model, i: int) -> bytes:
+    rng = np.random.default_rng(1000 + i)
+    sb = model.kv_bytes_per_chunk_layer()
+    return encode_chunk(model, [rng.bytes(sb) for _ in range(model.num_layers)])
+
+
+def store_chunks(clients: list[ObjectCacheClient], model, n: int) -> list[str]:
+    names = chunk_names(model, n)
+    for c in clients:
+        c.ensure_bucket()
+    for i, name in enumerate(names):
+        blob = make_chunk(model, i)
+        for c in clients:
+            c.put_chunk(name, blob)
+    return names
+
+
+def names_for(distinct: list[str], n: int) -> list[str]:
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+def time_load(client: ObjectCacheClient, names: list[str], ring: list[bytearray] | None, **kw) -> dict:
+    """Load all layers; returns seconds, bytes, first-layer latency and per-layer arrival times."""
+    arrivals = []
+    n_bytes = 0
+    t0 = time.perf_counter()
+    out = None if ring is None else [ring[i % len(ring)] for i in range(32)]
+    for _layer, view in client.load_layers(names, out=out, **kw):
+        arrivals.append(time.perf_counter() - t0)
+        n_bytes += len(view)
+    return {"seconds": arrivals[-1], "bytes": n_bytes, "first_layer_s": arrivals[0], "arrivals_s": arrivals}
+
+
+def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 1 << 20) -> float:
+    """Raw loopback TCP throughput of plain Python sockets (sender thread, ``recv_into`` receiver)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    payload = memoryview(bytearray(block_bytes))
+
+    def sender() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            left = total_bytes
+            while left > 0:
+                k = min(left, block_bytes)
+                conn.sendall(payload[:k])
+                left -= k
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    buf = memoryview(bytearray(block_bytes))
+    got = 0
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        t0 = time.perf_counter()
+        while got < total_bytes:
+            k = c.recv_into(buf)
+            if not k:
+                break
+            got += k
+        dt = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    return got / dt
+
+
+# --- part 1 and 2 --------------------------------------------------------------------------------------------
+def bench_paths(model, sizes: list[int], repeats: int, with_rgw: bool, log) -> dict:
+    from testbed.rgw import RGWUnavailable, start_rgw
+
+    sb = model.kv_bytes_per_chunk_layer()
+    rows: list[dict] = []
+    notes: list[str] = []
+    rgw = None
+    if with_rgw:
+        try:
+            rgw = start_rgw(store_bytes=12 << 30, timeout_s=120)
+        except RGWUnavailable as e:
+            notes.append(f"RGW rows skipped: {e}")
+            log(notes[-1])
+    try:
+        with start_server(args=["--no-fsync"]) as srv:
+            targets = {
+                "server": ObjectCacheClient(srv.url, BUCKET, srv.access_key, srv.secret_key, mode="auto")
+            }
+            if rgw is not None:
+                targets["rgw"] = ObjectCacheClient(rgw.endpoint_url, BUCKET, rgw.access_key, rgw.secret_key)
+            n_store = min(DISTINCT_CHUNKS, max(sizes))
+            log(f"storing {n_store} chunks of {model.kv_bytes_per_chunk() >> 20} MiB on {sorted(targets)}")
+            t0 = time.perf_counter()
+            distinct = store_chunks(list(targets.values()), model, n_store)
+            log(f"stored in {time.perf_counter() - t0:.1f} s")
+            paths = [("gather", "server", "gather"), ("ranged", "server", "ranged")]
+            if rgw is not None:
+                paths += [("ranged", "rgw", "ranged"), ("whole", "rgw", "whole")]
+            for n in sizes:
+                names = names_for(distinct, n)
+                for mode, target, label in paths:
+                    if mode == "whole" and n > DISTINCT_CHUNKS:
+                        continue
+                    c = ObjectCacheClient(
+                        targets[target].endpoint_url,
+                        BUCKET,
+                        *(
+                            (srv.access_key, srv.secret_key)
+                            if target == "server"
+                            else (rgw.access_key, rgw.secret_key)
+                        ),
+                        mode=mode,
+                    )
+                    ring = None if mode == "whole" else [bytearray(n * sb) for _ in range(2)]
+                    runs = []
+                    for _ in range(1 if n >= 64 else repeats):
+                        r = time_load(c, names, ring)
+                        assert c.last_path == mode
+                        runs.append(r)
+                    c.close()
+                    secs = [r["seconds"] for r in runs]
+                    med = statistics.median(secs)
+                    row = {
+                        "n_chunks": n,
+                        "path": f"{label}@{target}",
+                        "seconds": med,
+                        "runs_s": secs,
+                        "first_layer_s": statistics.median(r["first_layer_s"] for r in runs),
+                        "bytes": runs[0]["bytes"],
+                        "GBps": runs[0]["bytes"] / med / 1e9,
+                    }
+                    rows.append(row)
+                    log(f"N={n:4d} {row['path']:16s} {med:8.3f} s  {row['GBps']:6.2f} GB/s")
+            # Part 2: gather vs the raw TCP ceiling, interleaved.
+            n2 = min(64, n_store)
+            names = distinct[:n2]
+            c = ObjectCacheClient(srv.url, BUCKET, srv.access_key, srv.secret_key, mode="gather")
+            ring = [bytearray(n2 * sb) for _ in range(2)]
+            pairs = []
+            for _ in range(repeats):
+                r = time_load(c, names, ring)
+                ceiling = tcp_ceiling_Bps(r["bytes"])
+                pairs.append({"gather_Bps": r["bytes"] / r["seconds"], "tcp_ceiling_Bps": ceiling})
+                log(
+                    f"loopback: gather {pairs[-1]['gather_Bps'] / 1e9:.2f} GB/s, raw TCP {ceiling / 1e9:.2f} GB/s"
+                )
+            c.close()
+            for c in targets.values():
+                c.close()
+    finally:
+        if rgw is not None:
+            rgw.stop()
+    loop = {
+        "n_chunks": n2,
+        "bytes": n2 * sb * model.num_layers,
+        "runs": pairs,
+        "gather_GBps": statistics.median(p["gather_Bps"] for p in pairs) / 1e9,
+        "tcp_ceiling_GBps": statistics.median(p["tcp_ceiling_Bps"] for p in pairs) / 1e9,
+        "fraction_of_tcp": statistics.median(p["gather_Bps"] / p["tcp_ceiling_Bps"] for p in pairs),
+    }
+    return {"rows": rows, "loopback": loop, "notes": notes}
+
+
+# --- part 3: shaped link --------------------------------------------------------------------------------------
+def _start_server_in(link, side: str, data_dir: Path, extra: list[str]) -> subprocess.Popen:
+    ready = data_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "testbed.server", "--host", link.addr[side], "--port", "0"]
+    cmd += [
+        "--data-dir",
+        str(data_dir),
+        "--ready-file",
+        str(ready),
+        "--no-fsync",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = link.popen(side, cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    log.close()
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"server in {link.ns[side]} did not start: {(data_dir / 'server.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.05)
+    return proc
+
+
+def _run_client_in(link, side: str, spec: dict) -> dict:
+    """Run ``python -m testbed.bench shaped-client`` in the client namespace; returns its JSON."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    res = link.run(
+        side,
+        [sys.executable, "-m", "testbed.bench", "shaped-client", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO_ROOT),
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"shaped client failed: {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def shaped_client(spec: dict) -> dict:
+    """Client side of part 3: one stream per entry of ``spec['streams']`` (concurrently), arrivals recorded."""
+    model = get_model(spec["model"])
+    sb = model.kv_bytes_per_chunk_layer()
+    results: list[dict | None] = [None] * len(spec["streams"])
+    barrier = threading.Barrier(len(spec["streams"]))
+    t_ref = time.perf_counter()
+
+    def one(i: int, st: dict) -> None:
+        with ObjectCacheClient(
+            spec["url"], BUCKET, DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, mode="gather"
+        ) as c:
+            ring = [bytearray(len(st["names"]) * sb) for _ in range(2)]
+            barrier.wait()
+            t0 = time.perf_counter()
+            r = time_load(c, st["names"], ring, compute_per_layer_s=st.get("compute_per_layer_s"))
+            r["start_s"] = t0 - t_ref
+            r["arrivals_s"] = [a + r["start_s"] for a in r["arrivals_s"]]
+            results[i] = r
+
+    threads = [threading.Thread(target=one, args=(i, st)) for i, st in enumerate(spec["streams"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in results):
+        raise RuntimeError("a stream failed")
+    return {"streams": results}
+
+
+def overlap_rates_Bps(streams: list[dict], layer_bytes: list[int]) -> tuple[list[float], float]:
+    """Each stream's delivery rate while all streams are active (between the last start and first end)."""
+    t_start = max(s["start_s"] for s in streams)
+    t_end = min(s["arrivals_s"][-1] for s in streams)
+    rates = []
+    for s, lb in zip(streams, layer_bytes):
+        # Bytes delivered inside the window, counting whole layers at their arrival times.
+        arr = np.array(s["arrivals_s"])
+        inside = np.sum((arr > t_start) & (arr <= t_end))
+        rates.append(float(inside * lb / (t_end - t_start)) if t_end > t_start else float("nan"))
+    return rates, t_end - t_start
+
+
+def policy_rates_Bps(
+    policy: str, capacity_Bps: float, specs: list[dict], layer_bytes: list[int], layers: int
+):
+    flows = [
+        FlowView(
+            flow_id=f"s{i}",
+            path=("egress",),
+            layer_bytes=float(lb),
+            layers_total=layers,
+            compute_per_layer_s=st["compute_per_layer_s"],
+        )  # fmt: skip
+        for i, (st, lb) in enumerate(zip(specs, layer_bytes))
+    ]
+    rates = get_policy(policy).allocate(0.0, flows, {"egress": Link("egress", capacity_Bps)})
+    return [rates[f"s{i}"] for i in range(len(specs))]
+
+
+def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
+    from testbed.netns import NetnsUnavailable, ShapedLink
+    from testbed.store import FilesystemStore
+
+    sb = model.kv_bytes_per_chunk_layer()
+    with tempfile.TemporaryDirectory(prefix="oc-shaped-") as tmp:
+        data_dir = Path(tmp)
+        store = FilesystemStore(data_dir / "store", fsync=False)
+        store.create_bucket(BUCKET)
+        names = chunk_names(model, n_chunks, "shaped")
+        for i, name in enumerate(names):
+            w = store.begin_write(BUCKET, name)
+            w.write(make_chunk(model, i))
+            w.commit()
+        try:
+            link = ShapedLink(cap_Gbps)
+        except NetnsUnavailable as e:
+            return {"skipped": str(e)}
+        with link:
+            out: dict = {"cap_Gbps": cap_Gbps, "n_chunks": n_chunks}
+            proc = _start_server_in(link, "a", data_dir, [])
+            url = f"http://{link.addr['a']}:{json.loads((data_dir / 'ready.json').read_text())['port']}"
+            spec = {"url": url, "model": model.name, "streams": [{"names": names}]}
+            singles = [_run_client_in(link, "b", spec)["streams"][0] for _ in range(2)]
+            proc.terminate()
+            proc.wait(10)
+            best = min(singles, key=lambda r: r["seconds"])
+            rate = best["bytes"] / best["seconds"]
+            out["single_stream"] = {
+                "seconds": best["seconds"],
+                "bytes": best["bytes"],
+                "Gbps": Bps_to_gbps(rate),
+                "fraction_of_cap": Bps_to_gbps(rate) / cap_Gbps,
+                "runs_s": [r["seconds"] for r in singles],
+            }
+            log(
+                f"shaped {cap_Gbps} Gbps: one stream {Bps_to_gbps(rate):.3f} Gbps ({rate / gbps_to_Bps(cap_Gbps):.1%})"
+            )
+            # Two streams, same chunks count each, different compute: one slow GPU (pace 30 % of the cap),
+            # one fast (pace 3x the cap: it could use the whole link).
+            half = n_chunks // 2
+            lb = half * sb
+            pacer_Gbps = 0.95 * cap_Gbps
+            cap_Bps = gbps_to_Bps(pacer_Gbps)
+            streams = [
+                {"names": names[:half], "compute_per_layer_s": lb / (0.3 * cap_Bps)},
+                {"names": names[half : 2 * half], "compute_per_layer_s": lb / (3.0 * cap_Bps)},
+            ]
+            out["policies"] = {}
+            for policy in ("equal", "bandwidth_aware"):
+                proc = _start_server_in(
+                    link, "a", data_dir, ["--egress-gbps", str(pacer_Gbps), "--policy", policy]
+                )
+                url = f"http://{link.addr['a']}:{json.loads((data_dir / 'ready.json').read_text())['port']}"
+                res = _run_client_in(link, "b", {"url": url, "model": model.name, "streams": streams})
+                proc.terminate()
+                proc.wait(10)
+                measured, window_s = overlap_rates_Bps(res["streams"], [lb, lb])
+                expected = policy_rates_Bps(policy, cap_Bps, streams, [lb, lb], model.num_layers)
+                errs = [abs(m - e) / e for m, e in zip(measured, expected)]
+                out["policies"][policy] = {
+                    "pacer_Gbps": pacer_Gbps,
+                    "compute_per_layer_s": [s["compute_per_layer_s"] for s in streams],
+                    "measured_Gbps": [Bps_to_gbps(r) for r in measured],
+                    "policy_Gbps": [Bps_to_gbps(r) for r in expected],
+                    "relative_error": errs,
+                    "overlap_window_s": window_s,
+                    "total_seconds": [s["seconds"] for s in res["streams"]],
+                }
+                log(
+                    f"shaped {policy}: measured {[f'{Bps_to_gbps(r):.3f}' for r in measured]} Gbps, policy "
+                    f"{[f'{Bps_to_gbps(r):.3f}' for r in expected]} Gbps (window {window_s:.2f} s)"
+                )
+            return out
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+def machine() -> dict:
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "mem_total_bytes": mem,
+        "uname": " ".join(platform.uname()),
+        "python": platform.python_version(),
+        "loadavg_1min_at_start": os.getloadavg()[0],
+    }
+
+
+def print_table(report: dict) -> None:
+    rows = report["delivery"]["rows"]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    sizes = sorted({r["n_chunks"] for r in rows})
+    print("\nTime to deliver all 32 layers (s; median):")
+    print(f"{'N':>5} " + " ".join(f"{p:>16}" for p in paths))
+    for n in sizes:
+        cells = {r["path"]: r["seconds"] for r in rows if r["n_chunks"] == n}
+        print(f"{n:>5} " + " ".join(f"{cells[p]:>16.3f}" if p in cells else f"{'-':>16}" for p in paths))
+    for k in ("speedup_vs_rgw_ranged_n16", "loopback_fraction_of_tcp", "shaped_fraction_of_cap"):
+        print(f"{k}: {report.get(k)}")
+
+
+def run_gather(args) -> dict:
+    model = get_model(args.model)
+    sizes = [int(x) for x in args.sizes.split(",")]
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    report: dict = {
+        "command": " ".join(["python -m testbed.bench", *sys.argv[1:]]),
+        "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model.name,
+        "slice_bytes": model.kv_bytes_per_chunk_layer(),
+        "distinct_chunks_stored": min(DISTINCT_CHUNKS, max(sizes)),
+    }
+    report["delivery"] = bench_paths(model, sizes, args.repeats, not args.skip_rgw, log)
+    by = {(r["n_chunks"], r["path"]): r["seconds"] for r in report["delivery"]["rows"]}
+    if (16, "ranged@rgw") in by:
+        report["speedup_vs_rgw_ranged_n16"] = by[(16, "ranged@rgw")] / by[(16, "gather@server")]
+        report["speedup_vs_rgw_whole_n16"] = by[(16, "whole@rgw")] / by[(16, "gather@server")]
+    if (16, "ranged@server") in by:
+        report["speedup_vs_server_ranged_n16"] = by[(16, "ranged@server")] / by[(16, "gather@server")]
+    report["loopback_fraction_of_tcp"] = report["delivery"]["loopback"]["fraction_of_tcp"]
+    if not args.skip_shaped:
+        report["shaped"] = bench_shaped(model, args.shaped_gbps, args.shaped_chunks, log)
+        if "single_stream" in report["shaped"]:
+            report["shaped_fraction_of_cap"] = report["shaped"]["single_stream"]["fraction_of_cap"]
+            report["shaped_policy_max_relative_error"] = max(
+                e for p in report["shaped"]["policies"].values() for e in p["relative_error"]
+            )
+    report["targets"] = {
+        "speedup_vs_rgw_ranged_n16": ">= 20",
+        "loopback_fraction_of_tcp": ">= 0.70",
+        "shaped_fraction_of_cap": ">= 0.90",
+        "shaped_policy_max_relative_error": "<= 0.10",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"\nwrote {out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gather", help="run the three gather benchmarks")
+    g.add_argument("--model", default="llama-3.1-8b")
+    g.add_argument("--sizes", default="1,4,16,64,256", help="chunk counts N")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--skip-rgw", action="store_true")
+    g.add_argument("--skip-shaped", action="store_true")
+    g.add_argument("--shaped-gbps", type=float, default=2.0)
+    g.add_argument("--shaped-chunks", type=int, default=16)
+    g.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "gather.json"))
+    sc = sub.add_parser("shaped-client", help="(internal) client side of the shaped-link benchmark")
+    sc.add_argument("spec")
+    args = ap.parse_args(argv)
+    if args.cmd == "shaped-client":
+        print(json.dumps(shaped_client(json.loads(args.spec))))
+        return 0
+    run_gather(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
