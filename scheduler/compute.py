@@ -99,7 +99,10 @@ def read_profile(path: str | Path) -> tuple[dict[str, str], list[ProfilePoint]]:
         row = dict(zip(header, cells))
         try:
             pt = ProfilePoint(
-                int(row["cached_tokens"]), int(row["new_tokens"]), float(row["prefill_ms"]), float(row["layer_ms"])
+                int(row["cached_tokens"]),
+                int(row["new_tokens"]),
+                float(row["prefill_ms"]),
+                float(row["layer_ms"]),
             )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}:{lineno}: bad profile row {line!r}: {exc}") from None
@@ -200,7 +203,9 @@ class _FitTimesCorrection:
         elif len(self._y) == 1:
             lv = (1 - u) * v[i, 0] + u * v[i + 1, 0]
         else:
-            lv = (1 - u) * ((1 - w) * v[i, j] + w * v[i, j + 1]) + u * ((1 - w) * v[i + 1, j] + w * v[i + 1, j + 1])
+            lv = (1 - u) * ((1 - w) * v[i, j] + w * v[i, j + 1]) + u * (
+                (1 - w) * v[i + 1, j] + w * v[i + 1, j + 1]
+            )
         value = math.exp(lv)
         if cc != c or nn != n:
             value *= self._fit(c, n) / self._fit(cc, nn)
@@ -250,7 +255,11 @@ class ProfileCompute:
 
     def overhead_time_s(self, cached_tokens: int, new_tokens: int) -> float:
         """Prefill time that is not per-layer work (embedding, final norm, LM head, launch)."""
-        return max(0.0, self.prefill_time_s(cached_tokens, new_tokens) - self.num_layers * self.layer_time_s(cached_tokens, new_tokens))
+        return max(
+            0.0,
+            self.prefill_time_s(cached_tokens, new_tokens)
+            - self.num_layers * self.layer_time_s(cached_tokens, new_tokens),
+        )
 
 
 @dataclass(frozen=True)
@@ -286,7 +295,10 @@ class RooflineCompute:
             + m.kv_bytes_per_token_layer * (c + 2.0 * n)
             + 4.0 * n * m.hidden_size * m.dtype_bytes
         )
-        return max(flops / (self.peak_flops * self.mfu), bytes_moved / (self.hbm_Bps * self.hbm_efficiency)) + self.layer_launch_s
+        return (
+            max(flops / (self.peak_flops * self.mfu), bytes_moved / (self.hbm_Bps * self.hbm_efficiency))
+            + self.layer_launch_s
+        )
 
     def overhead_time_s(self, cached_tokens: int, new_tokens: int) -> float:
         return self.head_overhead_s if new_tokens > 0 else 0.0
@@ -294,7 +306,9 @@ class RooflineCompute:
     def prefill_time_s(self, cached_tokens: int, new_tokens: int) -> float:
         if new_tokens <= 0:
             return 0.0
-        return self.num_layers * self.layer_time_s(cached_tokens, new_tokens) + self.overhead_time_s(cached_tokens, new_tokens)
+        return self.num_layers * self.layer_time_s(cached_tokens, new_tokens) + self.overhead_time_s(
+            cached_tokens, new_tokens
+        )
 
 
 def profile_dir() -> Path:
@@ -307,7 +321,9 @@ def available_profiles(directory: str | Path | None = None) -> list[Path]:
     return sorted(d.glob("*.csv")) if d.is_dir() else []
 
 
-def get_compute(model: ModelSpec, gpu: str = "h100", profile: str | Path | None = None, **roofline_opts) -> ComputeModel:
+def get_compute(
+    model: ModelSpec, gpu: str = "h100", profile: str | Path | None = None, **roofline_opts
+) -> ComputeModel:
     """A profile for ``<model>_<gpu>.csv`` when one exists (or ``profile`` names one), else the roofline."""
     if profile:
         return ProfileCompute.from_csv(profile, model.num_layers)

@@ -34,7 +34,11 @@ HASHED_KEYS = (*GROUPS, "experiment", "seed")
 def setup_from_cfg(cfg) -> tuple[Setup, object]:
     parts = {g: to_dataclass(cls, cfg.get(g)) for g, cls in GROUPS.items()}
     setup = Setup(
-        model=parts["model"], gpu=parts["gpu"], network=parts["network"], storage=parts["storage"], policy=parts["policy"]
+        model=parts["model"],
+        gpu=parts["gpu"],
+        network=parts["network"],
+        storage=parts["storage"],
+        policy=parts["policy"],
     )
     return setup, parts["workload"]
 
@@ -132,9 +136,13 @@ def _verdict(value: float, target: float, lower_is_better: bool) -> dict:
         return {"met": None, "note": "not measured in this run"}
     met = value <= target if lower_is_better else value >= target
     if lower_is_better:
-        note = f"{value:.4g} vs target <= {target:g}: " + ("met" if met else f"missed by {value - target:.4g}")
+        note = f"{value:.4g} vs target <= {target:g}: " + (
+            "met" if met else f"missed by {value - target:.4g}"
+        )
     else:
-        note = f"{value:.4g} vs target >= {target:g}: " + ("met" if met else f"missed by {target - value:.4g}")
+        note = f"{value:.4g} vs target >= {target:g}: " + (
+            "met" if met else f"missed by {target - value:.4g}"
+        )
     return {"met": bool(met), "note": note}
 
 
@@ -178,7 +186,9 @@ def print_headline(h: dict) -> None:
     print("headline (headline.json):")
     for key, v in h.get("targets", {}).items():
         print(f"  {key:38s} {v['note']}")
-    print(f"  {'sim_requests_per_s':38s} {h.get('sim_requests_per_s', math.nan):.1f} ({h.get('simulated_requests')} requests in {h.get('wall_s', 0):.1f} s)")
+    print(
+        f"  {'sim_requests_per_s':38s} {h.get('sim_requests_per_s', math.nan):.1f} ({h.get('simulated_requests')} requests in {h.get('wall_s', 0):.1f} s)"
+    )
 
 
 def run(cfg) -> None:

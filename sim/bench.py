@@ -36,7 +36,9 @@ def bench_requests(n: int, seed: int, rate_per_s: float, chunk_tokens: int) -> l
     return reqs
 
 
-def run_bench(n: int = 10_000, policy: str = "bandwidth_aware", seed: int = 0, rate_per_s: float = 20.0) -> dict:
+def run_bench(
+    n: int = 10_000, policy: str = "bandwidth_aware", seed: int = 0, rate_per_s: float = 20.0
+) -> dict:
     setup = Setup(policy=PolicyConfig(name=policy))
     reqs = bench_requests(n, seed, rate_per_s, setup.model.chunk_tokens)
     t0 = time.perf_counter()

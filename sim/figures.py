@@ -34,17 +34,20 @@ def _save(fig, out_dir: Path, name: str) -> Path:
 
 
 def context_sweep(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
-    df = requests[requests.note == "sweep"]
-    news = sorted(df.new_tokens.unique())
+    df = requests[requests.note == "sweep"].copy()
+    # Request ids are "<path>-<cached>+<new>": the panel is the configured new-token count (a recompute
+    # row's own new_tokens is its whole context).
+    df["panel_new"] = df.request_id.str.rsplit("+", n=1).str[1].astype(int)
+    news = sorted(df.panel_new.unique())
     fig, axes = plt.subplots(1, len(news), figsize=(5 * len(news), 4), squeeze=False)
     for ax, new in zip(axes[0], news):
-        for path, g in df[df.new_tokens == new].groupby("path"):
+        for path, g in df[df.panel_new == new].groupby("path"):
             g = g.sort_values("cached_tokens")
             color, marker = PATH_STYLE.get(path, ("k", "."))
             ax.plot(g.context_tokens, g.ttft_s * 1e3, marker=marker, color=color, label=path)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("cached prefix (tokens)")
+        ax.set_xlabel("context (tokens)")
         ax.set_ylabel("TTFT (ms)")
         ax.set_title(f"{new} new tokens")
         ax.grid(alpha=0.3)
@@ -73,7 +76,9 @@ def shared_bandwidth(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Pat
     for ax, cap in zip(axes[0], caps):
         g = summary[summary.link_Gbps == cap].sort_values("concurrency")
         for col in cols:
-            ax.plot(g.concurrency, g[col], marker="o", ls="--" if col.startswith("bound") else "-", label=col[:-9])
+            ax.plot(
+                g.concurrency, g[col], marker="o", ls="--" if col.startswith("bound") else "-", label=col[:-9]
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("mean added TTFT (ms)")

@@ -17,7 +17,16 @@ from sim.metrics import to_frame
 from sim.runner import Setup, SimRequest, simulate
 
 GOLDEN = Path(__file__).resolve().parent.parent / "results" / "golden" / "determinism.csv"
-COLUMNS = ["request_id", "path", "cached_tokens", "new_tokens", "ttft_s", "first_layer_wait_s", "stall_s", "baseline_ttft_s"]
+COLUMNS = [
+    "request_id",
+    "path",
+    "cached_tokens",
+    "new_tokens",
+    "ttft_s",
+    "first_layer_wait_s",
+    "stall_s",
+    "baseline_ttft_s",
+]
 
 
 def scenario() -> tuple[list[SimRequest], Setup]:

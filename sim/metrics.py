@@ -39,7 +39,9 @@ def read_requests(path: str | Path) -> pd.DataFrame:
     return with_derived(df)
 
 
-def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_GROUP, num_layers: int | None = None) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame, by: Sequence[str] = DEFAULT_GROUP, num_layers: int | None = None
+) -> pd.DataFrame:
     """One row per group of the per-request table.
 
     ``num_layers`` (if given) adds ``stall_per_layer_ms`` (stall spread over the layers after the first).
@@ -63,12 +65,16 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_GROUP, num_layers: i
             if g["baseline_ttft_s"].notna().any()
             else float("nan"),
             "added_ttft_mean_ms": float(np.nanmean(added)) if np.isfinite(added).any() else float("nan"),
-            "added_ttft_p99_ms": float(np.nanpercentile(added, 99)) if np.isfinite(added).any() else float("nan"),
+            "added_ttft_p99_ms": float(np.nanpercentile(added, 99))
+            if np.isfinite(added).any()
+            else float("nan"),
             "first_layer_wait_mean_ms": float(g["first_layer_wait_s"].mean() * 1e3),
             "stall_mean_ms": float(g["stall_s"].mean() * 1e3),
             "bytes_fetched_mean": float(fetched.mean()),
             "compute_mean_ms": float(g["compute_s"].mean() * 1e3),
-            "fetch_goodput_Gbps": float(8 * fetched.sum() / 1e9 / fetch_time.sum()) if fetch_time.sum() > 0 else float("nan"),
+            "fetch_goodput_Gbps": float(8 * fetched.sum() / 1e9 / fetch_time.sum())
+            if fetch_time.sum() > 0
+            else float("nan"),
         }
         if num_layers and num_layers > 1:
             row["stall_per_layer_ms"] = row["stall_mean_ms"] / (num_layers - 1)

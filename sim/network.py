@@ -78,7 +78,10 @@ class FluidNetwork:
         """Mean load / capacity of each link over ``[0, horizon_s]``."""
         if horizon_s <= 0:
             return {name: 0.0 for name in self.links}
-        return {name: self.bytes_by_link[name] / (link.capacity_Bps * horizon_s) for name, link in self.links.items()}
+        return {
+            name: self.bytes_by_link[name] / (link.capacity_Bps * horizon_s)
+            for name, link in self.links.items()
+        }
 
     # -- the central timer --------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -130,7 +133,9 @@ class FluidNetwork:
         self._gen += 1
         if math.isinf(t_next):
             if self.pending:
-                raise RuntimeError(f"fluid network stuck at t={now}: pending flows get no bandwidth and no event")
+                raise RuntimeError(
+                    f"fluid network stuck at t={now}: pending flows get no bandwidth and no event"
+                )
             return
         gen = self._gen
         timer = self.env.timeout(t_next - now)

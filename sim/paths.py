@@ -174,7 +174,14 @@ def serve(
             n_keys = math.ceil(cached_tokens / node.chunk_tokens)
             yield env.timeout(node.storage.request_overhead_s + n_keys * node.storage.gather_per_chunk_s)
         spec = RequestSpec(
-            request_id, env.now, float(layer_bytes), remote_layers, c, OBJECT_LINKS, node.storage.ttfb_s + node.net.rtt_s, extra
+            request_id,
+            env.now,
+            float(layer_bytes),
+            remote_layers,
+            c,
+            OBJECT_LINKS,
+            node.storage.ttfb_s + node.net.rtt_s,
+            extra,
         )
         st = FlowState(spec=spec)
         if k or gpu_free_s is not None:
@@ -189,9 +196,13 @@ def serve(
             # Stall before the first remote layer (GPU idle after the DRAM layers) is stall, not first-wait.
             first_remote = st.first_layer_s
             extra_stall = max(0.0, first_remote - gpu_busy)
-            return PathOutcome(out.ttft_s, local_first - arrival, out.stall_s + extra_stall, total_bytes, compute_s)
+            return PathOutcome(
+                out.ttft_s, local_first - arrival, out.stall_s + extra_stall, total_bytes, compute_s
+            )
         if gpu_free_s is not None:
-            return PathOutcome(out.ttft_s, max(0.0, st.first_layer_s - gpu_start), out.stall_s, total_bytes, compute_s)
+            return PathOutcome(
+                out.ttft_s, max(0.0, st.first_layer_s - gpu_start), out.stall_s, total_bytes, compute_s
+            )
         return out
 
     n_chunks = max(1, math.ceil(cached_tokens / node.chunk_tokens))
@@ -210,7 +221,9 @@ def serve(
         ready = [0.0] * L
         layer_procs = []
         for layer in range(L):
-            gets = [env.process(_get(node, (request_id, layer, i), per_slice, window)) for i in range(n_chunks)]
+            gets = [
+                env.process(_get(node, (request_id, layer, i), per_slice, window)) for i in range(n_chunks)
+            ]
             layer_procs.append(simpy.AllOf(env, gets))
         for layer, ev in enumerate(layer_procs):
             yield ev

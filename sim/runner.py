@@ -74,9 +74,16 @@ class Setup:
 
 
 @functools.lru_cache(maxsize=16)
-def compute_model(model_name: str, gpu_name: str, profile: str, peak_tflops: float, hbm_TBps: float, mfu: float):
+def compute_model(
+    model_name: str, gpu_name: str, profile: str, peak_tflops: float, hbm_TBps: float, mfu: float
+):
     return get_compute(
-        get_model(model_name), gpu_name, profile or None, peak_flops=peak_tflops * 1e12, hbm_Bps=hbm_TBps * 1e12, mfu=mfu
+        get_model(model_name),
+        gpu_name,
+        profile or None,
+        peak_flops=peak_tflops * 1e12,
+        hbm_Bps=hbm_TBps * 1e12,
+        mfu=mfu,
     )
 
 
@@ -101,7 +108,9 @@ def _dram_layerwise_cached(model_name, gpu_name, profile, tflops, hbm, mfu, pcie
         return comp.prefill_time_s(0, new)
     c = comp.layer_time_s(cached, new)
     extra = getattr(comp, "overhead_time_s", lambda *_: 0.0)(cached, new)
-    spec = RequestSpec("baseline", 0.0, float(m.kv_bytes_per_token_layer * cached), m.num_layers, c, ("pcie",), 0.0, extra)
+    spec = RequestSpec(
+        "baseline", 0.0, float(m.kv_bytes_per_token_layer * cached), m.num_layers, c, ("pcie",), 0.0, extra
+    )
     (res,) = run_fluid([spec], {"pcie": Link("pcie", pcie_Bps)}, get_policy("equal"))
     return res.ttft_s
 
@@ -158,7 +167,13 @@ def simulate(
         gpu_free = env.now + req.prefetch_lead_s if req.prefetch_lead_s > 0 else None
         out = yield env.process(
             serve(
-                node, req.request_id, req.path, req.cached_tokens, req.new_tokens, req.dram_first_layers, gpu_free,
+                node,
+                req.request_id,
+                req.path,
+                req.cached_tokens,
+                req.new_tokens,
+                req.dram_first_layers,
+                gpu_free,
                 req.fetch_tokens,
             )  # fmt: skip
         )

@@ -67,7 +67,10 @@ def plan_requests(ctx: Context, trace: list[TraceRequest], dram_GiB: float, obje
         policy=str(p.get("eviction", "lru")),
     )
     links = setup.links()
-    bandwidth = {"dram": links["pcie"].capacity_Bps, "object": min(links["net"].capacity_Bps, links["server"].capacity_Bps)}
+    bandwidth = {
+        "dram": links["pcie"].capacity_Bps,
+        "object": min(links["net"].capacity_Bps, links["server"].capacity_Bps),
+    }
     overhead = {"dram": 0.0, "object": st.per_request_s + setup.network.rtt_s}
     upload_delay = float(p.get("upload_delay_s", 1.0))
     key_cache: dict = {}
@@ -126,7 +129,10 @@ def trace(ctx: Context, p: dict) -> ExperimentResult:
                     "experiment": exp,
                     "dram_capacity_GiB": float(dram_GiB),
                     "object_tier": bool(obj),
-                    **{k: s[k] for k in ("requests", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms")},
+                    **{
+                        k: s[k]
+                        for k in ("requests", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms")
+                    },
                     "hit_rate_tokens": (total - tokens["recompute"]) / total if total else math.nan,
                     "hbm_token_share": tokens["hbm"] / total if total else math.nan,
                     "dram_token_share": tokens["dram"] / total if total else math.nan,

@@ -32,6 +32,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ END_MAGIC = b"OCEN"
 _LAYER_HEAD = struct.Struct("<4sIIQ")  # magic, layer, n_slices, slice_bytes
 _ERROR_HEAD = struct.Struct("<4sI")
 _END = struct.Struct("<4sI")
-DEFAULT_MAX_KEYS = 4096
+DEFAULT_MAX_KEYS = 1024  # 256k tokens of 256-token chunks; each key holds a file open during its gather
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _HEADER_BATCH = 16  # keys per executor task while reading headers
 
@@ -357,36 +358,60 @@ class SocketSink:
         )
 
     async def send(self, parts: Sequence[Part]) -> None:
+        await self.send_groups([parts])
+
+    async def send_groups(
+        self, groups: Sequence[Sequence[Part]], on_group_sent: Callable[[int], None] | None = None
+    ) -> None:
+        """Send several groups (e.g. whole layers) in one thread hop; ``on_group_sent(i)`` runs on the event
+        loop after group ``i`` is handed to the kernel.  No gaps between groups waiting for the loop.
+
+        The thread works on duplicates of the socket and file descriptors, taken here on the event loop: if
+        the connection is torn down or the caller closes its files meanwhile (cancellation), the thread can
+        never write to or read from an unrelated descriptor that reused the number.
+        """
         t = self._transport
         if t is None or t.is_closing():
             raise ConnectionResetError("client went away")
         while t.get_write_buffer_size():  # e.g. response headers still queued in the transport
             await asyncio.sleep(0.0005)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._send_blocking, list(parts))
-
-    async def send_groups(
-        self, groups: Sequence[Sequence[Part]], on_group_sent: Callable[[int], None]
-    ) -> None:
-        """Send several groups (e.g. whole layers) in one thread hop; ``on_group_sent(i)`` runs on the event
-        loop after group ``i`` is handed to the kernel.  No gaps between groups waiting for the loop."""
-        t = self._transport
-        if t is None or t.is_closing():
-            raise ConnectionResetError("client went away")
-        while t.get_write_buffer_size():
-            await asyncio.sleep(0.0005)
         loop = asyncio.get_running_loop()
+        dups: dict[int, int] = {}
+        try:
+            sock_fd = os.dup(self._sock.fileno())
+        except (OSError, ValueError):
+            raise ConnectionResetError("client went away") from None
+        try:
+            for parts in groups:
+                for p in parts:
+                    if isinstance(p, tuple) and p[0] not in dups:
+                        dups[p[0]] = os.dup(p[0])
+        except BaseException:
+            for fd in [sock_fd, *dups.values()]:
+                os.close(fd)
+            raise
+        stop = threading.Event()
 
         def run() -> None:
-            for i, parts in enumerate(groups):
-                self._send_blocking(list(parts))
-                loop.call_soon_threadsafe(on_group_sent, i)
+            try:
+                for i, parts in enumerate(groups):
+                    if stop.is_set():
+                        raise ConnectionResetError("gather cancelled")
+                    own = [(dups[p[0]], p[1], p[2]) if isinstance(p, tuple) else p for p in parts]
+                    self._send_blocking(sock_fd, own)
+                    if on_group_sent is not None:
+                        loop.call_soon_threadsafe(on_group_sent, i)
+            finally:
+                for fd in [sock_fd, *dups.values()]:
+                    os.close(fd)
 
-        await loop.run_in_executor(self._executor, run)
+        try:
+            await loop.run_in_executor(self._executor, run)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
-    def _send_blocking(self, parts: list[Part]) -> None:
-        fd = self._sock.fileno()
-        if fd < 0:
-            raise ConnectionResetError("client went away")
+    def _send_blocking(self, fd: int, parts: list[Part]) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
         timeout_ms = int(self.stall_timeout_s * 1000)

@@ -171,7 +171,17 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
-_GQA_NATIVE: dict[str, bool] = {}
+_GQA_NATIVE: dict[tuple, bool] = {}
+
+
+def _gqa_native(q: torch.Tensor) -> bool:
+    """Whether SDPA's fast kernel for this input takes fewer KV heads than query heads (``enable_gqa``).
+    Flash attention does (CUDA, fp16/bf16); the memory-efficient kernel (CUDA float32) does not, and SDPA
+    would fall back to the math kernel, which materialises the whole score matrix (32 GiB at 16K tokens):
+    there the KV heads are expanded instead.  The CPU kernels take GQA."""
+    if q.device.type != "cuda":
+        return True
+    return _GQA_NATIVE.get((q.device.type, q.dtype), q.dtype in (torch.float16, torch.bfloat16))
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -180,23 +190,25 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     n, total = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     groups = q.shape[1] // k.shape[1]
-    if n == total:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=groups > 1)
-        return out[0].transpose(0, 1)
-    bias = causal_lower_right(n, total)
-    dev = q.device.type
-    if groups > 1 and _GQA_NATIVE.get(dev, True):
+    if groups > 1 and _gqa_native(q):
         try:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, enable_gqa=True)
-            _GQA_NATIVE[dev] = True
-            return out[0].transpose(0, 1)
+            return _sdpa(qh, kh, vh, n, total, gqa=True)
         except (RuntimeError, TypeError):
             # The memory-efficient kernel behind the lower-right bias has no GQA: expand KV heads instead.
-            _GQA_NATIVE[dev] = False
+            _GQA_NATIVE[(q.device.type, q.dtype)] = False
     if groups > 1:
         kh = kh.repeat_interleave(groups, dim=1)
         vh = vh.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+    return _sdpa(qh, kh, vh, n, total, gqa=False)
+
+
+def _sdpa(qh, kh, vh, n: int, total: int, gqa: bool) -> torch.Tensor:
+    if n == total:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=causal_lower_right(n, total), enable_gqa=gqa
+        )
     return out[0].transpose(0, 1)
 
 

@@ -203,8 +203,14 @@ class S3Server:
             resp = await self._dispatch(request)
         except ObjectCacheError as e:
             resp = self.error_response(request, e)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             raise
+        except (ConnectionError, TimeoutError):
+            # The client went away (mid-body or mid-stream): nothing to answer, drop the connection.
+            self.metrics.errors["ClientDisconnected"] += 1
+            if request.transport is not None:
+                request.transport.abort()
+            resp = web.Response(status=499)  # never sent; aiohttp ignores the closed transport
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.exception("unexpected error in %s %s", request.method, request.path)
@@ -884,10 +890,7 @@ class S3Server:
                 )
                 self.metrics.gather_layers += sent
             except (ConnectionError, TimeoutError, asyncio.CancelledError):
-                self.metrics.errors["ClientDisconnected"] += 1
-                if request.transport is not None:
-                    request.transport.abort()
-                raise
+                raise  # the client went away: ``handle`` drops the connection
             except Exception as e:  # after the headers: report in-band, then close the connection
                 code = getattr(e, "s3_code", "InternalError")
                 self.metrics.errors[code] += 1
@@ -944,8 +947,23 @@ def make_store(config: ServerConfig) -> Store:
     raise ValueError(f"unknown store {config.store!r} (fs | s3proxy)")
 
 
+def _raise_fd_limit() -> None:
+    """A gather holds one descriptor per key while it streams: lift the soft limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard)
+            )
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Run the server until ``stop`` is set (or SIGTERM/SIGINT when run from ``main``)."""
+    _raise_fd_limit()
     store = make_store(config)
     credentials = CredentialStore.default(
         config.credentials_file or os.environ.get("OBJECTCACHE_CREDENTIALS")
@@ -1047,8 +1065,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("aiohttp.server").addFilter(_quiet_malformed_http)
     asyncio.run(serve(config))
     return 0
+
+
+def _quiet_malformed_http(record: logging.LogRecord) -> bool:
+    """aiohttp logs every request its HTTP parser rejects with a traceback at ERROR: a client can flood the
+    log with them.  They are the client's fault: one INFO line instead."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "rejected malformed HTTP request: %s", (str(exc.message)[:200],)
+        record.exc_info = record.exc_text = None
+    return True
 
 
 if __name__ == "__main__":

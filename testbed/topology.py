@@ -60,6 +60,7 @@ class TopologyConfig:
     secret_key: str = ""
     host_index: int = 0
     server_args: list[str] = field(default_factory=list)
+    nice: int = 0  # niceness of the server and workers (negative: favoured over other load; root only)
 
 
 class TopologyError(RuntimeError):
@@ -121,7 +122,10 @@ class Topology:
 
     def prefix(self, role: str) -> list[str]:
         """Command prefix that runs a process on ``role`` (``storage`` or ``h<i>``)."""
-        return []
+        return self._nice()
+
+    def _nice(self) -> list[str]:
+        return ["nice", "-n", str(int(self.cfg.nice))] if self.cfg.nice else []
 
     def start_storage(self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None) -> str:
         """(Re)start the ObjectCache server on the storage host; return its URL."""
@@ -317,7 +321,7 @@ class NetnsTopology(Topology):
             self._attach(f"h{i}", self.host_addr(i), 0.0, self.cfg.host_Gbps)
 
     def prefix(self, role: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(role)]
+        return ["ip", "netns", "exec", self.ns(role)] + self._nice()
 
     def close(self) -> None:
         if self._closed:

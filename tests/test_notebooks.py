@@ -21,7 +21,9 @@ def kernel_name(tmp_path_factory):
 
     prefix = tmp_path_factory.mktemp("kernels")
     install(kernel_name="objectcache-test", prefix=str(prefix))
-    os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+    os.environ["JUPYTER_PATH"] = (
+        str(prefix / "share" / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+    )
     return "objectcache-test"
 
 

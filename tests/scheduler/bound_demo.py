@@ -1,16 +1,22 @@
 """Print mean added TTFT of equal, srtf, bandwidth_aware and the offline bound on contended single links.
 
-    .venv/bin/python -m tests.scheduler.bound_demo [--time-limit-s 20] [--quick]
+    .venv/bin/python -m tests.scheduler.bound_demo [--time-limit-s 20] [--quick] [--out PATH]
 
 Instances: Llama-3.1-8B geometry, requests of mixed (cached, new) token counts (per-layer compute from the
 H100 profile), arriving uniformly over a spread, one shared link.  The bound is the MILP of
-``scheduler.bound`` (its dual bound when the time limit stops it) and never exceeds the optimum.
+``scheduler.bound`` (its dual bound when the time limit stops it) and never exceeds the optimum.  The table
+is printed and saved as JSON (command, machine, date, rows) to ``--out``
+(default ``results/bench/scheduler_bound_demo.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import platform
+import sys
 import time
 
 from scheduler.bound import offline_bound
@@ -35,7 +41,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time-limit-s", type=float, default=20.0, help="MILP time limit per instance")
     ap.add_argument("--quick", action="store_true", help="LP relaxation only (looser, a second each)")
+    ap.add_argument(
+        "--out", default="results/bench/scheduler_bound_demo.json", help="JSON output ('' for none)"
+    )
     args = ap.parse_args()
+    rows = []
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}")
     print(f"# bound: {'LP relaxation' if args.quick else f'MILP, time limit {args.time_limit_s:g} s'}")
     header = "| n | Gbps | spread ms | equal ms | srtf ms | bandwidth_aware ms | bound ms | ba / bound | bound status | solve s |"
@@ -57,12 +67,39 @@ def main() -> None:
             num_buckets=40,
         )
         ratio = vals["bandwidth_aware"] / b.mean_added_ttft_s if b.mean_added_ttft_s > 0 else float("nan")
+        rows.append(
+            {
+                "seed": seed,
+                "requests": n,
+                "link_Gbps": gbps,
+                "spread_s": spread,
+                **{f"{p}_added_ttft_s": v for p, v in vals.items()},
+                "bound_added_ttft_s": b.mean_added_ttft_s,
+                "bandwidth_aware_over_bound": ratio,
+                "bound_status": b.status,
+                "bound_solve_s": b.solve_s,
+            }
+        )
         print(
             f"| {n} | {gbps} | {spread * 1e3:.0f} | {vals['equal'] * 1e3:.1f} | {vals['srtf'] * 1e3:.1f} | "
             f"{vals['bandwidth_aware'] * 1e3:.1f} | {b.mean_added_ttft_s * 1e3:.1f} | {ratio:.3f} | {b.status} | "
             f"{b.solve_s:.1f} |",
             flush=True,
         )
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        meta = {
+            "command": " ".join(
+                [os.path.basename(sys.executable), "-m", "tests.scheduler.bound_demo", *sys.argv[1:]]
+            ),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "bound": "LP relaxation" if args.quick else f"MILP, time limit {args.time_limit_s:g} s",
+            "rows": rows,
+        }
+        with open(args.out, "w") as fh:
+            json.dump(meta, fh, indent=1)
+        print(f"# saved {args.out}")
 
 
 if __name__ == "__main__":

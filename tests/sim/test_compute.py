@@ -19,8 +19,12 @@ def profile():
 
 def test_profile_is_exact_at_every_measured_point(profile):
     for p in profile.points:
-        assert profile.prefill_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(p.prefill_ms / 1e3, rel=1e-9)
-        assert profile.layer_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(p.layer_ms / 1e3, rel=1e-9)
+        assert profile.prefill_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(
+            p.prefill_ms / 1e3, rel=1e-9
+        )
+        assert profile.layer_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(
+            p.layer_ms / 1e3, rel=1e-9
+        )
 
 
 def test_profile_matches_the_issue_totals(profile):

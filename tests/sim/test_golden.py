@@ -22,7 +22,9 @@ def test_golden_ttfts():
     got = run_scenario()
     assert list(got.request_id) == list(want.request_id)
     for col in COLUMNS[4:]:
-        np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col)
+        np.testing.assert_allclose(
+            got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col
+        )
     # Sanity on the scenario itself, independent of the committed numbers.
     t = got.set_index("request_id").ttft_s
     assert t["l0"] <= t["d0"]

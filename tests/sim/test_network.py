@@ -83,8 +83,14 @@ def test_simpy_network_matches_run_fluid(policy):
     rng = np.random.default_rng(7)
     specs = [
         RequestSpec(
-            f"r{i}", float(rng.uniform(0, 0.2)), float(rng.uniform(1e6, 5e7)), 32, float(rng.uniform(1e-3, 5e-3)),
-            ("net",), 1e-3, 1e-3,
+            f"r{i}",
+            float(rng.uniform(0, 0.2)),
+            float(rng.uniform(1e6, 5e7)),
+            32,
+            float(rng.uniform(1e-3, 5e-3)),
+            ("net",),
+            1e-3,
+            1e-3,
         )  # fmt: skip
         for i in range(12)
     ]

@@ -72,7 +72,9 @@ def test_recompute_is_the_full_prefill(setup):
 
 def test_ranged_gets_pay_the_per_request_cost(setup):
     """Per-request overhead dominates small ranged GETs: a cheaper server helps ranged far more than gather."""
-    fast = dataclasses.replace(setup, storage=dataclasses.replace(setup.storage, request_overhead_s=1e-5, ttfb_s=1e-5))
+    fast = dataclasses.replace(
+        setup, storage=dataclasses.replace(setup.storage, request_overhead_s=1e-5, ttfb_s=1e-5)
+    )
     slow_r, fast_r = _ttft(setup, "s3_ranged", 16384, 128).ttft_s, _ttft(fast, "s3_ranged", 16384, 128).ttft_s
     slow_g, fast_g = _ttft(setup, "gather", 16384, 128).ttft_s, _ttft(fast, "gather", 16384, 128).ttft_s
     assert slow_r - fast_r > 10 * (slow_g - fast_g) > 0

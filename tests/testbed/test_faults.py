@@ -366,3 +366,75 @@ def test_link_down_in_namespace_errors_are_bounded_and_engine_recomputes(tmp_pat
         finally:
             srv.proc.kill()
             srv.stop()
+
+
+# --- backing S3 service stopped (proxy mode) --------------------------------------------------------------
+
+
+@pytest.mark.rgw
+def test_rgw_stopped_mid_run_in_proxy_mode_errors_are_bounded(tmp_path, start_objectcache_server):
+    """The server in front of its own Ceph RGW (not the shared session one: this test kills it).  RGW's
+    gateway is SIGKILLed between and during gathers: every request fails within a bounded time with an
+    ``ObjectCacheError``, the engine recomputes, the server stays up and answers its health check."""
+    import os
+    import signal
+    import urllib.request
+
+    from testbed.rgw import RGWUnavailable, start_rgw
+
+    if os.environ.get("OBJECTCACHE_NO_RGW") == "1":
+        pytest.skip("Ceph RGW disabled by OBJECTCACHE_NO_RGW=1")
+    try:
+        rgw = start_rgw(tmp_path / "rgw", store_bytes=1 << 30, timeout_s=90)
+    except RGWUnavailable as e:
+        pytest.skip(f"Ceph RGW cannot start: {e}")
+    try:
+        srv = start_objectcache_server(
+            [
+                "--store", "s3proxy",
+                "--store-option", f"endpoint_url={rgw.endpoint_url}",
+                "--store-option", f"access_key={rgw.access_key}",
+                "--store-option", f"secret_key={rgw.secret_key}",
+                "--store-option", "timeout_s=2",
+                "--egress-gbps", "0.02",
+                "--piece-kib", "16",
+            ]
+        )  # fmt: skip
+        ids = torch.cat([prompt(4 * CT, 51), prompt(5, 52)])
+        items = wide_chunks(6, seed=53, namespace="proxy")
+        names = [n for n, _ in items]
+        with client_for(srv, "proxied", timeout_s=5.0, retries=1) as client:
+            client.ensure_bucket()
+            assert client.put_chunks(items) == 6
+            prefix = seed_prefix(client, "tenant-p", ids[: 4 * CT])
+            stream = client.load_layers(names)
+            layer, view = next(stream)
+            assert layer == 0 and bytes(view[:16]) == items[0][1][4096 : 4096 + 16]
+            os.kill(rgw.pids()["client.rgw.a"], signal.SIGKILL)  # the gateway dies mid-gather
+            t0 = time.monotonic()
+            try:
+                n_more = sum(1 for _ in stream)  # prefetched layers may still arrive; no hang either way
+                mid_outcome = f"completed ({n_more} more layers were already prefetched)"
+            except ObjectCacheError as e:
+                mid_outcome = f"{type(e).__name__}: {str(e)[:120]}"
+            mid_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            with pytest.raises(ObjectCacheError) as err:
+                list(client.load_layers(names))
+            next_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            engine, copier = engine_with_saver(None, "tenant-p")
+            engine.saver = None
+            res = engine.prefill(ids, ObjectCacheSource(client, engine.scope, copier), save=False)
+            engine_s = time.monotonic() - t0
+        assert res.source == "recompute" and res.cached_tokens == 0
+        assert rel_err(res.logits, reference_logits(ids)) <= 1e-5
+        with urllib.request.urlopen(f"{srv.url}/_objectcache/health", timeout=5) as r:
+            assert r.status == 200
+        print(
+            f"\n[faults] RGW killed: in-flight gather {mid_outcome} in {mid_s:.2f} s; next gather "
+            f"{type(err.value).__name__} in {next_s:.2f} s; engine recompute in {engine_s:.2f} s; {len(prefix)} chunks"
+        )
+        assert mid_s < 15.0 and next_s < 15.0 and engine_s < 30.0
+    finally:
+        rgw.stop(wipe=True)

@@ -160,3 +160,16 @@ def test_matches_hf_transformers(dtype, tol):
     pytest.importorskip("transformers", reason="the HF equivalence check needs transformers (GPU machine)")
     errs = hf_equivalence(dtype)
     assert errs["hidden_rel_err"] < tol and errs["logits_rel_err"] < tol, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n,total", [(300, 300), (128, 1280), (517, 2053)])
+def test_gpu_prefix_attention_llama_heads(dtype, tol, n, total):
+    """The CUDA kernels (flash for bf16, memory-efficient for float32) with Llama-3-8B's head layout (32 query
+    heads over 8 KV heads, head dim 128) against a float64 reference with an explicit lower-right mask."""
+    g = torch.Generator().manual_seed(n + total)
+    q, k, v = (torch.randn(t, h, 128, generator=g) for t, h in ((n, 32), (total, 8), (total, 8)))
+    out = prefix_attention(*(x.to("cuda", dtype) for x in (q, k, v)))
+    ref = _naive_attention(*(x.to(dtype).double() for x in (q, k, v)))
+    assert rel_err(out.cpu(), ref) < tol

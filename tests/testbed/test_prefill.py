@@ -171,3 +171,46 @@ def test_gpu_objectcache_source_and_fallback():
     res = engine.prefill(ids, src, save=False)
     assert res.source == "recompute" and res.fallback
     check_same(res, ref, tol=1e-2)
+
+
+def test_ttft_benchmark_end_to_end_with_real_server(tmp_path):
+    """The H100 benchmark's own code path on the CPU: our server (paced and unpaced) and client, the object
+    source with parallel gather streams, the DRAM sources; every source must use the cache, not fall back,
+    and give the recompute's logits; the summary has the headline keys."""
+    import json
+
+    from testbed import ttft
+
+    raw = tmp_path / "raw.json"
+    argv = [
+        "measure",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--configs",
+        "64+16,160+8",
+        "--chunk-tokens",
+        "16",
+    ]
+    argv += ["--repeats", "1", "--link-gbps", "2", "--streams", "3", "--raw", str(raw)]
+    assert ttft.main(argv) == 0
+    data = json.loads(raw.read_text())
+    slice_bytes = SPEC.kv_bytes_per_chunk_layer(16)
+    for row in data["configs"]:
+        assert set(row["sources"]) == set(ttft.SOURCES)
+        for name, entry in row["sources"].items():
+            assert entry["logits_rel_err"] <= TOL, name
+            assert entry["cached_tokens_used"] == (0 if name == "recompute" else row["cached_tokens"])
+            if name.startswith("objectcache"):
+                assert entry["bytes_loaded"] == row["cached_tokens"] // 16 * SPEC.num_layers * slice_bytes
+    out = tmp_path / "summary.json"
+    assert ttft.main(["summarize", "--raw", str(raw), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    for key in (
+        "ttft_ratio_64k_vs_dram",
+        "ttft_ratio_64k_vs_dram_layerwise",
+        "added_ms_4k_vs_dram_layerwise",
+    ):
+        assert summary[key] > 0
+    assert summary["link_Gbps"] == 2 and summary["logits_rel_err"] <= TOL
