@@ -95,3 +95,12 @@ def test_cli_runs_one_experiment(tmp_path):
     df = pd.read_csv(tmp_path / "chunk_size" / "requests.csv")
     assert sorted(df.path) == ["gather", "s3_whole"]
     assert not (tmp_path / "headline.json").exists()  # only headline runs write it
+
+
+def test_object_tier_never_lowers_the_hit_rate(smoke_run):
+    out, _ = smoke_run
+    s = pd.read_csv(out / "trace" / "summary.csv")
+    on = s[s.object_tier].set_index("dram_capacity_GiB").hit_rate_tokens
+    off = s[~s.object_tier].set_index("dram_capacity_GiB").hit_rate_tokens
+    assert (on >= off - 1e-12).all()
+    assert (s.hit_rate_tokens > 0).all()

@@ -252,7 +252,7 @@ class _Replay(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def replay():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
