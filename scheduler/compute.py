@@ -33,9 +33,10 @@ cached+new points use small new-token counts), a 4-parameter cost shape ``a + b*
 f*n*n`` (constant launch cost, GEMMs linear in new tokens, causal attention over cached and new tokens) is
 fitted by non-negative least squares in relative error and used to complete the table on the grid of
 distinct cached x new values (measured/fit ratio interpolated over the measured points); the completed grid
-is made monotone and interpolated *bilinearly in log space* (``log(ms)`` over ``(log2(1 + c), log2(n))``);
+is kept monotone where the measurements are and interpolated *bilinearly in log space* (``log(ms)`` over ``(log2(1 + c), log2(n))``);
 beyond the grid the fitted shape scales the nearest grid value.  The model is exact at every measured
-point (of a monotone table), monotone in both token counts, and extrapolates with the physical shape.  Results are memoised per
+point, monotone in both token counts wherever the measurements are, and extrapolates with the physical
+shape.  Results are memoised per
 ``(c, n)``: a simulation asks for the same few points millions of times.
 """
 
@@ -175,8 +176,9 @@ class _FitTimesCorrection:
                 above = grid[i:, j:][measured[i:, j:]]
                 lo = below.max() if below.size else -np.inf
                 hi = above.min() if above.size else np.inf
-                grid[i, j] = min(max(grid[i, j], lo), hi) if lo <= hi else lo
-        grid = np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)
+                grid[i, j] = min(max(grid[i, j], lo), hi) if lo <= hi else 0.5 * (lo + hi)
+        # Measured cells are kept as measured: a table with launch-overhead noise at a few tokens stays
+        # non-monotone there (by a few ms) rather than having the noise spread over every larger cell.
         self.grid_ms = grid
         self._x = np.log2(1.0 + self.c_axis)
         self._y = np.log2(self.n_axis)

@@ -90,14 +90,21 @@ def predict_ttft_s(
     compute: LayerTimeModel,
     bandwidth_Bps: Mapping[str, float],
     overhead_s: Mapping[str, float],
-    extra_compute_s: float = 0.0,
+    extra_compute_s: float | None = None,
 ) -> float:
-    """Predicted TTFT of fetching a ``prefix_tokens`` prefix and recomputing the rest (see module doc)."""
+    """Predicted TTFT of fetching a ``prefix_tokens`` prefix and recomputing the rest (see module doc).
+
+    ``extra_compute_s=None`` takes the non-layer work from the compute model's ``overhead_time_s`` when it
+    has one (``scheduler.compute`` models do), else 0.
+    """
     new = context_tokens - prefix_tokens
     if new < 1:
         raise ValueError("at least one token must be recomputed")
     L = model.num_layers
     c = compute.layer_time_s(prefix_tokens, new)
+    if extra_compute_s is None:
+        overhead_fn = getattr(compute, "overhead_time_s", None)
+        extra_compute_s = float(overhead_fn(prefix_tokens, new)) if overhead_fn is not None else 0.0
     split = _split(prefix_tokens, cached_tokens)
     if sum(split.values()) != prefix_tokens:
         raise ValueError(f"prefix of {prefix_tokens} tokens is not cached (cached: {dict(cached_tokens)})")
@@ -123,7 +130,7 @@ def plan_fetch(
     bandwidth_Bps: Mapping[str, float],
     overhead_s: Mapping[str, float] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    extra_compute_s: float = 0.0,
+    extra_compute_s: float | None = None,
 ) -> Plan:
     """Choose the fastest prefix to fetch (a whole number of chunks) and recompute the rest.
 
@@ -131,7 +138,7 @@ def plan_fetch(
     count as 0; values are clipped to be non-decreasing in tier order).  ``bandwidth_Bps``: expected
     bandwidth per transfer tier (``dram``, ``object``) -- pass the congested share, not the line rate, when
     known.  ``overhead_s``: per-tier time before the first byte.  ``extra_compute_s``: non-layer prefill
-    work (embedding, LM head), the same for every option.
+    work (embedding, LM head); ``None`` asks the compute model's ``overhead_time_s`` if it has one.
     """
     if context_tokens < 1:
         raise ValueError("context_tokens must be >= 1")

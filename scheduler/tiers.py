@@ -292,6 +292,7 @@ class TierManager:
         self.write_queue: OrderedDict[str, WriteBack] = OrderedDict()
         self.writes_skipped = 0
         self.writes_completed = 0
+        self.writes_failed = 0
 
     # -- placement -----------------------------------------------------------------------------------------
     def ttl_for(self, namespace: str) -> float:
@@ -324,13 +325,15 @@ class TierManager:
         return queued
 
     def complete_writes(self, now_s: float, max_count: int | None = None) -> list[str]:
-        """Uploads finished: move queued chunks (oldest first) into the object tier."""
+        """Uploads finished: move queued chunks (oldest first) into the object tier; returns those placed."""
         done = []
         while self.write_queue and (max_count is None or len(done) < max_count):
             _, wb = self.write_queue.popitem(last=False)
-            self._try_put("object", wb.key, wb.size_bytes, wb.namespace, now_s)
-            self.writes_completed += 1
-            done.append(wb.key)
+            if self._try_put("object", wb.key, wb.size_bytes, wb.namespace, now_s):
+                self.writes_completed += 1
+                done.append(wb.key)
+            else:  # no room (capacity 0, or full of pinned chunks): the upload is dropped
+                self.writes_failed += 1
         return done
 
     def promote(self, key: str, to_tier: str, size_bytes: int, namespace: str, now_s: float) -> bool:

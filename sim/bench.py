@@ -41,16 +41,19 @@ def run_bench(
 ) -> dict:
     setup = Setup(policy=PolicyConfig(name=policy))
     reqs = bench_requests(n, seed, rate_per_s, setup.model.chunk_tokens)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     records, stats = simulate(reqs, setup, "bench", "bench", seed)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ttft = np.array([r.ttft_s for r in records])
     return {
         "requests": n,
         "policy": policy,
         "rate_per_s": rate_per_s,
         "wall_s": wall,
+        "cpu_s": cpu,
         "sim_requests_per_s": n / wall,
+        "sim_requests_per_cpu_s": n / cpu,
+        "simpy_events_per_cpu_s": stats.simpy_events / cpu,
         "simpy_events": stats.simpy_events,
         "simpy_events_per_s": stats.simpy_events / wall,
         "fluid_timer_events": stats.timer_events,
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.processor() or 'cpu'}",
         python=platform.python_version(),
         date_utc=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # Wall-clock numbers depend on other load on the machine; the cpu_s-based ones much less.
+        load_average_1m=os.getloadavg()[0],
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,11 @@ def context_sweep(ctx: Context, p: dict) -> ExperimentResult:
             records += _run_one(ctx, exp, ctx.setup, [SimRequest(rid, 0.0, cached, int(new), path)], "split")
             ctx.progress(1)
     df = to_frame(records)
-    summary = summarize(df, by=("experiment", "note", "path", "cached_tokens", "new_tokens"))
+    summary = summarize(
+        df,
+        by=("experiment", "note", "path", "cached_tokens", "new_tokens"),
+        num_layers=ctx.setup.spec.num_layers,
+    )
     return ExperimentResult(exp, df, summary, context_headline(df, p))
 
 
@@ -304,7 +308,7 @@ def chunk_size(ctx: Context, p: dict) -> ExperimentResult:
             ctx.progress(1)
     df = to_frame(records)
     df["chunk_tokens"] = df["note"].str.removeprefix("chunk=").astype(int)
-    summary = summarize(df, by=("experiment", "path", "chunk_tokens"))
+    summary = summarize(df, by=("experiment", "path", "chunk_tokens"), num_layers=ctx.setup.spec.num_layers)
     return ExperimentResult(exp, df, summary, {})
 
 
@@ -341,7 +345,7 @@ def first_layer(ctx: Context, p: dict) -> ExperimentResult:
             records += _run_one(ctx, exp, ctx.setup, [req], label)
             ctx.progress(1)
     df = to_frame(records)
-    summary = summarize(df, by=("experiment", "note", "cached_tokens"))
+    summary = summarize(df, by=("experiment", "note", "cached_tokens"), num_layers=ctx.setup.spec.num_layers)
     base = summary[summary.note == "gather"].set_index("cached_tokens")["added_ttft_mean_ms"]
     summary["gain_vs_gather_ms"] = [
         base.get(c, math.nan) - a for c, a in zip(summary.cached_tokens, summary.added_ttft_mean_ms)

@@ -99,7 +99,19 @@ def plan_requests(ctx: Context, trace: list[TraceRequest], dram_GiB: float, obje
         tokens["dram"] += plan.dram_tokens
         tokens["object"] += plan.object_tokens
         tokens["recompute"] += new
-        out.append(SimRequest(req.request_id, req.arrival_s, prefix, new, path, tier, fetch_tokens=fetch))
+        out.append(
+            SimRequest(
+                req.request_id,
+                req.arrival_s,
+                prefix,
+                new,
+                path,
+                tier,
+                client=req.client,
+                think_s=req.think_s,
+                fetch_tokens=fetch,
+            )  # fmt: skip
+        )
         tiers.write_back(keys, chunk_bytes, "default", now, to_hbm=True)
     return out, tokens, tiers
 
@@ -115,7 +127,7 @@ def trace(ctx: Context, p: dict) -> ExperimentResult:
         for obj in p["object_tier"]:
             reqs, tokens, tiers = plan_requests(ctx, workload, float(dram_GiB), bool(obj), p)
             note = f"dram={dram_GiB}GiB,object={'on' if obj else 'off'}"
-            recs, _ = simulate(reqs, ctx.setup, exp, ctx.config_hash, ctx.seed, note=note)
+            recs, stats = simulate(reqs, ctx.setup, exp, ctx.config_hash, ctx.seed, note=note)
             ctx.progress(1)
             df = to_frame(recs)
             df["dram_capacity_GiB"] = float(dram_GiB)
@@ -141,6 +153,8 @@ def trace(ctx: Context, p: dict) -> ExperimentResult:
                     "object_chunk_hit_rate": _hit_rate(counters["object"]),
                     "object_writes": tiers.writes_completed,
                     "object_writes_skipped": tiers.writes_skipped,
+                    # Mean load / capacity over the simulated span.
+                    **{f"{link}_utilisation": u for link, u in stats.utilisation.items()},
                 }
             )
     summary = pd.DataFrame(rows)

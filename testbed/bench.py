@@ -8,6 +8,8 @@ Three measurements, Llama-3.1-8B geometry (32 layers, 256-token chunks: 1 MiB pe
    64 distinct chunks are stored (2 GiB); N = 256 names each of them 4 times (RGW's memstore holds ~2x the
    bytes in RAM, so 8 GiB of distinct chunks would not fit next to everything else).  Whole-object GETs need
    all layers in memory at once, so they stop at N = 64.  Median of ``--repeats`` runs (1 run for N >= 64).
+   The fallbacks run 16 requests concurrently; ``ranged-serial@rgw`` (N <= 16) is the same ranged path
+   with one request at a time (a naive layerwise reader).
 2. **Loopback throughput** of gather (N = 64, 2 GiB) against the raw TCP ceiling of plain Python sockets
    (``sendall`` / ``recv_into``, no HTTP, no checksums), measured interleaved in the same run.
 3. **Shaped link**: our server in one network namespace, the client in another, joined by a veth pair with
@@ -23,6 +25,7 @@ Needs root for (3) (skipped with the reason otherwise) and Ceph RGW for the RGW 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -141,34 +144,45 @@ def bench_paths(model, sizes: list[int], repeats: int, with_rgw: bool, log) -> d
             notes.append(f"RGW rows skipped: {e}")
             log(notes[-1])
     try:
-        with start_server(args=["--no-fsync"]) as srv:
-            targets = {
-                "server": ObjectCacheClient(srv.url, BUCKET, srv.access_key, srv.secret_key, mode="auto")
-            }
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(start_server(args=["--no-fsync"]))
+            creds = {"server": (srv.url, srv.access_key, srv.secret_key)}
             if rgw is not None:
-                targets["rgw"] = ObjectCacheClient(rgw.endpoint_url, BUCKET, rgw.access_key, rgw.secret_key)
+                creds["rgw"] = (rgw.endpoint_url, rgw.access_key, rgw.secret_key)
+            targets = {t: ObjectCacheClient(url, BUCKET, ak, sk) for t, (url, ak, sk) in creds.items()}
             n_store = min(DISTINCT_CHUNKS, max(sizes))
             log(f"storing {n_store} chunks of {model.kv_bytes_per_chunk() >> 20} MiB on {sorted(targets)}")
             t0 = time.perf_counter()
             distinct = store_chunks(list(targets.values()), model, n_store)
             log(f"stored in {time.perf_counter() - t0:.1f} s")
-            paths = [("gather", "server", "gather"), ("ranged", "server", "ranged")]
             if rgw is not None:
-                paths += [("ranged", "rgw", "ranged"), ("whole", "rgw", "whole")]
+                # Our server in front of RGW (S3-proxy store), sharing RGW's bucket: gather next to storage.
+                opts = [f"endpoint_url={rgw.endpoint_url}", f"access_key={rgw.access_key}"]
+                opts += [f"secret_key={rgw.secret_key}"]
+                proxy = stack.enter_context(
+                    start_server(
+                        args=["--store", "s3proxy", *[a for o in opts for a in ("--store-option", o)]]
+                    )
+                )
+                creds["proxy"] = (proxy.url, proxy.access_key, proxy.secret_key)
+            # (mode, target, label, max_concurrency); ranged-serial: one request at a time, the naive reader.
+            paths = [("gather", "server", "gather", 16), ("ranged", "server", "ranged", 16)]
+            if rgw is not None:
+                paths += [("ranged", "rgw", "ranged", 16), ("whole", "rgw", "whole", 16)]
+                paths += [("ranged", "rgw", "ranged-serial", 1), ("gather", "proxy", "gather", 16)]
             for n in sizes:
                 names = names_for(distinct, n)
-                for mode, target, label in paths:
-                    if mode == "whole" and n > DISTINCT_CHUNKS:
+                for mode, target, label, concurrency in paths:
+                    if (mode == "whole" and n > DISTINCT_CHUNKS) or (concurrency == 1 and n > 16):
                         continue
+                    url, access_key, secret_key = creds[target]
                     c = ObjectCacheClient(
-                        targets[target].endpoint_url,
+                        url,
                         BUCKET,
-                        *(
-                            (srv.access_key, srv.secret_key)
-                            if target == "server"
-                            else (rgw.access_key, rgw.secret_key)
-                        ),
+                        access_key,
+                        secret_key,
                         mode=mode,
+                        max_concurrency=concurrency,
                     )
                     ring = None if mode == "whole" else [bytearray(n * sb) for _ in range(2)]
                     runs = []
@@ -461,6 +475,7 @@ def run_gather(args) -> dict:
     if (16, "ranged@rgw") in by:
         report["speedup_vs_rgw_ranged_n16"] = by[(16, "ranged@rgw")] / by[(16, "gather@server")]
         report["speedup_vs_rgw_whole_n16"] = by[(16, "whole@rgw")] / by[(16, "gather@server")]
+        report["speedup_vs_rgw_ranged_serial_n16"] = by[(16, "ranged-serial@rgw")] / by[(16, "gather@server")]
     if (16, "ranged@server") in by:
         report["speedup_vs_server_ranged_n16"] = by[(16, "ranged@server")] / by[(16, "gather@server")]
     report["loopback_fraction_of_tcp"] = report["delivery"]["loopback"]["fraction_of_tcp"]

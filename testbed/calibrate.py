@@ -4,6 +4,8 @@ The simulator models an object-tier request as a fixed cost (``storage.request_o
 network.rtt_s``) followed by a fluid transfer at ``link_Gbps * efficiency``.  The probes measure exactly
 those two numbers on the real path (topology, server, client), bottom-up:
 
+Every probe reads objects it has not read before (a fresh prompt per repetition), as a real request does.
+
 1. *single GET*: one whole-object GET of one chunk (latency);
 2. *N concurrent GETs*: N whole-object GETs at once (the aggregate goodput of plain S3 requests);
 3. *one gather*: a gather of k chunks for several k, timing the first layer and the last byte.  The
@@ -31,13 +33,23 @@ import numpy as np
 
 from scheduler.units import gbps_to_Bps
 
-PROBE_CHUNKS = (1, 4, 16, 64, 128)
+PROBE_TOTAL_MIB = (0.5, 2, 8, 32, 64)  # gather sizes of the probes (rounded to whole chunks)
 
 
-def probe_requests(chunk_tokens: int, sizes=PROBE_CHUNKS) -> list:
+def probe_sizes(chunk_bytes: int) -> list[int]:
+    return sorted({max(1, round(t * 2**20 / chunk_bytes)) for t in PROBE_TOTAL_MIB})
+
+
+def probe_requests(chunk_tokens: int, chunk_bytes: int, repeats: int = 5) -> list:
+    """Probe prompts: ``repeats`` fresh prefixes per size (every probe gathers objects for the first time,
+    as a real request does), plus one to warm the connection."""
     from testbed.harness import Req, fresh_prompt
 
-    return [Req(f"probe-{k}", 0.0, k * chunk_tokens, 1, fresh_prompt(k * chunk_tokens + 1)) for k in sizes]
+    reqs = [Req("probe-warm-0", 0.0, chunk_tokens, 1, fresh_prompt(chunk_tokens + 1))]
+    for k in probe_sizes(chunk_bytes):
+        for i in range(repeats):
+            reqs.append(Req(f"probe-{k}-{i}", 0.0, k * chunk_tokens, 1, fresh_prompt(k * chunk_tokens + 1)))
+    return reqs
 
 
 def run_probes(plan: dict, repeats: int = 5, concurrent: int = 8) -> dict:
@@ -51,41 +63,45 @@ def run_probes(plan: dict, repeats: int = 5, concurrent: int = 8) -> dict:
     out: dict = {"slice_bytes": slice_bytes, "num_layers": spec.num_layers}
     client = make_client(plan, concurrency=concurrent + 2)
     try:
-        one = names[reqs[0].request_id][0]
+        for _ in client.load_layers(names["probe-warm-0"]):  # connection and code paths warm
+            pass
         s3 = client._s3
-        client.load_layers  # noqa: B018 - the client is ready
+        s3.get_object(Bucket=plan["bucket"], Key=names["probe-warm-0"][0])["Body"].read()
         chunk_bytes = None
         lat = []
-        for _ in range(repeats + 1):
+        firsts = [n[0] for rid, n in names.items() if rid != "probe-warm-0"]
+        for name in firsts[:repeats]:
             t0 = time.perf_counter()
-            body = s3.get_object(Bucket=plan["bucket"], Key=one)["Body"].read()
+            body = s3.get_object(Bucket=plan["bucket"], Key=name)["Body"].read()
             lat.append(time.perf_counter() - t0)
             chunk_bytes = len(body)
-        out["single_get"] = {"bytes": chunk_bytes, "latency_s": lat[1:]}
-        many = [n for r in reqs for n in names[r.request_id]][:concurrent]
+        out["single_get"] = {"bytes": chunk_bytes, "latency_s": lat}
+        pool_names = [n for r in reqs if r.request_id != "probe-warm-0" for n in names[r.request_id]]
+        times = []
         with ThreadPoolExecutor(concurrent) as pool:
-            list(pool.map(lambda n: s3.get_object(Bucket=plan["bucket"], Key=n)["Body"].read(), many))  # warm
-            times = []
-            for _ in range(repeats):
+            for i in range(repeats):
+                many = pool_names[i * concurrent : (i + 1) * concurrent]
+                if len(many) < concurrent:
+                    break
                 t0 = time.perf_counter()
                 list(pool.map(lambda n: s3.get_object(Bucket=plan["bucket"], Key=n)["Body"].read(), many))
                 times.append(time.perf_counter() - t0)
-        out["concurrent_gets"] = {"n": len(many), "bytes_each": chunk_bytes, "wall_s": times}
+        out["concurrent_gets"] = {"n": concurrent, "bytes_each": chunk_bytes, "wall_s": times}
         gathers = []
         for r in reqs:
+            if r.request_id == "probe-warm-0":
+                continue
             ns = names[r.request_id]
-            for rep in range(repeats + 1):
-                t0 = time.perf_counter()
-                first = None
-                total = 0
-                for layer, view in client.load_layers(ns):
-                    if layer == 0:
-                        first = time.perf_counter() - t0
-                    total += memoryview(view).nbytes
-                last = time.perf_counter() - t0
-                if rep:  # the first of each size warms connections
-                    gathers.append({"chunks": len(ns), "layer_bytes": total // spec.num_layers, "total_bytes": total,
-                                    "first_layer_s": first, "last_byte_s": last})  # fmt: skip
+            t0 = time.perf_counter()
+            first = None
+            total = 0
+            for layer, view in client.load_layers(ns):
+                if layer == 0:
+                    first = time.perf_counter() - t0
+                total += memoryview(view).nbytes
+            last = time.perf_counter() - t0
+            gathers.append({"chunks": len(ns), "layer_bytes": total // spec.num_layers, "total_bytes": total,
+                            "first_layer_s": first, "last_byte_s": last})  # fmt: skip
         out["gather"] = gathers
         layer_s = 1.5e-3
         errs = []
@@ -150,7 +166,8 @@ def fit(probes: dict, link_Gbps: float, rtt_s: float = 0.0) -> dict:
 
 def calibrate(h, repeats: int = 5) -> dict:
     """Run the probes through the harness ``h`` (unpaced server) and fit; returns probes + fit."""
-    reqs = probe_requests(h.setup.model.chunk_tokens)
+    ct = h.setup.model.chunk_tokens
+    reqs = probe_requests(ct, h.setup.spec.kv_bytes_per_chunk(ct), repeats)
     url = h.storage_url("equal", 0.0)
     plan = h.plan(url, reqs)
     h.run_worker_action("warmup", plan)

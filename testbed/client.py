@@ -54,6 +54,7 @@ from testbed.errors import (
     ChunkMissing,
     CorruptObject,
     GeometryMismatch,
+    InvalidRequest,
     ObjectCacheError,
     ProtocolError,
     StorageUnavailable,
@@ -659,8 +660,10 @@ class ObjectCacheClient:
     ) -> int:
         num_layers = layouts[0].num_layers
         end = num_layers if layer_end is None else layer_end
-        if end > num_layers:
-            raise ValueError(f"layer_end {end} > {num_layers} layers of the chunks")
+        if end > num_layers or layer_start >= end:
+            raise InvalidRequest(
+                f"layer range [{layer_start}, {end}) outside the chunks' {num_layers} layers"
+            )
         return end
 
     # fallback: ranged ---------------------------------------------------------------------------------------
@@ -728,8 +731,10 @@ class ObjectCacheClient:
         def setup(name: str, layout: kvformat.ChunkHeader) -> None:
             """First header seen: fix the geometry, the layer range and the output buffers."""
             end = layout.num_layers if state["end"] is None else state["end"]
-            if end > layout.num_layers:
-                raise ValueError(f"layer_end {end} > {layout.num_layers} layers of chunk {names[0]!r}")
+            if end > layout.num_layers or layer_start >= end:
+                raise InvalidRequest(
+                    f"layer range [{layer_start}, {end}) outside the {layout.num_layers} layers of chunk {name!r}"
+                )
             state["end"] = end
             views_box[0] = self._out_views(out, end - layer_start, n * layout.slice_bytes)
             done[:] = [0] * (end - layer_start)

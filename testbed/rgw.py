@@ -48,7 +48,7 @@ class RGWUnavailable(RuntimeError):
 
 
 def missing_commands() -> list[str]:
-    return [c for c in (*REQUIRED_COMMANDS, "curl") if shutil.which(c) is None]
+    return [c for c in REQUIRED_COMMANDS if shutil.which(c) is None]
 
 
 def unavailable_reason() -> str | None:
@@ -57,7 +57,7 @@ def unavailable_reason() -> str | None:
     if missing:
         return (
             f"Ceph RGW not installed (missing {', '.join(missing)}); install with "
-            f"`apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)} curl`"
+            f"`apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)}`"
         )
     return None
 

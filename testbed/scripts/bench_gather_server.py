@@ -4,8 +4,9 @@
 
 Starts the ObjectCache server (filesystem store, no fsync), stores ``--chunks`` random chunk objects, then
 gathers all layers ``--repeat`` times with a minimal reader (``readinto`` one preallocated buffer, optionally
-verifying every slice with xxh3 like the client does).  The ceiling is one TCP connection on loopback moving
-the same number of bytes with ``sendall``/``recv_into`` and no HTTP.  Prints and saves JSON to
+verifying every slice with xxh3 like the client does).  Two references move the same bytes over one loopback
+TCP connection with ``sendall``/``recv_into`` and no HTTP: the *ceiling* (sender thread and receiver in one
+process) and *two-process TCP* (sender in a child process, like server and client).  Prints and saves JSON to
 ``results/bench/gather_server.json`` with the command, machine and date.
 """
 
@@ -17,6 +18,7 @@ import os
 import platform
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +35,6 @@ from scheduler.geometry import get_model  # noqa: E402
 from scheduler.keys import KeyScope, object_key  # noqa: E402
 from testbed.kvformat import encode_chunk, slice_checksum  # noqa: E402
 from testbed.launch import start_server  # noqa: E402
-from tests.fixtures.servers import signed_request  # noqa: E402
 
 
 def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 0) -> float:
@@ -70,30 +72,105 @@ def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: 
     return got / dt
 
 
-def gather_once(server, bucket: str, keys: list[str], buf: memoryview, verify: bool) -> tuple[float, int]:
-    body = json.dumps({"version": 1, "keys": keys}).encode()
+_SENDER = """
+import socket, sys
+total, block, sndbuf = (int(x) for x in sys.argv[1:4])
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1); print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+if sndbuf:
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+buf = bytes(block); sent = 0
+while sent < total:
+    c.sendall(buf); sent += block
+c.close()
+"""
+
+
+def tcp_two_process_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 4 << 20) -> float:
+    """The same transfer with sender and receiver in separate processes, as server and client are."""
+    args = [sys.executable, "-c", _SENDER, str(total_bytes), str(block_bytes), str(sndbuf_bytes)]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    port = int(p.stdout.readline())
+    c = socket.create_connection(("127.0.0.1", port))
+    buf = memoryview(bytearray(block_bytes))
+    got = 0
     t0 = time.perf_counter()
-    resp = signed_request(server, "POST", f"/{bucket}?gather", body=body)
-    assert resp.status == 200, resp.read()
+    while n := c.recv_into(buf):
+        got += n
+    dt = time.perf_counter() - t0
+    c.close()
+    p.wait(30)
+    return got / dt
+
+
+class _SocketReader:
+    """Exact reads from a socket, straight into the caller's buffer (no HTTP library in the way)."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
+        self.sock = sock
+        self.leftover = memoryview(leftover)
+
+    def readinto(self, view: memoryview) -> None:
+        take = min(len(self.leftover), len(view))
+        view[:take] = self.leftover[:take]
+        self.leftover = self.leftover[take:]
+        got = take
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise EOFError("gather stream ended early")
+            got += n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto(memoryview(buf))
+        return bytes(buf)
+
+
+def gather_once(server, bucket: str, keys: list[str], buf: memoryview, verify: bool) -> tuple[float, int]:
+    """One gather with a minimal client: a SigV4-signed request on a raw socket, frames read with
+    ``recv_into`` into ``buf`` (so the number measures the server and TCP, not an HTTP library)."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    body = json.dumps({"version": 1, "keys": keys}).encode()
+    path = f"/{bucket}?gather"
+    req = AWSRequest(method="POST", url=server.url + path, data=body)
+    S3SigV4Auth(Credentials(server.access_key, server.secret_key), "s3", server.region).add_auth(req)
+    head_lines = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items())
+    t0 = time.perf_counter()
+    sock = socket.create_connection((server.host, server.port))
+    request = f"POST {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall((request + head_lines + "Connection: close\r\n\r\n").encode() + body)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("no response")
+        raw += chunk
+    headers, _, leftover = raw.partition(b"\r\n\r\n")
+    if not headers.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(headers.decode(errors="replace"))
+    r = _SocketReader(sock, leftover)
     total = 0
     head = bytearray(20)
     while True:
-        resp.readinto(memoryview(head)[:4])
+        r.readinto(memoryview(head)[:4])
         if head[:4] == b"OCEN":
-            resp.read(4)
+            r.read(4)
             break
-        resp.readinto(memoryview(head)[4:20])
+        r.readinto(memoryview(head)[4:20])
         layer, n, sb = struct.unpack_from("<IIQ", head, 4)
-        sums = struct.unpack(f"<{n}Q", resp.read(8 * n))
+        sums = struct.unpack(f"<{n}Q", r.read(8 * n))
         view = buf[: n * sb]
-        got = 0
-        while got < len(view):
-            got += resp.readinto(view[got:])
+        r.readinto(view)
         if verify:
             for i in range(n):
                 if slice_checksum(view[i * sb : (i + 1) * sb]) != sums[i]:
                     raise RuntimeError(f"checksum mismatch in layer {layer} chunk {i}")
-        total += got
+        total += len(view)
+    sock.close()
     return time.perf_counter() - t0, total
 
 
@@ -123,15 +200,23 @@ def main() -> None:
         # Interleaved so that load from other processes hits ceiling and gather alike.  The ceiling is the
         # better of default socket buffers and the 4 MiB send buffer the server uses.
         rows = []
+        server = psutil.Process(srv.pid)
         for _ in range(args.repeat):
             ceiling = max(tcp_ceiling_Bps(total), tcp_ceiling_Bps(total, sndbuf_bytes=4 << 20))
+            two_process = tcp_two_process_Bps(total)
+            cpu0 = server.cpu_times()
             dt_raw, n = gather_once(srv, "bench", keys, buf, verify=False)
+            cpu1 = server.cpu_times()
             dt_ver, _ = gather_once(srv, "bench", keys, buf, verify=True)
+            server_cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
             rows.append(
                 {
                     "ceiling_GBps": ceiling / 1e9,
+                    "two_process_tcp_GBps": two_process / 1e9,
                     "raw_GBps": n / dt_raw / 1e9,
                     "verified_GBps": n / dt_ver / 1e9,
+                    # CPU the server spends per GB gathered: unlike GB/s, barely affected by other load.
+                    "server_cpu_s_per_GB": server_cpu_s / (n / 1e9),
                 }
             )
 
@@ -154,7 +239,12 @@ def main() -> None:
         "loopback_tcp_ceiling_GBps": med("ceiling_GBps"),
         "gather_raw_GBps": med("raw_GBps"),
         "gather_verified_GBps": med("verified_GBps"),
+        "server_cpu_s_per_GB": med("server_cpu_s_per_GB"),
+        "two_process_tcp_GBps": med("two_process_tcp_GBps"),
         "raw_fraction_of_ceiling": float(np.median([r["raw_GBps"] / r["ceiling_GBps"] for r in rows])),
+        "raw_fraction_of_two_process_tcp": float(
+            np.median([r["raw_GBps"] / r["two_process_tcp_GBps"] for r in rows])
+        ),
         "verified_fraction_of_ceiling": float(
             np.median([r["verified_GBps"] / r["ceiling_GBps"] for r in rows])
         ),

@@ -100,3 +100,15 @@ def test_bad_inputs(tiny_compute, llama8b):
         plan_fetch(0, {}, llama8b, tiny_compute, {})
     with pytest.raises(ValueError):
         predict_ttft_s(512, 512, {"object": 512}, llama8b, tiny_compute, {"object": 1e9}, {})
+
+
+def test_planner_works_with_the_roofline_compute_model(llama8b):
+    """Any object with layer_time_s fits; the roofline's overhead_time_s is used for the non-layer work."""
+    from scheduler.compute import RooflineCompute
+
+    compute = RooflineCompute(llama8b)
+    context = 16_384 + 1_000
+    plan = plan_fetch(context, {"dram": 16_384}, llama8b, compute, {"dram": 50e9}, {"dram": 1e-4})
+    assert plan.recompute_ttft_s == pytest.approx(compute.prefill_time_s(0, context))
+    assert plan.dram_tokens == 16_384
+    assert plan.predicted_ttft_s < plan.recompute_ttft_s

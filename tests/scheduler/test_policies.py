@@ -202,10 +202,10 @@ def test_bound_of_two_equal_transfers_is_close_to_the_srpt_optimum():
 
 
 def test_bandwidth_aware_close_to_the_bound_on_a_contended_llama_mix():
-    """A regression guard on quality: 6 mixed Llama-3.1-8B requests on 200 Gbps (measured ~1.0x)."""
+    """A regression guard on quality: 6 mixed Llama-3.1-8B requests on 200 Gbps (measured 1.06x the LP bound)."""
     reqs, links = llama_mix(seed=1, n=6, gbps=200, spread_s=0.1)
     ba = mean_added_ttft_s(run_fluid(reqs, links, get_policy("bandwidth_aware"), check=True))
     equal = mean_added_ttft_s(run_fluid(reqs, links, get_policy("equal"), check=True))
     bound = offline_bound(reqs, links, num_slots=60, num_buckets=24, mip=False).mean_added_ttft_s
-    assert bound <= ba <= 1.25 * bound
+    assert bound <= ba <= 1.12 * bound
     assert ba < equal

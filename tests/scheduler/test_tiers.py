@@ -143,3 +143,11 @@ def test_longest_prefix_per_tier_with_real_chunk_keys():
     # Each key looked up in faster tiers first: misses there, and the fifth key misses everywhere.
     assert (c["hbm"].misses, c["dram"].misses, c["object"].misses) == (4, 2, 1)
     assert list(got) == list(TIERS)
+
+
+def test_uploads_to_an_absent_object_tier_are_counted_as_failed():
+    m = TierManager(hbm_bytes=0, dram_bytes=10 * CHUNK, object_bytes=0)
+    m.write_back(["a"], CHUNK, "ns", 0.0)
+    assert m.complete_writes(1.0) == []
+    assert (m.writes_completed, m.writes_failed) == (0, 1)
+    assert m.tier_of("a", 1.0) == "dram"

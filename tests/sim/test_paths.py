@@ -97,3 +97,25 @@ def test_contending_requests_share_the_link(setup):
         [SimRequest(f"r{i}", 0.0, 61440, 128, "gather") for i in range(2)], setup, "test", "h", 0
     )
     assert all(r.ttft_s > 1.8 * (one - 0.01) for r in recs)
+
+
+def test_closed_loop_client_waits_for_its_previous_request(setup):
+    reqs = [
+        SimRequest("a", 0.0, 4096, 128, "gather", client=0, think_s=0.0),
+        SimRequest("b", 0.0, 4096, 128, "gather", client=0, think_s=0.5),
+    ]
+    recs, _ = simulate(reqs, setup, "test", "h", 0)
+    a, b = recs
+    assert b.arrival_s == pytest.approx(a.arrival_s + a.ttft_s + 0.5, rel=1e-12)
+    assert b.ttft_s == pytest.approx(a.ttft_s, rel=1e-9)  # alone both times
+
+
+def test_model_without_profile_uses_the_roofline(setup):
+    from scheduler.compute import RooflineCompute
+    from sim.config import ModelConfig
+
+    big = dataclasses.replace(setup, model=ModelConfig(name="llama-3.1-70b"))
+    assert isinstance(setup_compute(big), RooflineCompute)
+    g, lw = _ttft(big, "gather", 8192, 512), _ttft(big, "dram_layerwise", 8192, 512)
+    assert g.ttft_s > lw.ttft_s > 0
+    assert g.bytes_fetched == big.spec.kv_bytes(8192)

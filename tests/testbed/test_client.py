@@ -23,6 +23,7 @@ from testbed.errors import (
     ChecksumMismatch,
     ChunkMissing,
     GeometryMismatch,
+    InvalidRequest,
     ObjectCacheError,
     StorageUnavailable,
     TruncatedStream,
@@ -112,6 +113,8 @@ def test_same_bytes_from_every_path(both, chunks, target, mode, path):
         assert view.obj is out[i].data.obj or np.shares_memory(np.frombuffer(view, np.uint8), out[i])
         assert out[i][: 3 * sb].tobytes() == expected_layer(order, layer)
     assert list(c.load_layers(names, layer_start=2, layer_end=2)) == []
+    with pytest.raises(InvalidRequest):  # past the model's layers: the same error on every path
+        list(c.load_layers(names, layer_start=1, layer_end=TINY.num_layers + 1))
 
 
 @pytest.mark.rgw

@@ -28,7 +28,7 @@ from testbed.topology import (
 from testbed.worker import PlannedRequest, emulated_request
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model.name=tiny", "topology=local", "progress=false"]
+TINY = ["model.name=tiny", "model.chunk_tokens=256", "topology=local", "progress=false"]
 
 
 def compose(overrides):

@@ -92,7 +92,7 @@ def test_validate_end_to_end_on_loopback(tmp_path):
 
     register_testbed_configs()
     overrides = [
-        "model.name=tiny", "topology=local", "experiment=testbed_validation", "progress=false",
+        "model.name=tiny", "model.chunk_tokens=256", "topology=local", "experiment=testbed_validation", "progress=false",
         "experiment.params.probe_repeats=2",
         "experiment.params.context_sweep.prefix_tokens=[512,1024]",
         "experiment.params.context_sweep.new_tokens=[64,256]",
