@@ -81,3 +81,18 @@ def test_read_profile_parses_meta_and_rejects_bad_tables(tmp_path):
     neg.write_text("cached_tokens,new_tokens,prefill_ms,layer_ms\n0,0,1,1\n0,1,1,1\n0,2,1,1\n0,3,1,1\n")
     with pytest.raises(ValueError, match="out-of-range"):
         read_profile(neg)
+
+
+def test_the_profilers_measured_table_loads_and_is_exact():
+    """The testbed profiler's table (extra columns, noisy small-token cells) is read and kept as measured."""
+    from scheduler.compute import profile_dir
+
+    comp = ProfileCompute.from_csv(profile_dir() / "llama-3.1-8b_h100_measured.csv", LLAMA.num_layers)
+    for p in comp.points:
+        assert comp.prefill_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(
+            p.prefill_ms / 1e3, rel=1e-9
+        )
+    # Large prefills grow with both token counts.
+    assert (
+        comp.prefill_time_s(65536, 8192) > comp.prefill_time_s(32768, 8192) > comp.prefill_time_s(32768, 2048)
+    )

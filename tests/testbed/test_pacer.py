@@ -189,3 +189,27 @@ def test_client_disconnect_mid_stream_is_cleaned_up(start_objectcache_server):
     resp = signed_request(srv, "POST", "/drop?gather", body=body)  # the server carries on
     assert resp.status == 200 and len(list(gather.iter_frames(resp.read))) == 4
     assert "Traceback" not in srv.log_tail(100000)
+
+
+@pytest.mark.parametrize("policy", ["bandwidth_aware", "srtf"])
+def test_server_with_scheduler_policies(start_objectcache_server, policy):
+    egress_Bps = 8e6
+    srv = start_objectcache_server(["--egress-gbps", str(egress_Bps * 8 / 1e9), "--policy", policy])
+    s3 = srv.boto3_client()
+    s3.create_bucket(Bucket="pol")
+    chunks = make_chunks(3, seed=13)
+    put_all(s3, "pol", chunks)
+    out: dict[int, tuple] = {}
+    threads = [
+        threading.Thread(target=_gather, args=(srv, "pol", [c[0] for c in chunks[:n]], out, n))
+        for n in (1, 3)
+    ]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out[1][:2] == (200, 4) and out[3][:2] == (200, 4)
+    total_bytes = 4 * TINY.kv_bytes_per_chunk_layer() * TINY.num_layers
+    assert time.monotonic() - t0 >= 0.8 * total_bytes / egress_Bps
+    assert f'policy="{policy}"' in srv.metrics_text() or "objectcache_active_streams 0" in srv.metrics_text()
