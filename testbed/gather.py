@@ -463,6 +463,7 @@ async def stream_gather(
     piece_bytes: int = DEFAULT_PIECE_BYTES,
     on_bytes: Callable[[int], None] | None = None,
     read_parallelism: int = 8,
+    allow_sendfile: bool = True,
 ) -> int:
     """Send all layer frames and the end frame through ``sink``; return the layers sent.
 
@@ -473,7 +474,7 @@ async def stream_gather(
     """
     loop = asyncio.get_running_loop()
     fds = [h.fileno() for h in plan.handles]
-    use_sendfile = sink.can_sendfile and all(fd is not None for fd in fds)
+    use_sendfile = allow_sendfile and sink.can_sendfile and all(fd is not None for fd in fds)
     sb = plan.slice_bytes
     account = on_bytes or (lambda n: None)
 

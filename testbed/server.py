@@ -90,6 +90,7 @@ class ServerConfig:
     min_part_bytes: int = 5 * MiB
     io_threads: int = 16
     send_threads: int = 64
+    sendfile: bool = True  # False: gather payload is read into buffers and written (for A/B measurements)
     fsync: bool = True
     ready_file: str | None = None
     log_level: str = "INFO"
@@ -886,7 +887,14 @@ class S3Server:
 
             try:
                 sent = await gather_mod.stream_gather(
-                    plan, sink, self.pacer, stream, self.executor, self.config.piece_bytes, account
+                    plan,
+                    sink,
+                    self.pacer,
+                    stream,
+                    self.executor,
+                    self.config.piece_bytes,
+                    account,
+                    allow_sendfile=self.config.sendfile,
                 )
                 self.metrics.gather_layers += sent
             except (ConnectionError, TimeoutError, asyncio.CancelledError):
@@ -1027,6 +1035,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--min-part-mib", type=float, default=5.0, help="minimum multipart part size (not last)")
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--no-fsync", action="store_true", help="skip fsync on writes (benchmarks only)")
+    p.add_argument("--no-sendfile", action="store_true", help="gather through buffers, not sendfile (A/B)")
     p.add_argument("--ready-file", default=None, help="write {host, port, pid, url} JSON here once listening")
     p.add_argument("--log-level", default=os.environ.get("OBJECTCACHE_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -1053,6 +1062,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         min_part_bytes=int(a.min_part_mib * MiB),
         io_threads=a.io_threads,
         fsync=not a.no_fsync,
+        sendfile=not a.no_sendfile,
         ready_file=a.ready_file,
         log_level=a.log_level,
     )

@@ -6,7 +6,9 @@ Starts the ObjectCache server (filesystem store, no fsync), stores ``--chunks`` 
 gathers all layers ``--repeat`` times with a minimal reader (``readinto`` one preallocated buffer, optionally
 verifying every slice with xxh3 like the client does).  Two references move the same bytes over one loopback
 TCP connection with ``sendall``/``recv_into`` and no HTTP: the *ceiling* (sender thread and receiver in one
-process) and *two-process TCP* (sender in a child process, like server and client).  Prints and saves JSON to
+process) and *two-process TCP* (sender in a child process, like server and client).  All receivers fill a
+buffer of one layer's size front to back, as a client that keeps the bytes must.  A second server with
+``--no-sendfile`` serves the same objects through buffers (A/B).  Prints and saves JSON to
 ``results/bench/gather_server.json`` with the command, machine and date.
 """
 
@@ -37,7 +39,23 @@ from testbed.kvformat import encode_chunk, slice_checksum  # noqa: E402
 from testbed.launch import start_server  # noqa: E402
 
 
-def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 0) -> float:
+def receive_all(c: socket.socket, buf: memoryview) -> int:
+    """Receive until EOF, filling ``buf`` front to back and wrapping around, as a consumer that keeps the
+    bytes must (receiving into the same few cache-hot megabytes over and over overstates the ceiling ~2x)."""
+    got = pos = 0
+    while True:
+        if pos == len(buf):
+            pos = 0
+        n = c.recv_into(buf[pos:])
+        if not n:
+            return got
+        got += n
+        pos += n
+
+
+def tcp_ceiling_Bps(
+    total_bytes: int, recv_buf_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 0
+) -> float:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -57,14 +75,9 @@ def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: 
     t = threading.Thread(target=send)
     t.start()
     c = socket.create_connection(("127.0.0.1", port))
-    buf = memoryview(bytearray(block_bytes))
-    got = 0
+    buf = memoryview(bytearray(recv_buf_bytes))
     t0 = time.perf_counter()
-    while True:
-        n = c.recv_into(buf)
-        if not n:
-            break
-        got += n
+    got = receive_all(c, buf)
     dt = time.perf_counter() - t0
     t.join()
     c.close()
@@ -86,17 +99,17 @@ c.close()
 """
 
 
-def tcp_two_process_Bps(total_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 4 << 20) -> float:
+def tcp_two_process_Bps(
+    total_bytes: int, recv_buf_bytes: int, block_bytes: int = 8 << 20, sndbuf_bytes: int = 4 << 20
+) -> float:
     """The same transfer with sender and receiver in separate processes, as server and client are."""
     args = [sys.executable, "-c", _SENDER, str(total_bytes), str(block_bytes), str(sndbuf_bytes)]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline())
     c = socket.create_connection(("127.0.0.1", port))
-    buf = memoryview(bytearray(block_bytes))
-    got = 0
+    buf = memoryview(bytearray(recv_buf_bytes))
     t0 = time.perf_counter()
-    while n := c.recv_into(buf):
-        got += n
+    got = receive_all(c, buf)
     dt = time.perf_counter() - t0
     c.close()
     p.wait(30)
@@ -127,9 +140,15 @@ class _SocketReader:
         return bytes(buf)
 
 
-def gather_once(server, bucket: str, keys: list[str], buf: memoryview, verify: bool) -> tuple[float, int]:
+def gather_once(
+    server, bucket: str, keys: list[str], buf: memoryview, verify: bool, drain: bool = False
+) -> tuple[float, int]:
     """One gather with a minimal client: a SigV4-signed request on a raw socket, frames read with
-    ``recv_into`` into ``buf`` (so the number measures the server and TCP, not an HTTP library)."""
+    ``recv_into`` into ``buf`` (so the number measures the server and TCP, not an HTTP library).
+
+    ``drain``: do not parse frames, receive the whole body into ``buf`` (wrapping) like the TCP references;
+    this isolates what the server delivers from the cost of frame-by-frame reading.
+    """
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
@@ -149,9 +168,15 @@ def gather_once(server, bucket: str, keys: list[str], buf: memoryview, verify: b
         if not chunk:
             raise EOFError("no response")
         raw += chunk
+    ttfb_s = time.perf_counter() - t0
     headers, _, leftover = raw.partition(b"\r\n\r\n")
     if not headers.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(headers.decode(errors="replace"))
+    if drain:
+        total = len(leftover) + receive_all(sock, buf)
+        sock.close()
+        gather_once.last_ttfb_s = ttfb_s
+        return time.perf_counter() - t0, total
     r = _SocketReader(sock, leftover)
     total = 0
     head = bytearray(20)
@@ -171,6 +196,7 @@ def gather_once(server, bucket: str, keys: list[str], buf: memoryview, verify: b
                     raise RuntimeError(f"checksum mismatch in layer {layer} chunk {i}")
         total += len(view)
     sock.close()
+    gather_once.last_ttfb_s = ttfb_s
     return time.perf_counter() - t0, total
 
 
@@ -201,24 +227,39 @@ def main() -> None:
         # better of default socket buffers and the 4 MiB send buffer the server uses.
         rows = []
         server = psutil.Process(srv.pid)
+        # The same objects served through buffers (pread + write) instead of sendfile, for an A/B.
+        buffered = start_server(srv.data_dir, args=["--no-fsync", "--no-sendfile"])
         for _ in range(args.repeat):
-            ceiling = max(tcp_ceiling_Bps(total), tcp_ceiling_Bps(total, sndbuf_bytes=4 << 20))
-            two_process = tcp_two_process_Bps(total)
+            # The references receive into a buffer of one layer's size, as the gather client does.
+            layer_bytes = len(buf)
+            ceiling = max(
+                tcp_ceiling_Bps(total, layer_bytes), tcp_ceiling_Bps(total, layer_bytes, sndbuf_bytes=4 << 20)
+            )
+            two_process = tcp_two_process_Bps(total, layer_bytes)
             cpu0 = server.cpu_times()
             dt_raw, n = gather_once(srv, "bench", keys, buf, verify=False)
+            ttfb_s = gather_once.last_ttfb_s
             cpu1 = server.cpu_times()
             dt_ver, _ = gather_once(srv, "bench", keys, buf, verify=True)
             server_cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+            dt_buf, _ = gather_once(buffered, "bench", keys, buf, verify=False)
+            dt_drain, n_drain = gather_once(srv, "bench", keys, buf, verify=False, drain=True)
             rows.append(
                 {
                     "ceiling_GBps": ceiling / 1e9,
                     "two_process_tcp_GBps": two_process / 1e9,
                     "raw_GBps": n / dt_raw / 1e9,
+                    # Request to response headers (signing, auth, opening and checking every object).
+                    "raw_ttfb_ms": ttfb_s * 1e3,
+                    "raw_streaming_GBps": n / (dt_raw - ttfb_s) / 1e9,
                     "verified_GBps": n / dt_ver / 1e9,
+                    "buffered_raw_GBps": n / dt_buf / 1e9,
+                    "drain_GBps": n_drain / dt_drain / 1e9,
                     # CPU the server spends per GB gathered: unlike GB/s, barely affected by other load.
                     "server_cpu_s_per_GB": server_cpu_s / (n / 1e9),
                 }
             )
+        buffered.stop()
 
     def med(key: str) -> float:
         return float(np.median([r[key] for r in rows]))
@@ -239,6 +280,13 @@ def main() -> None:
         "loopback_tcp_ceiling_GBps": med("ceiling_GBps"),
         "gather_raw_GBps": med("raw_GBps"),
         "gather_verified_GBps": med("verified_GBps"),
+        "gather_ttfb_ms": med("raw_ttfb_ms"),
+        "gather_raw_streaming_GBps": med("raw_streaming_GBps"),
+        "gather_buffered_raw_GBps": med("buffered_raw_GBps"),
+        "gather_drain_GBps": med("drain_GBps"),
+        "drain_fraction_of_two_process_tcp": float(
+            np.median([r["drain_GBps"] / r["two_process_tcp_GBps"] for r in rows])
+        ),
         "server_cpu_s_per_GB": med("server_cpu_s_per_GB"),
         "two_process_tcp_GBps": med("two_process_tcp_GBps"),
         "raw_fraction_of_ceiling": float(np.median([r["raw_GBps"] / r["ceiling_GBps"] for r in rows])),

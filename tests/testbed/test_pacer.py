@@ -8,6 +8,7 @@ import math
 import re
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -212,4 +213,5 @@ def test_server_with_scheduler_policies(start_objectcache_server, policy):
     assert out[1][:2] == (200, 4) and out[3][:2] == (200, 4)
     total_bytes = 4 * TINY.kv_bytes_per_chunk_layer() * TINY.num_layers
     assert time.monotonic() - t0 >= 0.8 * total_bytes / egress_Bps
-    assert f'policy="{policy}"' in srv.metrics_text() or "objectcache_active_streams 0" in srv.metrics_text()
+    with urllib.request.urlopen(f"{srv.url}/_objectcache/health", timeout=5) as r:
+        assert json.loads(r.read())["policy"] == policy
