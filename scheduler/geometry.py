@@ -87,7 +87,9 @@ PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", 4, 2, 16, 4, 64, 4, 128, 512, 10000.0),
     # Testbed scaling: Llama-3.1-8B's layers with a KV cache 64x smaller (1 KV head of dim 16, 64 B per token
     # per layer), for shaped links 64x slower than 100 Gbps; compute comes from the 8B profile (gpu config).
-    "llama-3.1-8b-kvdiv64": ModelSpec("llama-3.1-8b-kvdiv64", 32, 1, 16, 2, 4096, 32, 14336, 128256, 500000.0),
+    "llama-3.1-8b-kvdiv64": ModelSpec(
+        "llama-3.1-8b-kvdiv64", 32, 1, 16, 2, 4096, 32, 14336, 128256, 500000.0
+    ),
 }
 
 
