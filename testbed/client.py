@@ -28,11 +28,14 @@ Errors are ``testbed.errors`` classes whose messages name the object and layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import math
 import queue
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -151,6 +154,89 @@ def _read_exact(resp: http.client.HTTPResponse, view: memoryview, what: str) -> 
         if not k:
             raise TruncatedStream(f"{what}: stream ended after {got} of {n} bytes")
         got += k
+
+
+class _RawBody:
+    """Reads a response body of known length straight from the connection's socket, bypassing
+    ``http.client``'s buffered reader: large ``recv_into(MSG_WAITALL)`` calls into the caller's buffer, so
+    one blocking system call (GIL released) fills most of a layer.  The bytes the buffered reader already
+    holds (read along with the headers) are served first.  A receive that makes no progress for
+    ``timeout_s`` raises ``TimeoutError``.  ``close`` restores the socket for keep-alive reuse.
+    """
+
+    WAITALL_BYTES = 64 << 20  # one recv per this many bytes at most (bounded time inside one call)
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, timeout_s: float):
+        self._conn, self._resp, self._timeout_s = conn, resp, timeout_s
+        self.remaining = resp.length if resp.length is not None else -1
+        self._sock = conn.sock
+        # Drain what the buffered reader already holds (never more than it has buffered, or one recv).
+        self._pre = memoryview(resp.fp.read1(1 << 16) if self.remaining else b"")
+        sec = max(1, int(math.ceil(timeout_s)))
+        self._sock.settimeout(None)  # blocking, so MSG_WAITALL waits in the kernel; SO_RCVTIMEO bounds it
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, 0))
+        _grow_rcvbuf(self._sock)
+
+    @classmethod
+    def usable(cls, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> bool:
+        return (
+            isinstance(conn.sock, socket.socket)
+            and not isinstance(conn, http.client.HTTPSConnection)
+            and not resp.chunked
+            and resp.length is not None
+        )
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (as much as the body holds); returns the bytes read (short only at the end)."""
+        n, got = len(view), 0
+        if self._pre:
+            k = min(n, len(self._pre))
+            view[:k] = self._pre[:k]
+            self._pre = self._pre[k:]
+            got = k
+        while got < n:
+            want = min(n - got, self.WAITALL_BYTES)
+            try:
+                k = self._sock.recv_into(view[got : got + want], want, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+                raise TimeoutError(f"no gather data for {self._timeout_s:.0f} s") from None
+            if not k:
+                break
+            got += k
+        self.remaining -= got
+        return got
+
+    def read_exact(self, view: memoryview, what: str) -> None:
+        got = self.readinto(view)
+        if got < len(view):
+            raise TruncatedStream(f"{what}: stream ended after {got} of {len(view)} bytes")
+
+    def close(self) -> None:
+        """Back to ``http.client``'s timeout mode; the response is done when the whole body was read."""
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+            self._sock.settimeout(self._conn.timeout)
+        if self.remaining == 0 and not self._pre:
+            self._resp.length = 0
+            self._resp.close()  # the connection may be reused (``SignedHTTP.finish``)
+
+
+_RCVBUF_BYTES = 16 << 20
+
+
+def _grow_rcvbuf(sock: socket.socket, want: int = _RCVBUF_BYTES) -> None:
+    """A large receive buffer, unless the kernel's autotuning already allows one (setting SO_RCVBUF turns
+    autotuning off, so never set it lower than autotuning would reach)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+            auto_max = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        auto_max = 0
+    if auto_max >= want:
+        return
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < want:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
 
 
 class _Connections:
@@ -542,6 +628,7 @@ class ObjectCacheClient:
         body = json.dumps(request).encode()
         path = f"/{quote(self.bucket, safe='')}?gather"
         conn, resp = self._http.open("POST", path, {"Content-Type": "application/json"}, body)
+        raw: _RawBody | None = None
         try:
             if resp.status != 200:
                 err_body = resp.read()
@@ -569,14 +656,22 @@ class ObjectCacheClient:
                     f"gather answered layers [{first}, {end}), asked [{layer_start}, {layer_end})"
                 )
             views = self._out_views(out, end - first, n * slice_bytes)
+            if _RawBody.usable(conn, resp):
+                raw = _RawBody(conn, resp, self.timeout_s)
+                read = raw.read_exact
+            else:
+
+                def read(view: memoryview, what: str) -> None:
+                    _read_exact(resp, view, what)
+
             fixed = memoryview(bytearray(20))
             for layer in range(first, end):
-                _read_exact(resp, fixed[:4], f"gather frame before layer {layer}")
+                read(fixed[:4], f"gather frame before layer {layer}")
                 tag = bytes(fixed[:4])
                 if tag == _ERROR_FRAME:
-                    _read_exact(resp, fixed[4:8], "gather error frame")
+                    read(fixed[4:8], "gather error frame")
                     msg = bytearray(int.from_bytes(fixed[4:8], "little"))
-                    _read_exact(resp, memoryview(msg), "gather error frame")
+                    read(memoryview(msg), "gather error frame")
                     raise TruncatedStream(
                         f"server aborted gather at layer {layer}: {msg.decode('utf-8', 'replace')}",
                         layer=layer,
@@ -585,7 +680,7 @@ class ObjectCacheClient:
                     raise ProtocolError(
                         f"gather: expected a layer frame for layer {layer}, got {tag!r}", layer=layer
                     )
-                _read_exact(resp, fixed[4:20], f"gather layer {layer} frame header")
+                read(fixed[4:20], f"gather layer {layer} frame header")
                 got_layer = int.from_bytes(fixed[4:8], "little")
                 n_slices = int.from_bytes(fixed[8:12], "little")
                 got_slice = int.from_bytes(fixed[12:20], "little")
@@ -596,11 +691,11 @@ class ObjectCacheClient:
                         layer=layer,
                     )
                 sums = bytearray(8 * n)
-                _read_exact(resp, memoryview(sums), f"gather layer {layer} checksums")
+                read(memoryview(sums), f"gather layer {layer} checksums")
                 view = views[layer - first]
-                _read_exact(resp, view, f"gather layer {layer} payload")
-                for i in range(n):
-                    want = int.from_bytes(sums[8 * i : 8 * i + 8], "little")
+                read(view, f"gather layer {layer} payload")
+                # xxhash releases the GIL on large buffers: other threads run during verification.
+                for i, want in enumerate(struct.unpack(f"<{n}Q", sums)):
                     got = xxhash.xxh3_64_intdigest(view[i * slice_bytes : (i + 1) * slice_bytes])
                     if got != want:
                         self.report_corrupt(names[i])
@@ -610,16 +705,16 @@ class ObjectCacheClient:
                             layer=layer,
                         )
                 yield layer, view
-            _read_exact(resp, fixed[:8], "gather end frame")
+            read(fixed[:8], "gather end frame")
             if bytes(fixed[:4]) == _ERROR_FRAME:
                 msg = bytearray(int.from_bytes(fixed[4:8], "little"))
-                _read_exact(resp, memoryview(msg), "gather error frame")
+                read(memoryview(msg), "gather error frame")
                 raise TruncatedStream(f"server aborted gather at its end: {msg.decode('utf-8', 'replace')}")
             if bytes(fixed[:4]) != _END_FRAME:
                 raise ProtocolError(f"gather: expected the end frame, got {bytes(fixed[:4])!r}")
             if int.from_bytes(fixed[4:8], "little") != end - first:
                 raise ProtocolError("gather end frame counts a different number of layers")
-            if resp.read(1):
+            if (raw.remaining > 0) if raw is not None else resp.read(1):
                 raise ProtocolError("gather: bytes after the end frame")
         except (OSError, http.client.HTTPException) as e:
             conn.close()
@@ -627,6 +722,8 @@ class ObjectCacheClient:
         except BaseException:
             conn.close()  # also on GeneratorExit: the rest of the stream is not read
             raise
+        if raw is not None:
+            raw.close()
         self._http.finish(conn, resp)
 
     # fallback: headers ---------------------------------------------------------------------------------------

@@ -361,10 +361,17 @@ class SocketSink:
         await self.send_groups([parts])
 
     async def send_groups(
-        self, groups: Sequence[Sequence[Part]], on_group_sent: Callable[[int], None] | None = None
+        self,
+        groups: Sequence[Sequence[Part]],
+        on_group_sent: Callable[[int], None] | None = None,
+        pacing: tuple[Pacer, PacedStream, int] | None = None,
     ) -> None:
         """Send several groups (e.g. whole layers) in one thread hop; ``on_group_sent(i)`` runs on the event
         loop after group ``i`` is handed to the kernel.  No gaps between groups waiting for the loop.
+
+        ``pacing=(pacer, stream, floor_bytes)``: payload parts (file ranges and buffers; not the small frame
+        heads, which are sent as they come) go in rate-scaled pieces, each after ``pacer.pace_blocking`` in
+        this thread, so a paced stream costs one thread hop, not one per piece.
 
         The thread works on duplicates of the socket and file descriptors, taken here on the event loop: if
         the connection is torn down or the caller closes its files meanwhile (cancellation), the thread can
@@ -391,6 +398,20 @@ class SocketSink:
                 os.close(fd)
             raise
         stop = threading.Event()
+        pace = None
+        if pacing is not None and pacing[0].limited:
+            pacer, stream, floor_bytes = pacing
+
+            def starved() -> None:
+                loop.call_soon_threadsafe(pacer.reallocate)
+
+            def pace(n: int) -> None:
+                pacer.pace_blocking(stream, n, stop.wait, starved)
+                if stop.is_set():
+                    raise ConnectionResetError("gather cancelled")
+
+            def piece() -> int:
+                return pacer.piece_bytes(stream, floor_bytes)
 
         def run() -> None:
             try:
@@ -398,7 +419,10 @@ class SocketSink:
                     if stop.is_set():
                         raise ConnectionResetError("gather cancelled")
                     own = [(dups[p[0]], p[1], p[2]) if isinstance(p, tuple) else p for p in parts]
-                    self._send_blocking(sock_fd, own)
+                    if pace is None:
+                        self._send_blocking(sock_fd, own)
+                    else:
+                        self._send_paced(sock_fd, own, pace, piece)
                     if on_group_sent is not None:
                         loop.call_soon_threadsafe(on_group_sent, i)
             finally:
@@ -410,6 +434,30 @@ class SocketSink:
         except asyncio.CancelledError:
             stop.set()
             raise
+
+    def _send_paced(
+        self, fd: int, parts: list[Part], pace: Callable[[int], None], piece: Callable[[], int]
+    ) -> None:
+        """Like ``_send_blocking``, but payload parts go in pieces of ``piece()`` bytes, ``pace(n)`` first."""
+        for i, part in enumerate(parts):
+            if i == 0:
+                self._send_blocking(fd, [part])  # the frame head: not paced (it is not payload)
+                continue
+            if isinstance(part, tuple):
+                src, offset, count = part
+                while count:
+                    n = min(count, piece())
+                    pace(n)
+                    self._send_blocking(fd, [(src, offset, n)])
+                    offset += n
+                    count -= n
+            else:
+                view = memoryview(part).cast("B")
+                while view:
+                    n = min(len(view), piece())
+                    pace(n)
+                    self._send_blocking(fd, [view[:n]])
+                    view = view[n:]
 
     def _send_blocking(self, fd: int, parts: list[Part]) -> None:
         poller = select.poll()
@@ -469,7 +517,9 @@ async def stream_gather(
 
     File ranges go to the sink (sendfile) when it and every object handle allow it; otherwise each layer
     is read into a fresh buffer in ``executor`` one layer ahead of the one being sent.  Unpaced, a layer is
-    one ``sink.send`` call; paced, its payload goes in ``piece_bytes`` pieces, each after ``pacer.pace``.
+    one ``sink.send`` call; paced, its payload goes in rate-scaled pieces (``pacer.piece_bytes``, at least
+    ``piece_bytes``), each after the pacer's deadline: inside the send thread for a ``SocketSink`` (one
+    hop per stream, or per layer on the buffered path), through ``await pacer.pace`` for other sinks.
     Errors propagate: the caller sends an error frame and closes the connection.
     """
     loop = asyncio.get_running_loop()
@@ -493,8 +543,10 @@ async def stream_gather(
         return buf, asyncio.gather(*futs)
 
     layers = range(plan.layer_start, plan.layer_end)
-    if use_sendfile and not pacer.limited:
-        # Unpaced zero-copy: every layer in one hop, so the socket never idles between layers.
+    socket_paced = pacer.limited and isinstance(sink, SocketSink)
+    if use_sendfile and (not pacer.limited or socket_paced):
+        # Zero-copy, every layer in one thread hop, so the socket never idles between layers; paced, the
+        # send thread paces itself piece by piece (no hop per piece).
         groups = [
             [
                 plan.frame_head(layer),
@@ -504,11 +556,13 @@ async def stream_gather(
         ]
 
         def layer_done(i: int) -> None:
-            stream.delivered_bytes += plan.layer_payload_bytes
+            if not pacer.limited:  # paced bytes are counted by the pacer as they are paced
+                stream.delivered_bytes += plan.layer_payload_bytes
             account(len(groups[i][0]) + plan.layer_payload_bytes)
             pacer.layer_sent(stream)
 
-        await sink.send_groups(groups, layer_done)
+        pacing = (pacer, stream, piece_bytes) if socket_paced else None
+        await sink.send_groups(groups, layer_done, pacing)
         await sink.send([end_frame(len(groups))])
         account(_END.size)
         return len(groups)
@@ -528,19 +582,22 @@ async def stream_gather(
         if not pacer.limited:
             await pacer.pace(stream, plan.layer_payload_bytes)
             await sink.send([head, *ranges])
-            account(len(head) + plan.layer_payload_bytes)
+        elif socket_paced:
+            # The layer (read into its buffer) goes in one hop; the send thread paces the pieces.
+            await sink.send_groups([[head, *ranges]], None, (pacer, stream, piece_bytes))
         else:
             await sink.send([head])
-            account(len(head))
             for part in ranges:
-                for off in range(0, sb, piece_bytes):
-                    n = min(piece_bytes, sb - off)
+                off = 0
+                while off < sb:
+                    n = min(pacer.piece_bytes(stream, piece_bytes), sb - off)
                     await pacer.pace(stream, n)
                     if isinstance(part, tuple):
                         await sink.send([(part[0], part[1] + off, n)])
                     else:
                         await sink.send([part[off : off + n]])
-                    account(n)
+                    off += n
+        account(len(head) + plan.layer_payload_bytes)
         sent += 1
         pacer.layer_sent(stream)
     await sink.send([end_frame(sent)])

@@ -3,9 +3,16 @@
 Every gather stream registers with the pacer (bytes per layer, layers, the client's per-layer compute hint).
 Whenever a stream comes or goes, or crosses a layer boundary, the pacer builds a ``scheduler.flows.FlowView``
 per stream on one link ``egress`` of capacity ``egress_Bps`` and asks the configured policy
-(``scheduler.policies.get_policy``: ``equal``, ``bandwidth_aware``, ...) for per-stream rates.  Each stream
-then sends its frames in pieces (256 KiB by default) and calls ``await pace(stream, n)`` before each piece: a
-token bucket with a small burst allowance turns the rate into sleeps, so a rate applies within a layer.
+(``scheduler.policies.get_policy``: ``equal``, ``bandwidth_aware``, ...) for per-stream rates.
+
+Pacing is deadline based: each stream keeps ``next_send_s``, the earliest time its next piece may leave;
+sending ``n`` bytes moves the deadline on by ``n / rate`` and the sender sleeps only until the deadline,
+never ``n / rate`` after a send.  A sender that fell behind (a slow ``sendfile``, a late wake-up) gets credit
+for up to ``burst_s`` of lost time, so the delivered rate converges to the configured one instead of losing
+every overshoot.  Pieces scale with the rate (``piece_bytes``: about ``quantum_s`` = 1.5 ms of data, at
+least the configured floor), so a 1.5 GB/s stream sends ~2 MiB per wake-up and a 2 MB/s one 64 KiB.  The
+server's socket path paces inside its send thread (``pace_blocking``: one thread hop per stream, no hop per
+piece); ``pace`` is the event-loop version for other sinks.
 
 The server does not see the client's GPU, so it estimates it the way the policy's model defines it: the
 client starts computing layer ``l`` when layer ``l`` has been sent and layer ``l-1`` is computed, and each
@@ -27,7 +34,8 @@ from scheduler.flows import FlowView, Link
 from scheduler.policies import get_policy
 
 EGRESS = "egress"
-DEFAULT_PIECE_BYTES = 256 * 1024
+DEFAULT_PIECE_BYTES = 64 * 1024  # the smallest paced piece; faster streams send ~quantum_s of data a piece
+MAX_PIECE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -89,8 +97,9 @@ class Pacer:
         policy: str = "equal",
         egress_Bps: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        burst_s: float = 0.002,
+        burst_s: float = 0.005,
         starve_poll_s: float = 0.05,
+        quantum_s: float = 0.0015,
     ) -> None:
         self.policy_name = policy
         self.policy = get_policy(policy)
@@ -98,6 +107,7 @@ class Pacer:
         self.clock = clock
         self._t0 = clock()
         self.burst_s = burst_s
+        self.quantum_s = quantum_s
         self.starve_poll_s = starve_poll_s
         self.streams: dict[str, PacedStream] = {}
         self._ids = itertools.count()
@@ -165,6 +175,41 @@ class Pacer:
         start = max(stream.next_send_s, now - self.burst_s)
         stream.next_send_s = start + nbytes / stream.rate_Bps
         return max(0.0, start - now)
+
+    def piece_bytes(self, stream: PacedStream, floor_bytes: int = DEFAULT_PIECE_BYTES) -> int:
+        """Bytes to send per pacing step: ``quantum_s`` of data at the stream's rate, within
+        [``floor_bytes``, ``MAX_PIECE_BYTES``] (unpaced or starved: the largest piece)."""
+        rate = stream.rate_Bps
+        if not self.limited or math.isinf(rate) or rate <= 0:
+            return MAX_PIECE_BYTES
+        return int(min(MAX_PIECE_BYTES, max(floor_bytes, rate * self.quantum_s)))
+
+    def pace_blocking(
+        self,
+        stream: PacedStream,
+        nbytes: int,
+        wait: Callable[[float], object] = time.sleep,
+        on_starved: Callable[[], None] | None = None,
+    ) -> None:
+        """``pace`` for a send thread: block (``wait(seconds)``, e.g. ``threading.Event.wait`` so a cancel
+        wakes it) until the stream may send ``nbytes``.  A starved stream (rate 0) polls every millisecond
+        and calls ``on_starved`` (which should schedule ``reallocate`` on the event loop) every
+        ``starve_poll_s``; rates themselves only change on the event loop."""
+        if self.egress_Bps is None:
+            stream.delivered_bytes += nbytes
+            return
+        if stream.rate_Bps <= 0:
+            last = self.now_s()
+            while stream.rate_Bps <= 0:
+                if wait(0.001):
+                    return  # cancelled: the caller checks its stop flag
+                if on_starved is not None and self.now_s() - last >= self.starve_poll_s:
+                    last = self.now_s()
+                    on_starved()
+            stream.next_send_s = max(stream.next_send_s, self.now_s())
+        delay = self.delay_for(stream, nbytes)
+        if delay > 0:
+            wait(delay)
 
     async def pace(self, stream: PacedStream, nbytes: int) -> None:
         """Wait until the stream may send ``nbytes`` more bytes at its current rate."""
