@@ -126,7 +126,11 @@ def fit(probes: dict, link_Gbps: float, rtt_s: float = 0.0) -> dict:
     # Only the large probes: a shaper's burst lets small transfers run above the line rate.
     top = max(p["total_bytes"] for p in g)
     big = [p for p in g if p["total_bytes"] >= top / 4 and p["last_byte_s"] > p["first_layer_s"]]
-    B = float(np.median([(p["total_bytes"] - p["layer_bytes"]) / (p["last_byte_s"] - p["first_layer_s"]) for p in big]))
+    B = float(
+        np.median(
+            [(p["total_bytes"] - p["layer_bytes"]) / (p["last_byte_s"] - p["first_layer_s"]) for p in big]
+        )
+    )
     # The fixed costs from the first-layer times: first - layer_bytes / B = a + c * chunks.
     n = np.array([p["chunks"] for p in g], dtype=float)
     y0 = np.array([p["first_layer_s"] - p["layer_bytes"] / B for p in g])
@@ -174,7 +178,11 @@ def calibrate(h, repeats: int = 5) -> dict:
     plan["probe_repeats"] = repeats
     probes = h.run_worker_action("probe", plan)
     link = float(h.topology.cfg.storage_Gbps or 0.0)
-    return {"probes": probes, "fit": fit(probes, link, h.setup.network.rtt_s if link else 0.0), "link_Gbps": link}
+    return {
+        "probes": probes,
+        "fit": fit(probes, link, h.setup.network.rtt_s if link else 0.0),
+        "link_Gbps": link,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

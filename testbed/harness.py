@@ -136,7 +136,9 @@ class Harness:
     def _worker_argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "testbed.worker", *args]
 
-    def run_worker_action(self, action: str, plan: dict, host: int = 0, timeout_s: float = 600.0) -> dict | None:
+    def run_worker_action(
+        self, action: str, plan: dict, host: int = 0, timeout_s: float = 600.0
+    ) -> dict | None:
         """Run ``python -m testbed.worker <action>`` (``warmup`` or ``probe``) on one host; return its JSON."""
         d = self.topology.work_dir / f"{action}-{time.monotonic_ns()}"
         d.mkdir()
@@ -159,6 +161,16 @@ class Harness:
         """Warm up, then run ``reqs`` spread over the topology's hosts (open-loop requests round-robin, a
         closed-loop client's chain on one host); rows in request order."""
         url = self.storage_url(run.policy, run.pacer_Gbps)
+        tc = self.topology.cfg
+        if self.topology.name == "cluster" and tc.hosts > 1:
+            # One harness per GPU node: this node takes its share (same split as the netns hosts).
+            reqs = [
+                r
+                for i, r in enumerate(reqs)
+                if (i if r.client is None else r.client) % tc.hosts == tc.host_index
+            ]
+            if not reqs:
+                return []
         self.run_worker_action("warmup", self.plan(url, reqs))
         hosts = self.topology.hosts
         d = self.topology.work_dir / f"run-{time.monotonic_ns()}"
@@ -182,7 +194,9 @@ class Harness:
             dead = [(h, p) for h, p in procs if p.poll() is not None]
             if dead:
                 h = dead[0][0]
-                raise RuntimeError(f"worker on host {h} exited early:\n{(d / f'log{h}.txt').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"worker on host {h} exited early:\n{(d / f'log{h}.txt').read_text()[-3000:]}"
+                )
             time.sleep(0.01)
         else:
             raise RuntimeError("workers did not get ready within 120 s")
@@ -198,7 +212,9 @@ class Harness:
                 p.wait(5)
             out = d / f"out{h}.json"
             if not out.exists():
-                raise RuntimeError(f"worker on host {h} wrote no rows:\n{(d / f'log{h}.txt').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"worker on host {h} wrote no rows:\n{(d / f'log{h}.txt').read_text()[-3000:]}"
+                )
             for row in json.loads(out.read_text())["rows"]:
                 row["host"] = h
                 rows.append(row)
@@ -214,6 +230,8 @@ class Harness:
         by_id = {r["request_id"]: r for r in rows}
         out = []
         for q in reqs:
+            if q.request_id not in by_id:  # another cluster node's share
+                continue
             row = by_id[q.request_id]
             out.append(
                 RequestRecord(
@@ -264,7 +282,9 @@ def sweep_requests(prefix_tokens, new_tokens, repeats: int = 1, gap_s: float = 0
         for c in prefix_tokens:
             for n in new_tokens:
                 blocks = fresh_prompt(int(c) + int(n))
-                reqs.append(Req(f"sweep-{c}+{n}-r{rep}", 0.0, int(c), int(n), blocks, client=0, think_s=gap_s))
+                reqs.append(
+                    Req(f"sweep-{c}+{n}-r{rep}", 0.0, int(c), int(n), blocks, client=0, think_s=gap_s)
+                )
     return reqs
 
 
@@ -278,7 +298,9 @@ def mixed_requests(rng: np.random.Generator, n: int, p: dict, tag: str) -> list[
     return out
 
 
-def workload_requests(h: Harness, wl: WorkloadConfig, rng: np.random.Generator, limit: int | None = None) -> list[Req]:
+def workload_requests(
+    h: Harness, wl: WorkloadConfig, rng: np.random.Generator, limit: int | None = None
+) -> list[Req]:
     """The simulator's workload (synthetic or trace) with object-tier hits from earlier requests' blocks."""
     from sim.workloads import make_workload
 
@@ -300,7 +322,17 @@ def workload_requests(h: Harness, wl: WorkloadConfig, rng: np.random.Generator, 
             seen.add(tuple(r.hash_ids[: i + 1]))
         total = min(int(r.input_length), len(r.hash_ids) * bt)
         cached = min(hit * bt, total - 1) // ct * ct
-        out.append(Req(r.request_id, float(r.arrival_s), cached, total - cached, list(r.hash_ids), r.client, r.think_s))
+        out.append(
+            Req(
+                r.request_id,
+                float(r.arrival_s),
+                cached,
+                total - cached,
+                list(r.hash_ids),
+                r.client,
+                r.think_s,
+            )
+        )
     return out
 
 
@@ -325,7 +357,10 @@ def exp_shared_bandwidth(h: Harness, p: dict, progress=None) -> list[RequestReco
                 base = mixed_requests(rng, int(n), p, f"n{n}-c{cap}-r{rep}")
                 for pol in p["policies"]:
                     # Fresh prompts per policy so no run reads another's objects from a warm page cache.
-                    reqs = [dataclasses.replace(r, block_ids=fresh_prompt(r.cached_tokens + r.new_tokens)) for r in base]
+                    reqs = [
+                        dataclasses.replace(r, block_ids=fresh_prompt(r.cached_tokens + r.new_tokens))
+                        for r in base
+                    ]
                     pacer = float(cap) * h.setup.network.efficiency
                     run = RunSpec("shared_bandwidth", pol, pacer, float(cap), int(n), f"rep{rep}")
                     records += h.records(run, reqs, h.run_batch(run, reqs))
@@ -336,6 +371,8 @@ def exp_shared_bandwidth(h: Harness, p: dict, progress=None) -> list[RequestReco
 
 def exp_workload(h: Harness, p: dict) -> list[RequestRecord]:
     wl = h.workload
+    # The workload's prompts are chains of its own blocks (512 tokens in Mooncake traces).
+    h = dataclasses.replace(h, block_tokens=int(wl.block_tokens))
     reqs = workload_requests(h, wl, np.random.default_rng(h.seed), p.get("num_requests"))
     link = float(h.topology.cfg.storage_Gbps or h.setup.link_Gbps)
     run = RunSpec("workload", h.setup.policy.name, float(p.get("pacer_Gbps", 0.0)), link, len(reqs), wl.name)
@@ -409,7 +446,9 @@ def run_from_cfg(cfg) -> dict[str, pd.DataFrame]:
                 "params": params[n],
                 "log": h.log,
             }
-            out[n] = write_table(recs, root, f"{cfg.experiment.name}_{n}" if len(runs) > 1 else cfg.experiment.name, meta)
+            out[n] = write_table(
+                recs, root, f"{cfg.experiment.name}_{n}" if len(runs) > 1 else cfg.experiment.name, meta
+            )
             if bar is not None:
                 bar.update(1)
     if bar is not None:

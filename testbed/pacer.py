@@ -166,7 +166,13 @@ class Pacer:
         return rates
 
     def delay_for(self, stream: PacedStream, nbytes: int) -> float:
-        """Account ``nbytes`` to the stream's token bucket; return how long to wait before sending them."""
+        """Account ``nbytes`` to the stream; return how long to wait before sending them.
+
+        The piece occupies the link from the stream's deadline ``next_send_s`` (or from ``burst_s`` ago, if
+        the sender is late: credit for time lost sending or oversleeping) for ``nbytes / rate``; it may
+        leave once that slot has passed, as a link of that rate would have delivered it.  So ``n`` bytes
+        never leave faster than ``n / rate`` (plus at most ``burst_s`` of credit), and a sender that sleeps
+        only until each deadline delivers the rate exactly on average."""
         now = self.now_s()
         stream.delivered_bytes += nbytes
         if math.isinf(stream.rate_Bps):
@@ -174,7 +180,7 @@ class Pacer:
             return 0.0
         start = max(stream.next_send_s, now - self.burst_s)
         stream.next_send_s = start + nbytes / stream.rate_Bps
-        return max(0.0, start - now)
+        return max(0.0, stream.next_send_s - now)
 
     def piece_bytes(self, stream: PacedStream, floor_bytes: int = DEFAULT_PIECE_BYTES) -> int:
         """Bytes to send per pacing step: ``quantum_s`` of data at the stream's rate, within

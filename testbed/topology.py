@@ -127,7 +127,9 @@ class Topology:
     def _nice(self) -> list[str]:
         return ["nice", "-n", str(int(self.cfg.nice))] if self.cfg.nice else []
 
-    def start_storage(self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None) -> str:
+    def start_storage(
+        self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None
+    ) -> str:
         """(Re)start the ObjectCache server on the storage host; return its URL."""
         if self.storage is not None:
             self.storage.stop()
@@ -142,7 +144,9 @@ class Topology:
             cmd += ["--egress-gbps", f"{pacer_Gbps:.6f}"]
         cmd += list(self.cfg.server_args) + list(extra or [])
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_python_env(), cwd=REPO_ROOT)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=_python_env(), cwd=REPO_ROOT
+            )
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and proc.poll() is None and not ready.exists():
             time.sleep(0.02)
@@ -156,7 +160,11 @@ class Topology:
     def popen_on_host(self, i: int, argv: list[str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:
             return subprocess.Popen(
-                self.prefix(f"h{i}") + argv, stdout=log, stderr=subprocess.STDOUT, env=_python_env(), cwd=REPO_ROOT
+                self.prefix(f"h{i}") + argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_python_env(),
+                cwd=REPO_ROOT,
             )
 
     def close(self) -> None:
@@ -247,7 +255,23 @@ def _htb(ns: str, dev: str, gbps: float, delay_ms: float = 0.0) -> None:
               "ceil", f"{rate_bit}bit", "burst", str(burst), "cburst", str(burst), "quantum", str(quantum)]
     )  # fmt: skip
     if delay_ms > 0:
-        _run(ex + ["tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem", "delay", f"{delay_ms}ms"])
+        _run(
+            ex
+            + [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:1",
+                "handle",
+                "10:",
+                "netem",
+                "delay",
+                f"{delay_ms}ms",
+            ]
+        )
 
 
 class NetnsTopology(Topology):
@@ -370,7 +394,9 @@ class ClusterTopology(Topology):
     def hosts(self) -> int:
         return 1  # this process drives one GPU host; run one harness per GPU node
 
-    def start_storage(self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None) -> str:
+    def start_storage(
+        self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None
+    ) -> str:
         # The server's policy and pacer are set where it was started (its --policy/--egress-gbps flags).
         return self.storage.url
 

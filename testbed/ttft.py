@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -48,9 +49,16 @@ SOURCES = (
     "dram_layerwise",
     "objectcache_paced",
     "objectcache_max",
+    "objectcache_max_2streams",
     "objectcache_max_1stream",
 )
 RESEARCH = {"ttft_ratio_64k": 1.056, "added_ms_4k": [56.0, 75.0]}
+
+
+def source_streams(name: str, default: int) -> int:
+    """Gather streams of an object source name: ``objectcache_max_2streams`` -> 2, ``..._1stream`` -> 1."""
+    m = re.search(r"_(\d+)streams?$", name)
+    return int(m.group(1)) if m else default
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -154,9 +162,9 @@ def measure(args) -> dict:
                 cpl = None
                 if name.startswith("objectcache"):
                     oc.client = clients[
-                        "objectcache_paced" if name == "objectcache_paced" else "objectcache_max"
+                        "objectcache_paced" if name.startswith("objectcache_paced") else "objectcache_max"
                     ]
-                    oc.streams = 1 if name.endswith("_1stream") else args.streams
+                    oc.streams = source_streams(name, args.streams)
                     source = oc
                     # The pacer's hint: this request's per-layer compute, from the layerwise DRAM run.
                     lw = row["sources"].get("dram_layerwise")
@@ -324,7 +332,7 @@ NOTES = [
     "after a warm-up; random bf16 weights of the Llama-3.1-8B geometry (timing does not depend on values).",
     "objectcache_paced: our server on loopback with --egress-gbps = link_Gbps (pacer policy 'equal'); "
     "objectcache_max: unpaced; both with `streams` parallel gather requests per prefill (chunk groups), "
-    "objectcache_max_1stream: one gather request.",
+    "objectcache_max_1stream / _2streams: unpaced with one / two gather requests per prefill.",
     "logits_rel_err: bf16 split (cached prefix from the tier) vs bf16 full recompute of the same prompt, with the "
     "tier's KV bitwise equal to the recompute's; it is bf16 rounding amplified by 32 random-weight layers, not an "
     "engine error: in float32 the same split is within correctness.float32 (<= 1e-4), and bf16 recompute itself "

@@ -52,7 +52,12 @@ from testbed.harness import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"median_abs_err": 0.05, "p90_abs_err": 0.10, "bw_ratio_measured_min": 1.2, "bw_ratio_sim_rel_err": 0.10}
+TARGETS = {
+    "median_abs_err": 0.05,
+    "p90_abs_err": 0.10,
+    "bw_ratio_measured_min": 1.2,
+    "bw_ratio_sim_rel_err": 0.10,
+}
 
 
 @contextlib.contextmanager
@@ -73,7 +78,9 @@ def build_harness(cfg):
         )  # fmt: skip
 
 
-def calibrated(setup: Setup, per_request_s: float, efficiency: float, per_chunk_s: float | None = None) -> Setup:
+def calibrated(
+    setup: Setup, per_request_s: float, efficiency: float, per_chunk_s: float | None = None
+) -> Setup:
     """The setup with the fitted per-request overhead, per-chunk gather cost and link efficiency (no
     separate TTFB or RTT)."""
     st = dataclasses.replace(setup.storage, request_overhead_s=max(0.0, per_request_s), ttfb_s=0.0)
@@ -144,7 +151,14 @@ def ideal_ttft_s(setup: Setup, cached: int, new: int) -> float:
     extra = getattr(comp, "overhead_time_s", lambda *_: 0.0)(cached, new)
     st, net = setup.storage, setup.network
     keys = math.ceil(cached / setup.model.chunk_tokens)
-    return st.request_overhead_s + keys * st.gather_per_chunk_s + st.ttfb_s + net.rtt_s + setup.spec.num_layers * comp.layer_time_s(cached, new) + extra
+    return (
+        st.request_overhead_s
+        + keys * st.gather_per_chunk_s
+        + st.ttfb_s
+        + net.rtt_s
+        + setup.spec.num_layers * comp.layer_time_s(cached, new)
+        + extra
+    )
 
 
 def bw_ratio(df: pd.DataFrame, setup: Setup, col: str) -> dict:
@@ -202,7 +216,10 @@ def run_testbed(h: Harness, p: dict) -> pd.DataFrame:
                 base = mixed_requests(rng, int(n), sb, f"n{n}-r{rep}")
                 for trial in range(int(sb.get("trials", 1))):
                     for pol in sb["policies"]:
-                        q = [dataclasses.replace(r, block_ids=fresh_prompt(r.cached_tokens + r.new_tokens)) for r in base]
+                        q = [
+                            dataclasses.replace(r, block_ids=fresh_prompt(r.cached_tokens + r.new_tokens))
+                            for r in base
+                        ]
                         # The pacer is the bottleneck: just under the shaped link's goodput.
                         pacer = float(cap) * frac * h.setup.network.efficiency
                         note = f"n{n}-c{cap}-r{rep}-t{trial}"
@@ -250,7 +267,10 @@ def summarise(df: pd.DataFrame, setup: Setup) -> dict:
         out["bw_added_ms_sim"] = sim
         per = {}
         for n, g in sb.groupby("concurrency"):
-            per[str(int(n))] = {"measured": bw_ratio(g, setup, "ttft_s"), "sim": bw_ratio(g, setup, "sim_ttft_s")}
+            per[str(int(n))] = {
+                "measured": bw_ratio(g, setup, "ttft_s"),
+                "sim": bw_ratio(g, setup, "sim_ttft_s"),
+            }
         out["bw_by_concurrency"] = per
     return out
 
@@ -272,7 +292,12 @@ def bottom_up(probes: dict, fitres: dict, setup: Setup) -> dict:
     gm = g.groupby("chunks").median(numeric_only=True).reset_index()
     return {
         "single_get": {"measured_ms": meas * 1e3, "model_ms": pred * 1e3, "rel_err": (pred - meas) / meas},
-        "concurrent_gets": {"n": cg["n"], "measured_ms": meas_c * 1e3, "model_ms": pred_c * 1e3, "rel_err": (pred_c - meas_c) / meas_c},
+        "concurrent_gets": {
+            "n": cg["n"],
+            "measured_ms": meas_c * 1e3,
+            "model_ms": pred_c * 1e3,
+            "rel_err": (pred_c - meas_c) / meas_c,
+        },
         "gather": [
             {
                 "chunks": int(r.chunks),
@@ -313,7 +338,10 @@ def h100_summary(path: Path) -> dict | None:
         "date": data.get("date"),
         "profile": data["simulator"].get("profile"),
         **error_stats(errs),
-        "by_path": {p: error_stats(pd.Series([r["rel_err"] for r in rows if r["path"] == p])) for p in sorted({r["path"] for r in rows})},
+        "by_path": {
+            p: error_stats(pd.Series([r["rel_err"] for r in rows if r["path"] == p]))
+            for p in sorted({r["path"] for r in rows})
+        },
         "configs": rows,
     }
     return out
@@ -348,11 +376,16 @@ def analyse(cfg, df: pd.DataFrame, cal: dict, ctx: dict) -> tuple[dict, pd.DataF
 
     setup0, _ = setup_from_cfg(cfg)
     fitres = cal["fit"]
-    base = calibrated(resolve_profile(setup0), fitres["per_request_s"], fitres["efficiency"], fitres["gather_per_chunk_s"])
+    base = calibrated(
+        resolve_profile(setup0), fitres["per_request_s"], fitres["efficiency"], fitres["gather_per_chunk_s"]
+    )
     sw = df.experiment == "context_sweep"
     configs = sorted(set(zip(df.cached_tokens[sw], df.new_tokens[sw])))
     cal_set = set(configs[::2])
-    is_cal = [(e == "context_sweep" and (c, n) in cal_set) for e, c, n in zip(df.experiment, df.cached_tokens, df.new_tokens)]
+    is_cal = [
+        (e == "context_sweep" and (c, n) in cal_set)
+        for e, c, n in zip(df.experiment, df.cached_tokens, df.new_tokens)
+    ]
     df = df.assign(split=np.where(is_cal, "calibration", "held_out"))
     a1, c1, eff1, ref = refine(base, df[df.split == "calibration"], fitres)
     setup = calibrated(base, a1, eff1, c1)
@@ -407,7 +440,9 @@ def validate(cfg, out_path: Path | None = None, golden_dir: Path | None = None, 
         if raw_dir is not None:
             raw_dir.mkdir(parents=True, exist_ok=True)
             df.to_csv(raw_dir / "testbed_requests.csv", index=False)
-            (raw_dir / "measurement.json").write_text(json.dumps({"calibration": cal, "context": ctx}, default=float))
+            (raw_dir / "measurement.json").write_text(
+                json.dumps({"calibration": cal, "context": ctx}, default=float)
+            )
     res, table = analyse(cfg, df, cal, ctx)
     out_path = Path(out_path or cfg.get("validation_out", "results/testbed/validation.json"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -436,7 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose("testbed", overrides=overrides)
     golden = REPO_ROOT / "results" / "golden" / "validation"
     res = validate(cfg, golden_dir=golden, raw_dir=RAW_DIR, reanalyse=bool(cfg.get("reanalyse", False)))
-    keys_out = ("median_abs_err", "p90_abs_err", "median_signed_err", "bw_ratio_measured", "bw_ratio_sim", "met")
+    keys_out = (
+        "median_abs_err",
+        "p90_abs_err",
+        "median_signed_err",
+        "bw_ratio_measured",
+        "bw_ratio_sim",
+        "met",
+    )
     print(json.dumps({k: res.get(k) for k in keys_out}, indent=2, default=float))
     return 0
 

@@ -333,7 +333,9 @@ def run_plan(plan: dict, go_file: str | None = None, ready_file: str | None = No
     done = {r["request_id"] for r in rows}
     for r in reqs:
         if r.request_id not in done:
-            rows.append({"request_id": r.request_id, "ttft_s": math.nan, "error": "timed out", "compute_mode": mode})
+            rows.append(
+                {"request_id": r.request_id, "ttft_s": math.nan, "error": "timed out", "compute_mode": mode}
+            )
     return rows
 
 

@@ -122,6 +122,22 @@ def test_workload_requests_reuse_earlier_prefixes():
 # --- local end to end ------------------------------------------------------------------------------------------
 
 
+def test_workload_experiment_runs_open_loop():
+    """The simulator's synthetic workload (Poisson sessions) against the object tier, with its warm-up."""
+    from testbed.harness import exp_workload
+    from testbed.validate import build_harness
+
+    cfg = compose(
+        [*TINY, "workload.num_requests=6", "workload.rate_per_s=50", "workload.system_prompt_tokens=1024"]
+    )
+    with build_harness(cfg) as h:
+        recs = exp_workload(h, {"num_requests": 6})
+    assert len(recs) == 6 and all(math.isfinite(r.ttft_s) for r in recs)
+    hits = [r for r in recs if r.cached_tokens > 0]
+    assert hits and all(r.bytes_fetched == h.setup.spec.kv_bytes(r.cached_tokens) for r in hits)
+    assert all(r.path == "recompute" for r in recs if r.cached_tokens == 0)
+
+
 def test_local_context_sweep_rows(tmp_path):
     """Two single requests on loopback: one row each, the simulator's columns, bytes and times consistent."""
     from testbed.harness import write_table

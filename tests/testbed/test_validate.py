@@ -108,7 +108,15 @@ def test_validate_end_to_end_on_loopback(tmp_path):
         cfg = compose("testbed", overrides=overrides)
     res = validate(cfg, out_path=tmp_path / "validation.json", golden_dir=tmp_path / "golden")
     saved = json.loads((tmp_path / "validation.json").read_text())
-    for key in ("median_abs_err", "p90_abs_err", "bw_ratio_measured", "bw_ratio_sim", "command", "machine", "date_utc"):
+    for key in (
+        "median_abs_err",
+        "p90_abs_err",
+        "bw_ratio_measured",
+        "bw_ratio_sim",
+        "command",
+        "machine",
+        "date_utc",
+    ):
         assert key in saved, key
     assert res["n"] == 2 + 4  # 2 held-out sweep configs + 4 shared-bandwidth requests (2 per policy)
     assert math.isfinite(res["median_abs_err"]) and res["p90_abs_err"] >= res["median_abs_err"]
