@@ -29,5 +29,6 @@ if [[ $STAGES == *profile* ]]; then
 fi
 if [[ $STAGES == *ttft* ]]; then
   timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
-    --streams ${STREAMS:-8} --piece-kib ${PIECE_KIB:-1024} --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
+    --streams ${STREAMS:-8} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
+    --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
 fi
