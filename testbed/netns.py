@@ -35,7 +35,8 @@ class NetnsUnavailable(RuntimeError):
     """Network namespaces cannot be created here (not root, no iproute2, no netns support)."""
 
 
-def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+def run_cmd(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    """Run an ``ip``/``tc`` command (bounded to 30 s); with ``check``, a failure raises with its stderr."""
     res = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
     if check and res.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed (exit {res.returncode}): {res.stderr.strip()}")
@@ -50,27 +51,27 @@ def unavailable_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"the '{tool}' command is missing: apt-get install -y iproute2"
     probe = f"{NS_PREFIX}{os.getpid()}-probe"
-    res = _run(["ip", "netns", "add", probe], check=False)
+    res = run_cmd(["ip", "netns", "add", probe], check=False)
     if res.returncode != 0:
         return f"`ip netns add` failed: {res.stderr.strip()}"
-    _run(["ip", "netns", "del", probe], check=False)
+    run_cmd(["ip", "netns", "del", probe], check=False)
     return None
 
 
 def list_namespaces(prefix: str = NS_PREFIX) -> list[str]:
-    res = _run(["ip", "netns", "list"], check=False)
+    res = run_cmd(["ip", "netns", "list"], check=False)
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
     return [n for n in names if n.startswith(prefix)]
 
 
-def _delete_namespace(ns: str) -> None:
-    for pid in _run(["ip", "netns", "pids", ns], check=False).stdout.split():
+def delete_namespace(ns: str) -> None:
+    for pid in run_cmd(["ip", "netns", "pids", ns], check=False).stdout.split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
-    _run(["ip", "netns", "del", ns], check=False)
+    run_cmd(["ip", "netns", "del", ns], check=False)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,25 +86,28 @@ def cleanup_stale(prefix: str = NS_PREFIX) -> list[str]:
     removed = []
     for ns in list_namespaces(prefix):
         m = re.match(rf"^{re.escape(prefix)}(\d+)-", ns)
-        if m and not _pid_alive(int(m.group(1))):
-            _delete_namespace(ns)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            delete_namespace(ns)
             removed.append(ns)
     return removed
 
 
-def _shape(ns: str, dev: str, rate_Gbps: float, delay_ms: float) -> None:
-    """HTB root qdisc with one default class capped at ``rate_Gbps`` (plus a netem delay if asked)."""
+def shape(ns: str, dev: str, rate_Gbps: float, delay_ms: float = 0.0) -> None:
+    """Cap ``dev``'s egress in namespace ``ns`` at ``rate_Gbps`` with one HTB class, plus a netem delay if
+    asked.  ``rate_Gbps <= 0`` means uncapped (only the delay, if any, is applied)."""
+    if rate_Gbps <= 0 and delay_ms <= 0:
+        return
     ex = ["ip", "netns", "exec", ns, "tc"]
-    rate = f"{rate_Gbps * 1e9:.0f}bit"
+    rate_bit = int(rate_Gbps * 1e9) if rate_Gbps > 0 else int(100e9)
     # A burst of ~1 ms at line rate: small enough to keep the cap tight, large enough that the HTB timer
     # granularity does not cost throughput at multi-Gbps rates.
-    burst = f"{max(64 * 1024, int(rate_Gbps * 1e9 / 8 / 1000))}b"
-    _run([*ex, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
-    _run([*ex, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", rate, "ceil", rate,
-          "burst", burst, "cburst", burst])  # fmt: skip
+    burst = max(64 * 1024, int(rate_bit / 8 * 1e-3))
+    run_cmd([*ex, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
+    run_cmd([*ex, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", f"{rate_bit}bit",
+             "ceil", f"{rate_bit}bit", "burst", str(burst), "cburst", str(burst), "quantum", "60000"])  # fmt: skip
     if delay_ms > 0:
-        _run([*ex, "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "netem", "delay", f"{delay_ms}ms",
-              "limit", "100000"])  # fmt: skip
+        run_cmd([*ex, "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "netem", "delay",
+                 f"{delay_ms}ms", "limit", "100000"])  # fmt: skip
 
 
 class ShapedLink:
@@ -135,16 +139,16 @@ class ShapedLink:
 
     def _build(self) -> None:
         for ns in self.ns.values():
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+            run_cmd(["ip", "netns", "add", ns])
+            run_cmd(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
         dev = {"a": "veth-a", "b": "veth-b"}
-        _run(["ip", "link", "add", dev["a"], "netns", self.ns["a"], "type", "veth", "peer", "name", dev["b"],
+        run_cmd(["ip", "link", "add", dev["a"], "netns", self.ns["a"], "type", "veth", "peer", "name", dev["b"],
               "netns", self.ns["b"]])  # fmt: skip
         for side in ("a", "b"):
             ex = ["ip", "netns", "exec", self.ns[side], "ip"]
-            _run([*ex, "addr", "add", f"{self.addr[side]}/24", "dev", dev[side]])
-            _run([*ex, "link", "set", dev[side], "up"])
-            _shape(self.ns[side], dev[side], self.rate_Gbps, self.delay_ms)
+            run_cmd([*ex, "addr", "add", f"{self.addr[side]}/24", "dev", dev[side]])
+            run_cmd([*ex, "link", "set", dev[side], "up"])
+            shape(self.ns[side], dev[side], self.rate_Gbps, self.delay_ms)
 
     def prefix(self, side: str) -> list[str]:
         """argv prefix that runs a command inside namespace ``side`` ('a' storage, 'b' client)."""
@@ -163,7 +167,7 @@ class ShapedLink:
 
     def tc_stats(self, side: str) -> str:
         dev = "veth-a" if side == "a" else "veth-b"
-        return _run(["ip", "netns", "exec", self.ns[side], "tc", "-s", "class", "show", "dev", dev]).stdout
+        return run_cmd(["ip", "netns", "exec", self.ns[side], "tc", "-s", "class", "show", "dev", dev]).stdout
 
     def close(self) -> None:
         if self._closed:
@@ -178,7 +182,7 @@ class ShapedLink:
                     proc.kill()
                     proc.wait(5)
         for ns in self.ns.values():
-            _delete_namespace(ns)
+            delete_namespace(ns)
         with _live_lock:
             _live.discard(self)
 

@@ -26,7 +26,6 @@ import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from testbed import netns
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "ocnet"
@@ -192,86 +193,17 @@ class LocalTopology(Topology):
 
 def netns_available() -> tuple[bool, str]:
     """(usable, reason): root, the ``ip`` and ``tc`` tools, and permission to create a namespace."""
-    if os.geteuid() != 0:
-        return False, "the netns topology needs root (network namespaces, veth, tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return False, f"the netns topology needs the '{tool}' command (iproute2)"
-    probe = f"{NS_PREFIX}{os.getpid()}-probe"
-    res = _run(["ip", "netns", "add", probe], check=False)
-    if res.returncode != 0:
-        return False, f"cannot create a network namespace: {res.stderr.strip()}"
-    _run(["ip", "netns", "del", probe], check=False)
-    return True, ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    reason = netns.unavailable_reason()
+    return reason is None, (f"the netns topology cannot run: {reason}" if reason else "")
 
 
 def list_namespaces() -> list[str]:
-    res = _run(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-
-
-def _delete_namespace(ns: str) -> None:
-    pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-    for p in pids:  # processes this harness started inside its own namespace
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(p), signal.SIGKILL)
-    _run(["ip", "netns", "del", ns], check=False)
+    return netns.list_namespaces(NS_PREFIX)
 
 
 def cleanup_stale() -> list[str]:
     """Delete ``ocnet<pid>-*`` namespaces whose creating process is gone; return their names."""
-    removed = []
-    for ns in list_namespaces():
-        if not ns.startswith(NS_PREFIX):
-            continue
-        pid_part = ns[len(NS_PREFIX) :].split("-", 1)[0]
-        if pid_part.isdigit() and not _pid_alive(int(pid_part)) and int(pid_part) != os.getpid():
-            _delete_namespace(ns)
-            removed.append(ns)
-    return removed
-
-
-def _htb(ns: str, dev: str, gbps: float, delay_ms: float = 0.0) -> None:
-    """Cap ``dev``'s egress at ``gbps`` with one HTB class (burst sized for ~1 ms at line rate)."""
-    if gbps <= 0 and delay_ms <= 0:
-        return
-    ex = ["ip", "netns", "exec", ns]
-    rate_bit = int(gbps * 1e9) if gbps > 0 else int(100e9)
-    burst = max(64 * 1024, int(rate_bit / 8 * 1e-3))
-    quantum = 60000
-    _run(ex + ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
-    _run(
-        ex + ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", f"{rate_bit}bit",
-              "ceil", f"{rate_bit}bit", "burst", str(burst), "cburst", str(burst), "quantum", str(quantum)]
-    )  # fmt: skip
-    if delay_ms > 0:
-        _run(
-            ex
-            + [
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "parent",
-                "1:1",
-                "handle",
-                "10:",
-                "netem",
-                "delay",
-                f"{delay_ms}ms",
-            ]
-        )
+    return netns.cleanup_stale(NS_PREFIX)
 
 
 class NetnsTopology(Topology):
@@ -331,8 +263,8 @@ class NetnsTopology(Topology):
         _run(["ip", "netns", "exec", ns, "ip", "link", "set", a, "up"])
         _run(["ip", "netns", "exec", sw, "ip", "link", "set", b, "master", "br0"])
         _run(["ip", "netns", "exec", sw, "ip", "link", "set", b, "up"])
-        _htb(ns, a, gbps_out, self.cfg.delay_ms / 2)
-        _htb(sw, b, gbps_in, self.cfg.delay_ms / 2)
+        netns.shape(ns, a, gbps_out, self.cfg.delay_ms / 2)
+        netns.shape(sw, b, gbps_in, self.cfg.delay_ms / 2)
 
     def _build(self) -> None:
         sw = self._add_ns("sw")
@@ -354,7 +286,7 @@ class NetnsTopology(Topology):
         with contextlib.suppress(Exception):
             super().close()
         for ns in reversed(self.namespaces):
-            _delete_namespace(ns)
+            netns.delete_namespace(ns)
         self.namespaces = []
         for sig, old in self._old_handlers.items():
             with contextlib.suppress(ValueError, TypeError):
