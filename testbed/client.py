@@ -222,6 +222,19 @@ class _RawBody:
 
 
 _RCVBUF_BYTES = 16 << 20
+# Gather payloads larger than this are verified piece by piece, overlapping the receive of the next piece.
+_VERIFY_PIECE_BYTES = 8 << 20
+
+
+def _first_bad_slice(
+    view: memoryview, want: Sequence[int], slice_bytes: int, lo: int, hi: int
+) -> tuple[int, int] | None:
+    """(index, computed xxh3_64) of the first slice in [lo, hi) whose checksum differs, else None."""
+    for i in range(lo, hi):
+        got = xxhash.xxh3_64_intdigest(view[i * slice_bytes : (i + 1) * slice_bytes])
+        if got != want[i]:
+            return i, got
+    return None
 
 
 def _grow_rcvbuf(sock: socket.socket, want: int = _RCVBUF_BYTES) -> None:
@@ -693,14 +706,26 @@ class ObjectCacheClient:
                 sums = bytearray(8 * n)
                 read(memoryview(sums), f"gather layer {layer} checksums")
                 view = views[layer - first]
-                read(view, f"gather layer {layer} payload")
-                # xxhash releases the GIL on large buffers: other threads run during verification.
-                for i, want in enumerate(struct.unpack(f"<{n}Q", sums)):
-                    got = xxhash.xxh3_64_intdigest(view[i * slice_bytes : (i + 1) * slice_bytes])
-                    if got != want:
+                want = struct.unpack(f"<{n}Q", sums)
+                # A large payload arrives in pieces of whole slices; each piece is verified in the pool
+                # while the next one is received (xxhash releases the GIL), so verification overlaps the
+                # network instead of following it.  The last (or only) piece is verified inline.
+                step = max(1, _VERIFY_PIECE_BYTES // max(1, slice_bytes))
+                checks = []
+                for lo in range(0, n, step):
+                    hi = min(n, lo + step)
+                    read(view[lo * slice_bytes : hi * slice_bytes], f"gather layer {layer} payload")
+                    if hi == n:  # the last (or only) piece: nothing left to overlap with
+                        checks.append(_first_bad_slice(view, want, slice_bytes, lo, hi))
+                    else:
+                        checks.append(self._pool.submit(_first_bad_slice, view, want, slice_bytes, lo, hi))
+                for check in checks:
+                    bad = check if isinstance(check, tuple) or check is None else check.result()
+                    if bad is not None:
+                        i, got = bad
                         self.report_corrupt(names[i])
                         raise ChecksumMismatch(
-                            f"chunk {names[i]!r} layer {layer}: xxh3_64 {got:016x} != stored {want:016x}",
+                            f"chunk {names[i]!r} layer {layer}: xxh3_64 {got:016x} != stored {want[i]:016x}",
                             key=names[i],
                             layer=layer,
                         )

@@ -192,6 +192,8 @@ class S3Server:
         body = s3xml.error_xml(code, str(err), request.path, request.get("rid", ""), **extra)
         resp = web.Response(status=status, body=None if request.method == "HEAD" else body)
         resp.content_type = "application/xml"
+        if request.method == "HEAD":  # a HEAD reply has no body: carry the S3 error code in a header
+            resp.headers["x-amz-error-code"] = code
         if status == 416 and "size" in request:
             resp.headers["Content-Range"] = f"bytes */{request['size']}"
         return resp
@@ -1029,7 +1031,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--policy", default="equal", help="bandwidth policy of the pacer (scheduler.policies)")
     p.add_argument("--egress-gbps", type=float, default=None, help="egress capacity to share; unset: unpaced")
-    p.add_argument("--piece-kib", type=int, default=DEFAULT_PIECE_BYTES // 1024, help="pacing granularity")
+    p.add_argument(
+        "--piece-kib",
+        type=int,
+        default=DEFAULT_PIECE_BYTES // 1024,
+        help="smallest paced piece (a piece is ~1.5 ms of data at the stream's rate)",
+    )
     p.add_argument("--max-object-mib", type=int, default=5 * 1024)
     p.add_argument("--max-gather-keys", type=int, default=gather_mod.DEFAULT_MAX_KEYS)
     p.add_argument("--min-part-mib", type=float, default=5.0, help="minimum multipart part size (not last)")

@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--chunk-tokens", type=int, default=256)
     m.add_argument("--io-threads", type=int, default=16)
     m.add_argument("--streams", type=int, default=4, help="parallel gather streams per request")
-    m.add_argument("--piece-kib", type=int, default=1024, help="the paced server's pacing granularity")
+    m.add_argument("--piece-kib", type=int, default=64, help="the paced server's smallest pacing piece")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--data-dir", default=None, help="object server data directory (default: a temp dir)")
     m.add_argument("--raw", required=True, help="raw JSON to write")

@@ -185,6 +185,31 @@ def test_corrupt_slice_raises_naming_chunk_and_layer(
     assert name in str(info.value) and "layer 2" in str(info.value)
 
 
+def test_gather_verifies_large_payloads_piecewise(
+    objectcache_server, objectcache_s3, objectcache_bucket, monkeypatch
+):
+    """With one slice per verification piece (pool-verified while the next piece arrives), good bytes pass
+    and a damaged slice in the middle of a layer is still reported with its chunk key and layer."""
+    import testbed.client as client_mod
+
+    monkeypatch.setattr(client_mod, "_VERIFY_PIECE_BYTES", 1)
+    chunks = make_chunks(4, "piecewise", seed=8)
+    name, blob, _ = chunks[2]
+    bad = bytearray(blob)
+    bad[parse_header(blob).layer_range(1)[0] + 7] ^= 0x01
+    for n, b, _ in chunks:
+        objectcache_s3.put_object(Bucket=objectcache_bucket, Key=n, Body=bytes(bad) if n == name else b)
+    names = [c[0] for c in chunks]
+    with server_client(objectcache_server, objectcache_bucket, mode="gather") as c:
+        it = c.load_layers(names)
+        layer, view = next(it)
+        sb = len(view) // 4
+        assert layer == 0 and all(bytes(view[i * sb : (i + 1) * sb]) == chunks[i][2][0] for i in range(4))
+        with pytest.raises(ChecksumMismatch) as info:
+            next(it)
+    assert info.value.key == name and info.value.layer == 1
+
+
 @pytest.mark.rgw
 def test_geometry_mismatch_on_fallback(rgw, rgw_bucket):
     other = ModelSpec("tiny-wide", 4, 2, 32, 4, 64, 4, 128, 512)

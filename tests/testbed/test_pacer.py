@@ -292,3 +292,19 @@ def test_two_paced_streams_split_the_link_equally(paced_200MBps):
         arrivals = out[i][2]
         rate_Bps = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
         assert rate_Bps == pytest.approx(100e6, rel=0.10)
+
+
+def test_paced_buffered_path_delivers_the_bytes_at_its_rate(start_objectcache_server):
+    """``--no-sendfile``: layers are read into buffers and the send thread paces them piece by piece."""
+    srv = start_objectcache_server(["--no-sendfile", "--egress-gbps", "1.6"])
+    s3 = srv.boto3_client()
+    s3.create_bucket(Bucket="buffered")
+    chunks = make_chunks(4, seed=22)
+    put_all(s3, "buffered", chunks)
+    names = [c[0] for c in chunks] * 24  # 96 slices of 64 KiB a layer: 24 MiB in all, ~0.13 s at 200 MB/s
+    out: dict[int, tuple] = {}
+    _paced_load(srv, "buffered", names, out, 0)
+    nbytes, _, arrivals = out[0]
+    assert nbytes == len(names) * TINY.kv_bytes_per_chunk_layer() * TINY.num_layers
+    rate_Bps = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
+    assert 0.85 <= rate_Bps / 200e6 <= 1.05
