@@ -412,6 +412,19 @@ class ObjectCacheClient:
             raise ValueError(f"fallback_mode must be 'ranged' or 'whole', got {fallback_mode!r}")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        # What another process needs to build an equivalent client (the engine's reader process).
+        self.init_kwargs = dict(
+            endpoint_url=endpoint_url,
+            bucket=bucket,
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
+            mode=mode,
+            max_concurrency=max_concurrency,
+            timeout_s=timeout_s,
+            fallback_mode=fallback_mode,
+            retries=retries,
+        )
         self.endpoint_url = endpoint_url.rstrip("/")
         self.bucket = bucket
         self.mode = mode
@@ -562,6 +575,7 @@ class ObjectCacheClient:
         layer_end: int | None = None,
         out: Sequence | None = None,
         compute_per_layer_s: float | None = None,
+        timings: dict | None = None,
     ) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(layer, payload)`` for ``layer_start <= layer < layer_end`` in order (see module doc).
 
@@ -569,6 +583,9 @@ class ObjectCacheClient:
         ``len(names) * slice_bytes`` bytes; the payloads are read into them directly.  A buffer may repeat
         in ``out`` (a ring of pinned buffers) on the gather and ranged paths: the client then writes a buffer
         only after the consumer has asked for the layer after the one it last held.
+        ``timings``: optional dict the gather path fills with ``time.monotonic()`` stamps: ``sent_s`` (the
+        request is about to be sent), ``response_s`` (status and headers are in: the server has checked every
+        object) and ``first_layer_s`` (layer ``layer_start`` is received and verified).
         """
         names = list(names)
         if not names:
@@ -584,7 +601,7 @@ class ObjectCacheClient:
             mode = self.fallback_mode if known is False else "gather"
         if mode == "gather":
             try:
-                stream = self._gather(names, layer_start, layer_end, out, compute_per_layer_s)
+                stream = self._gather(names, layer_start, layer_end, out, compute_per_layer_s, timings)
                 first = next(stream)  # the request is sent and answered before the first yield
             except GatherUnsupported:
                 if self.mode == "gather":
@@ -631,8 +648,9 @@ class ObjectCacheClient:
         return [v[:layer_bytes] for v in views]
 
     # gather ------------------------------------------------------------------------------------------------
-    def _gather(self, names, layer_start, layer_end, out, compute_per_layer_s):
+    def _gather(self, names, layer_start, layer_end, out, compute_per_layer_s, timings=None):
         """Generator of the gathered layers (the range is not empty)."""
+        stamps = timings if timings is not None else {}
         request = {"version": 1, "keys": names, "layer_start": layer_start}
         if layer_end is not None:
             request["layer_end"] = layer_end
@@ -640,7 +658,9 @@ class ObjectCacheClient:
             request["compute_per_layer_s"] = float(compute_per_layer_s)
         body = json.dumps(request).encode()
         path = f"/{quote(self.bucket, safe='')}?gather"
+        stamps["sent_s"] = time.monotonic()
         conn, resp = self._http.open("POST", path, {"Content-Type": "application/json"}, body)
+        stamps["response_s"] = time.monotonic()
         raw: _RawBody | None = None
         try:
             if resp.status != 200:
@@ -729,6 +749,8 @@ class ObjectCacheClient:
                             key=names[i],
                             layer=layer,
                         )
+                if layer == first:
+                    stamps["first_layer_s"] = time.monotonic()
                 yield layer, view
             read(fixed[:8], "gather end frame")
             if bytes(fixed[:4]) == _ERROR_FRAME:

@@ -18,6 +18,16 @@ The server does not see the client's GPU, so it estimates it the way the policy'
 client starts computing layer ``l`` when layer ``l`` has been sent and layer ``l-1`` is computed, and each
 layer takes ``compute_per_layer_s``.  With ``egress_Bps=None`` (the default) nothing is paced.
 
+Following the fluid model (``scheduler.fluid``).  The fluid model asks the policy again at every *event*: a
+flow starts or ends, a layer finishes arriving, or a GPU finishes a layer while layers remain (that is when
+an on-schedule flow that got nothing runs out of buffer and becomes late).  The pacer does the same: besides
+open, close and layer boundaries it arms a timer (``call_later`` on the server's event loop) at the next
+estimated GPU layer end (``next_gpu_event_s``).  A rate change takes effect at once, also for a piece that
+is already waiting for its slot: the unsent part of the slot is re-timed at the new rate (``retime``; a
+stream cut to 0 keeps the bytes it owes and resumes them when it gets a rate again), and senders sleep in
+steps of at most ``recheck_s`` so they see it.  The policy sees the bytes whose slot has passed
+(``PacedStream.sent_bytes``), not the ones merely accounted to a waiting piece.
+
 The clock is injected (``clock``, seconds, monotonic) so tests can drive the pacer deterministically.
 """
 
@@ -25,7 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +68,8 @@ class PacedStream:
     layer_sent_s: list[float] = field(default_factory=list)
     rate_Bps: float = math.inf
     next_send_s: float = 0.0
+    # Bytes accounted to a piece whose slot was cut short by a rate of 0: sent once the stream has a rate.
+    owed_bytes: float = 0.0
     changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -72,6 +87,40 @@ class PacedStream:
             busy_until = start + self.compute_per_layer_s
         return started, busy_until
 
+    def pending_bytes(self, now_s: float) -> float:
+        """Bytes accounted to pieces whose slot has not passed yet (at the current rate)."""
+        if self.rate_Bps <= 0:
+            return self.owed_bytes
+        if math.isinf(self.rate_Bps):
+            return 0.0
+        return max(0.0, self.next_send_s - now_s) * self.rate_Bps
+
+    def sent_bytes(self, now_s: float) -> float:
+        """Bytes a fluid link at this stream's rates would have carried by ``now_s``."""
+        return max(
+            0.0, min(self.delivered_bytes - self.pending_bytes(now_s), self.layer_bytes * self.layers_total)
+        )
+
+    def retime(self, rate_Bps: float, now_s: float) -> None:
+        """Switch to ``rate_Bps`` now: the unsent part of the current slot continues at the new rate."""
+        if rate_Bps == self.rate_Bps:
+            return
+        owed = self.pending_bytes(now_s)
+        self.rate_Bps = rate_Bps
+        if rate_Bps <= 0:
+            # A piece whose slot has passed may still leave (its sender has not woken yet): only bytes
+            # still owed wait for a rate.  (Parking it would deadlock a stream whose last piece is in
+            # flight: with nothing left the policy never gives it a rate again.)
+            self.owed_bytes = owed
+            self.next_send_s = math.inf if owed > 0 else min(self.next_send_s, now_s)
+        elif math.isinf(rate_Bps):
+            self.owed_bytes, self.next_send_s = 0.0, now_s
+        else:
+            self.owed_bytes = 0.0
+            if owed > 0 or math.isinf(self.next_send_s):
+                self.next_send_s = now_s + owed / rate_Bps
+            # else: the deadline is in the past (credit of a late sender): keep it
+
     def view(self, now_s: float) -> FlowView:
         started, busy_until = self.gpu_state(now_s)
         return FlowView(
@@ -79,7 +128,7 @@ class PacedStream:
             path=(EGRESS,),
             layer_bytes=float(self.layer_bytes),
             layers_total=self.layers_total,
-            delivered_bytes=float(min(self.delivered_bytes, self.layer_bytes * self.layers_total)),
+            delivered_bytes=float(self.sent_bytes(now_s)),
             compute_per_layer_s=self.compute_per_layer_s,
             gpu_busy_until_s=busy_until,
             layers_computed=started,
@@ -100,6 +149,7 @@ class Pacer:
         burst_s: float = 0.005,
         starve_poll_s: float = 0.05,
         quantum_s: float = 0.0015,
+        recheck_s: float = 0.002,
     ) -> None:
         self.policy_name = policy
         self.policy = get_policy(policy)
@@ -109,9 +159,17 @@ class Pacer:
         self.burst_s = burst_s
         self.quantum_s = quantum_s
         self.starve_poll_s = starve_poll_s
+        self.recheck_s = recheck_s
         self.streams: dict[str, PacedStream] = {}
         self._ids = itertools.count()
         self.reallocations = 0
+        self.timer_reallocations = 0
+        # Send threads account pieces while the event loop changes rates: both touch a stream's deadline.
+        self._lock = threading.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        # Debugging aid: OC_PACER_TRACE=<dir> writes every allocation (JSON lines) to <dir>/pacer-<pid>.jsonl.
+        trace_dir = os.environ.get("OC_PACER_TRACE")
+        self._trace = open(os.path.join(trace_dir, f"pacer-{os.getpid()}.jsonl"), "a") if trace_dir else None  # noqa: SIM115
 
     @property
     def limited(self) -> bool:
@@ -148,22 +206,75 @@ class Pacer:
         self.reallocate()
 
     def reallocate(self) -> dict[str, float]:
-        """Ask the policy for new rates of all active streams (infinite when egress is unlimited)."""
+        """Ask the policy for new rates of all active streams (infinite when egress is unlimited), apply
+        them at once (``PacedStream.retime``) and arm the timer for the next GPU event."""
         self.reallocations += 1
         if not self.streams:
+            self._cancel_timer()
             return {}
-        if self.egress_Bps is None:
-            rates = {sid: math.inf for sid in self.streams}
-        else:
-            now = self.now_s()
-            flows = [s.view(now) for s in sorted(self.streams.values(), key=lambda s: s.stream_id)]
-            link = Link(EGRESS, self.egress_Bps)
-            rates = self.policy.allocate(now, flows, {EGRESS: link})
-        for sid, s in self.streams.items():
-            s.rate_Bps = float(rates.get(sid, 0.0))
+        now = self.now_s()
+        with self._lock:
+            if self.egress_Bps is None:
+                rates = {sid: math.inf for sid in self.streams}
+            else:
+                flows = [s.view(now) for s in sorted(self.streams.values(), key=lambda s: s.stream_id)]
+                link = Link(EGRESS, self.egress_Bps)
+                rates = self.policy.allocate(now, flows, {EGRESS: link})
+            for sid, s in self.streams.items():
+                s.retime(float(rates.get(sid, 0.0)), now)
+        if self._trace is not None:
+            self._write_trace(now)
+        for s in self.streams.values():
             if s.changed is not None:
                 s.changed.set()
+        if self.egress_Bps is not None:
+            self._arm_timer(now)
         return rates
+
+    def _write_trace(self, now_s: float) -> None:
+        rows = []
+        for s in self.streams.values():
+            started, busy = s.gpu_state(now_s)
+            rows.append([s.stream_id, s.rate_Bps, s.sent_bytes(now_s), s.layers_sent, s.layers_total, started,
+                         busy, s.arrival_s])  # fmt: skip
+        self._trace.write(json.dumps({"t": now_s, "policy": self.policy_name, "streams": rows}) + "\n")
+        self._trace.flush()
+
+    def next_gpu_event_s(self, now_s: float) -> float:
+        """The next estimated GPU layer end after ``now_s`` of a stream with layers left to send (``inf`` if
+        none): an event of the fluid model (``scheduler.fluid.next_event_s``) the sends do not mark."""
+        t = math.inf
+        for s in self.streams.values():
+            if s.layers_sent >= s.layers_total or s.compute_per_layer_s <= 0:
+                continue
+            started, busy_until = s.gpu_state(now_s)
+            if 0 < started < s.layers_total and busy_until > now_s:
+                t = min(t, busy_until)
+        return t
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm_timer(self, now_s: float) -> None:
+        """Re-ask the policy at the next GPU event (only on a running event loop: tests without one call
+        ``reallocate`` themselves at ``next_gpu_event_s``)."""
+        self._cancel_timer()
+        t = self.next_gpu_event_s(now_s)
+        if math.isinf(t):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        # A little after the event, so the estimate counts that layer's compute as finished.
+        self._timer = loop.call_later(max(0.0, t - now_s) + 5e-5, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.timer_reallocations += 1
+        self.reallocate()
 
     def delay_for(self, stream: PacedStream, nbytes: int) -> float:
         """Account ``nbytes`` to the stream; return how long to wait before sending them.
@@ -174,13 +285,17 @@ class Pacer:
         never leave faster than ``n / rate`` (plus at most ``burst_s`` of credit), and a sender that sleeps
         only until each deadline delivers the rate exactly on average."""
         now = self.now_s()
-        stream.delivered_bytes += nbytes
-        if math.isinf(stream.rate_Bps):
-            stream.next_send_s = now
-            return 0.0
-        start = max(stream.next_send_s, now - self.burst_s)
-        stream.next_send_s = start + nbytes / stream.rate_Bps
-        return max(0.0, stream.next_send_s - now)
+        with self._lock:
+            stream.delivered_bytes += nbytes
+            if math.isinf(stream.rate_Bps):
+                stream.next_send_s = now
+                return 0.0
+            if stream.rate_Bps <= 0:  # no rate now: the bytes wait for the next one
+                stream.owed_bytes += nbytes
+                return math.inf
+            start = max(stream.next_send_s, now - self.burst_s)
+            stream.next_send_s = start + nbytes / stream.rate_Bps
+            return max(0.0, stream.next_send_s - now)
 
     def piece_bytes(self, stream: PacedStream, floor_bytes: int = DEFAULT_PIECE_BYTES) -> int:
         """Bytes to send per pacing step: ``quantum_s`` of data at the stream's rate, within
@@ -198,30 +313,54 @@ class Pacer:
         on_starved: Callable[[], None] | None = None,
     ) -> None:
         """``pace`` for a send thread: block (``wait(seconds)``, e.g. ``threading.Event.wait`` so a cancel
-        wakes it) until the stream may send ``nbytes``.  A starved stream (rate 0) polls every millisecond
-        and calls ``on_starved`` (which should schedule ``reallocate`` on the event loop) every
-        ``starve_poll_s``; rates themselves only change on the event loop."""
+        wakes it; a true result means cancelled) until the stream may send ``nbytes``.  The sleep follows
+        rate changes: it re-reads the deadline every ``recheck_s`` (a re-allocation may move it either
+        way).  A starved stream (rate 0) polls every millisecond and calls ``on_starved`` (which should
+        schedule ``reallocate`` on the event loop) every ``starve_poll_s``; rates only change on the loop."""
         if self.egress_Bps is None:
             stream.delivered_bytes += nbytes
             return
-        if stream.rate_Bps <= 0:
-            last = self.now_s()
-            while stream.rate_Bps <= 0:
-                if wait(0.001):
-                    return  # cancelled: the caller checks its stop flag
-                if on_starved is not None and self.now_s() - last >= self.starve_poll_s:
-                    last = self.now_s()
-                    on_starved()
-            stream.next_send_s = max(stream.next_send_s, self.now_s())
-        delay = self.delay_for(stream, nbytes)
-        if delay > 0:
-            wait(delay)
+        self._wait_for_rate(stream, wait, on_starved)
+        self.delay_for(stream, nbytes)
+        while True:
+            left = stream.next_send_s - self.now_s()
+            if left <= 0:
+                return
+            if math.isinf(left):  # cut to 0 while waiting: resume when it has a rate again
+                if self._wait_for_rate(stream, wait, on_starved):
+                    return
+                continue
+            if wait(min(left, self.recheck_s)):
+                return  # cancelled: the caller checks its stop flag
+
+    def _wait_for_rate(self, stream: PacedStream, wait: Callable[[float], object], on_starved) -> bool:
+        """Block while the stream's rate is 0; True if cancelled."""
+        last = self.now_s()
+        while stream.rate_Bps <= 0:
+            if wait(0.001):
+                return True
+            if on_starved is not None and self.now_s() - last >= self.starve_poll_s:
+                last = self.now_s()
+                on_starved()
+        return False
 
     async def pace(self, stream: PacedStream, nbytes: int) -> None:
         """Wait until the stream may send ``nbytes`` more bytes at its current rate."""
         if self.egress_Bps is None:
             stream.delivered_bytes += nbytes
             return
+        await self._await_rate(stream)
+        self.delay_for(stream, nbytes)
+        while True:
+            left = stream.next_send_s - self.now_s()
+            if left <= 0:
+                return
+            if math.isinf(left):
+                await self._await_rate(stream)
+                continue
+            await asyncio.sleep(min(left, self.recheck_s))
+
+    async def _await_rate(self, stream: PacedStream) -> None:
         while stream.rate_Bps <= 0:
             # The policy gave this stream nothing for now: wait for the next reallocation.
             if stream.changed is None:
@@ -231,10 +370,6 @@ class Pacer:
                 await asyncio.wait_for(stream.changed.wait(), self.starve_poll_s)
             except TimeoutError:
                 self.reallocate()
-            stream.next_send_s = max(stream.next_send_s, self.now_s())
-        delay = self.delay_for(stream, nbytes)
-        if delay > 0:
-            await asyncio.sleep(delay)
 
     def snapshot(self) -> list[dict]:
         return [

@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > $OUT/gpu.txt 2>&1
 STAGES=${STAGES:-tests,hf,check,profile,ttft}
 if [[ $STAGES == *tests* ]]; then
-  timeout 180 python3 -m pytest -m gpu -p no:cacheprovider -q tests/testbed/test_model.py tests/testbed/test_prefill.py 2>&1 | tee $OUT/gpu_tests.log
+  timeout 180 python3 -m pytest -m gpu -p no:cacheprovider -q tests/testbed/test_model.py tests/testbed/test_prefill.py tests/testbed/test_kvsource.py 2>&1 | tee $OUT/gpu_tests.log
 fi
 if [[ $STAGES == *hf* ]]; then
   timeout 120 python3 -c "
@@ -29,6 +29,6 @@ if [[ $STAGES == *profile* ]]; then
 fi
 if [[ $STAGES == *ttft* ]]; then
   timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
-    --streams ${STREAMS:-8} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
+    --streams ${STREAMS:-8} --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
     --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
 fi

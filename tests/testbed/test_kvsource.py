@@ -17,7 +17,8 @@ import torch
 from scheduler.geometry import get_model
 from scheduler.keys import KeyScope
 from testbed import kvformat
-from testbed.errors import ChunkMissing, StorageUnavailable
+from testbed.errors import ChecksumMismatch, ChunkMissing, S3Error, StorageUnavailable
+from testbed.kvreader import decode_error, encode_error
 from testbed.kvsource import DramSource, DramTier, KVLoadError, LayerCopier, LoadRequest, ObjectCacheSource
 
 SPEC = get_model("tiny")
@@ -201,3 +202,26 @@ def test_lookup_stops_at_first_hole_and_survives_storage_down():
             raise StorageUnavailable("endpoint unreachable")
 
     assert ObjectCacheSource(Down(), scope, copier()).lookup(keys) == 0
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ChunkMissing("NoSuchKey: ns/fp/abc", keys=["ns/fp/abc", "ns/fp/def"]),
+        ChecksumMismatch("chunk 'ns/fp/abc' layer 3: bad", key="ns/fp/abc", layer=3),
+        S3Error("SlowDown", "too fast", 503, key="k"),
+        StorageUnavailable("gather from http://127.0.0.1:1: refused", layer=0),
+    ],
+)
+def test_reader_errors_cross_the_process_boundary_as_the_same_class(exc):
+    import pickle
+
+    # What the reader process sends is plain data (pickled through a pipe).
+    back = decode_error(pickle.loads(pickle.dumps(encode_error(exc))), KVLoadError)
+    assert type(back) is type(exc) and str(back) == str(exc)
+    assert vars(back) == vars(exc)
+
+
+def test_unknown_reader_errors_become_load_errors():
+    back = decode_error(encode_error(ZeroDivisionError("boom")), KVLoadError)
+    assert isinstance(back, KVLoadError) and "ZeroDivisionError" in str(back) and "boom" in str(back)

@@ -308,3 +308,102 @@ def test_paced_buffered_path_delivers_the_bytes_at_its_rate(start_objectcache_se
     assert nbytes == len(names) * TINY.kv_bytes_per_chunk_layer() * TINY.num_layers
     rate_Bps = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
     assert 0.85 <= rate_Bps / 200e6 <= 1.05
+
+
+def test_rate_change_retimes_a_waiting_piece():
+    """A piece waiting for its slot continues at the new rate from the moment rates change (the fluid model's
+    piecewise-constant rates), and the policy sees only the bytes whose slot has passed."""
+    clock = FakeClock()
+    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0)
+    a = p.open_stream(10**6, 4, stream_id="a")
+    t0 = p.now_s()
+    assert p.delay_for(a, 100_000) == pytest.approx(0.1)
+    clock.t += 0.05
+    assert a.sent_bytes(p.now_s()) == pytest.approx(50_000)  # half the piece's slot has passed
+    b = p.open_stream(10**6, 4, stream_id="b")  # a's share halves: the other 50 kB take 0.1 s, not 0.05 s
+    assert a.rate_Bps == pytest.approx(5e5)
+    assert a.next_send_s == pytest.approx(t0 + 0.15)
+    clock.t += 0.02
+    p.close_stream(b)  # back to the full link: 40 kB left, 0.04 s
+    assert a.next_send_s == pytest.approx(t0 + 0.07 + 0.04)
+    assert a.sent_bytes(p.now_s()) == pytest.approx(60_000)
+
+
+@register_policy
+class _OnlyB:
+    """Test policy: stream ids containing 'b' get the link while they exist, others share what is left."""
+
+    name = "test-only-b"
+
+    def allocate(self, now_s, flows, links):
+        cap = links[EGRESS].capacity_Bps
+        bs = [f for f in flows if "b" in str(f.flow_id)]
+        return {f.flow_id: (cap / len(bs) if f in bs else 0.0) if bs else cap / len(flows) for f in flows}
+
+
+def test_stream_cut_to_zero_keeps_what_it_owes_and_resumes():
+    clock = FakeClock()
+    p = Pacer("test-only-b", 1e6, clock=clock, burst_s=0.0)
+    a = p.open_stream(10**6, 4, stream_id="a")
+    p.delay_for(a, 100_000)
+    clock.t += 0.03
+    b = p.open_stream(10**6, 4, stream_id="b")
+    assert a.rate_Bps == 0.0 and math.isinf(a.next_send_s) and a.owed_bytes == pytest.approx(70_000)
+    assert a.sent_bytes(p.now_s()) == pytest.approx(30_000)  # frozen while it has no rate
+    clock.t += 1.0
+    p.close_stream(b)
+    assert a.rate_Bps == pytest.approx(1e6) and a.next_send_s == pytest.approx(p.now_s() + 0.07)
+
+
+@register_policy
+class _IdleGpuGetsAll:
+    """Test policy: streams whose (estimated) GPU waits for data share the link; busy ones get nothing."""
+
+    name = "test-idle-gpu-gets-all"
+
+    def allocate(self, now_s, flows, links):
+        cap = links[EGRESS].capacity_Bps
+        idle = [f for f in flows if f.gpu_busy_until_s <= now_s]
+        return {f.flow_id: (cap / len(idle) if f in idle else 0.0) for f in flows}
+
+
+def test_gpu_layer_end_is_an_event():
+    """The fluid model re-asks the policy when a GPU finishes a layer while layers remain; so does the
+    pacer, with a timer on the event loop, without waiting for another stream's event or the starve poll."""
+    clock = FakeClock()
+    p = Pacer("test-idle-gpu-gets-all", 1e9, clock=clock)
+    s = p.open_stream(1000, 4, compute_per_layer_s=0.05)
+    p.layer_sent(s)
+    assert p.next_gpu_event_s(p.now_s()) == pytest.approx(s.arrival_s + 0.05)
+    clock.t += 1.0
+    p.reallocate()
+    assert p.next_gpu_event_s(p.now_s()) == math.inf  # the GPU waits: no event until data comes
+
+    async def run():
+        p = Pacer("test-idle-gpu-gets-all", 1e9, starve_poll_s=30.0)
+        s = p.open_stream(1000, 4, compute_per_layer_s=0.05)
+        assert s.rate_Bps == 1e9  # nothing to compute yet: the GPU waits for layer 0
+        p.layer_sent(s)  # layer 0 sent: the GPU computes it for 50 ms, the policy gives nothing meanwhile
+        assert s.rate_Bps == 0.0
+        t0 = time.monotonic()
+        await asyncio.wait_for(p.pace(s, 1000), 2.0)
+        assert time.monotonic() - t0 >= 0.045
+        assert p.timer_reallocations >= 1 and s.rate_Bps == 1e9
+        p.close_stream(s)
+
+    asyncio.run(run())
+
+
+def test_last_piece_still_leaves_when_its_stream_gets_no_rate():
+    """Once a stream's last piece has had its slot, the policy sees nothing left and gives it 0: the piece
+    must still leave (it used to wait for a rate that never came, stalling that request for good)."""
+    clock = FakeClock()
+    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0)
+    s = p.open_stream(1000, 1)
+    p.delay_for(s, 1000)  # the whole stream in one piece: its slot ends 1 ms from now
+    clock.t += 0.002  # the slot has passed but the sender has not woken yet
+    p.reallocate()
+    assert s.rate_Bps == 0.0 and s.next_send_s <= p.now_s() and s.owed_bytes == 0.0
+    waits = []
+    p.pace_blocking(s, 0, wait=lambda d: waits.append(d) or clock.__setattr__("t", clock.t + d))
+    assert waits == []  # nothing owed: no waiting for a rate

@@ -173,6 +173,31 @@ def test_gpu_objectcache_source_and_fallback():
     check_same(res, ref, tol=1e-2)
 
 
+@pytest.mark.gpu
+def test_gpu_process_reader_into_registered_shared_memory(real_tier):
+    """On CUDA the shared segment is registered as pinned memory and the copies are asynchronous."""
+    model = build_model("tiny", seed=11, device="cuda", dtype_override=torch.bfloat16)
+    srv, client = real_tier
+    writer, _, _ = make(model, client=client)
+    first = prompt(160, 8)
+    writer.prefill(first)
+    writer.saver.flush()
+    engine, _, cp = make(model)
+    src = ObjectCacheSource(client, engine.scope, cp, reader="process", streams=3, check_exists=False)
+    try:
+        ids = torch.cat([first, prompt(50, 9)])
+        ref = reference(ids, model)
+        ok = engine.prefill(ids, src, save=False, max_cached_chunks=10)
+        assert ok.source == "objectcache" and ok.cached_tokens == 160 and src._registered
+        check_same(ok, ref, tol=1e-2)
+        srv.stop()
+        down = engine.prefill(ids, src, save=False, max_cached_chunks=10)
+        assert down.source == "recompute" and "StorageUnavailable" in down.fallback
+        check_same(down, ref, tol=1e-2)
+    finally:
+        src.close()
+
+
 def test_ttft_benchmark_end_to_end_with_real_server(tmp_path):
     """The H100 benchmark's own code path on the CPU: our server (paced and unpaced) and client, the object
     source with parallel gather streams, the DRAM sources; every source must use the cache, not fall back,
@@ -213,3 +238,79 @@ def test_ttft_benchmark_end_to_end_with_real_server(tmp_path):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
     assert math.isfinite(summary["added_ms_4k_vs_dram_layerwise"])
     assert summary["link_Gbps"] == 2 and summary["logits_rel_err"] <= TOL
+    heads = summary["headline_sources"]
+    assert heads["paced"] in ("objectcache_paced", "objectcache_paced_thread")
+    assert heads["paced_reader"] == ("thread" if heads["paced"].endswith("_thread") else "process")
+    for row in data["configs"]:
+        assert row["sources"]["objectcache_paced"]["reader"] == "process"
+        assert row["sources"]["objectcache_max_thread"]["reader"] == "thread"
+        assert row["sources"]["objectcache_paced"]["load_timings_ms"]["first_layer"] > 0
+
+
+@pytest.fixture
+def real_tier(tmp_path):
+    """Our object server on loopback and a real client (the process reader builds its own from it)."""
+    from testbed.client import ObjectCacheClient
+    from testbed.launch import start_server
+
+    srv = start_server(tmp_path / "store", args=["--no-fsync"])
+    try:
+        client = ObjectCacheClient(
+            srv.url, "kv-test", srv.access_key, srv.secret_key, mode="gather", timeout_s=10
+        )
+        try:
+            client.ensure_bucket()
+            yield srv, client
+        finally:
+            client.close()
+    finally:
+        srv.stop()
+
+
+def test_process_reader_equals_recompute_and_delivers_errors_as_the_same_exceptions(real_tier):
+    """The reader-process path on the CPU (the shared segment is plain host memory here): same logits and KV
+    as a recompute over several requests and stream counts; a missing chunk and a dead server reach the
+    engine as ChunkMissing / StorageUnavailable (the fallback keeps the answer); the source stays usable."""
+    srv, client = real_tier
+    writer, _, _ = make(client=client)
+    first = prompt(6 * CT, 12)
+    writer.prefill(first)
+    assert writer.saver.flush() == 6
+    engine, _, cp = make()
+    src = ObjectCacheSource(client, engine.scope, cp, reader="process", streams=2, check_exists=False)
+    try:
+        ids = torch.cat([first, prompt(19, 13)])
+        ref = reference(ids)
+        for streams in (2, 3, 1):
+            src.streams = streams
+            ok = engine.prefill(ids, src, save=False, max_cached_chunks=6)
+            assert ok.fallback == "" and ok.source == "objectcache" and ok.cached_tokens == 6 * CT
+            check_same(ok, ref)
+            assert ok.load.bytes_loaded == 6 * SPEC.num_layers * cp.slice_bytes
+            t = ok.load.timings_ms
+            assert len(t["first_layer"]) == len(t["response_headers"]) == streams
+            assert all(0 < r <= f for r, f in zip(t["response_headers"], t["first_layer"]))
+        reader_pid = src._proc.proc.pid
+
+        client.delete_chunks([f"t1/{SPEC.fingerprint()}/{ok.keys[4]}"])
+        missed = engine.prefill(ids, src, save=False, max_cached_chunks=6)
+        assert (
+            missed.source == "recompute"
+            and "ChunkMissing" in missed.fallback
+            and ok.keys[4] in missed.fallback
+        )
+        check_same(missed, ref)
+        src.check_exists = True  # lookup now finds 4 chunks: the same reader process serves them
+        partial = engine.prefill(ids, src, save=False)
+        assert partial.source == "objectcache" and partial.cached_tokens == 4 * CT
+        check_same(partial, ref)
+        assert src._proc.proc.pid == reader_pid
+
+        src.check_exists = False
+        srv.stop()
+        down = engine.prefill(ids, src, save=False, max_cached_chunks=6)
+        assert down.source == "recompute" and "StorageUnavailable" in down.fallback
+        check_same(down, ref)
+    finally:
+        src.close()
+    assert src._proc is None
