@@ -288,6 +288,35 @@ class _Connections:
                 return
 
 
+def make_boto3_client(
+    endpoint_url: str,
+    access_key: str,
+    secret_key: str,
+    region: str,
+    timeout_s: float,
+    max_pool_connections: int,
+    retries: int = 2,
+):
+    """A boto3 S3 client for any S3 service: path-style addressing, bounded timeouts and retries, and
+    checksums only where S3 requires them (our own per-slice checksums cover the KV payload)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=Config(
+            max_pool_connections=max_pool_connections,
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"max_attempts": retries + 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
 class SignedHTTP:
     """SigV4-signed requests over pooled keep-alive ``http.client`` connections to one S3 endpoint.
 
@@ -437,21 +466,8 @@ class ObjectCacheClient:
             self.endpoint_url, access_key, secret_key, region, timeout_s, max_concurrency + 2, retries
         )
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="oc-client")
-        self._s3 = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region,
-            config=Config(
-                max_pool_connections=max_concurrency + 2,
-                connect_timeout=timeout_s,
-                read_timeout=timeout_s,
-                retries={"max_attempts": retries + 1, "mode": "standard"},
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
+        self._s3 = make_boto3_client(
+            self.endpoint_url, access_key, secret_key, region, timeout_s, max_concurrency + 2, retries
         )
 
     # --- lifecycle -------------------------------------------------------------------------------------

@@ -27,12 +27,10 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from testbed import kvformat
-from testbed.client import SignedHTTP
+from testbed.client import SignedHTTP, make_boto3_client
 from testbed.errors import (
     BucketMissing,
     BucketNotEmpty,
@@ -79,21 +77,9 @@ class S3ProxyStore(Store):
         self._http = SignedHTTP(
             self.endpoint_url, access_key, secret_key, region, float(timeout_s), self.max_concurrency * 2
         )
-        self._s3 = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region,
-            config=Config(
-                max_pool_connections=self.max_concurrency,
-                connect_timeout=float(timeout_s),
-                read_timeout=float(timeout_s),
-                retries={"max_attempts": 3, "mode": "standard"},
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
+        # Three attempts in all, as before: retries=2.
+        self._s3 = make_boto3_client(
+            self.endpoint_url, access_key, secret_key, region, float(timeout_s), self.max_concurrency, 2
         )
         self._prefetch = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="s3proxy-prefetch")
 
