@@ -486,6 +486,11 @@ class ObjectCacheSource(KVSource):
         t0 = time.perf_counter()
         self._ready[layer].wait()
         self.stats.wait_s.append(time.perf_counter() - t0)
+        self._raise_or_copy(layer)
+
+    def _raise_or_copy(self, layer: int) -> None:
+        """After layer ``layer`` arrived (or the load failed): raise the load's error as an ObjectCacheError or
+        KVLoadError, so the engine falls back to recompute, else make the compute stream wait for its copy."""
         if self._error is not None:
             err = self._error
             if isinstance(err, ObjectCacheError | KVLoadError):
@@ -636,12 +641,7 @@ class ObjectCacheSource(KVSource):
         self.stats.wait_s.append(time.perf_counter() - t0)
         if self._error is None and not self._ready[layer]:
             self._error = KVLoadError(f"object tier reader finished without layer {layer}")
-        if self._error is not None:
-            err = self._error
-            if isinstance(err, ObjectCacheError | KVLoadError):
-                raise err
-            raise KVLoadError(f"object tier load failed at layer {layer}: {err!r}") from err
-        self.copier.wait(layer)
+        self._raise_or_copy(layer)
 
     def _drain(self, timeout_s: float) -> None:
         """Read the reader's messages until it has finished the current request (or kill it)."""
