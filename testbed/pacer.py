@@ -70,6 +70,8 @@ class PacedStream:
     next_send_s: float = 0.0
     # Bytes accounted to a piece whose slot was cut short by a rate of 0: sent once the stream has a rate.
     owed_bytes: float = 0.0
+    # When the server started handling the request (pacer clock; nan if unknown): for the trace.
+    request_s: float = math.nan
     changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -236,7 +238,7 @@ class Pacer:
         for s in self.streams.values():
             started, busy = s.gpu_state(now_s)
             rows.append([s.stream_id, s.rate_Bps, s.sent_bytes(now_s), s.layers_sent, s.layers_total, started,
-                         busy, s.arrival_s])  # fmt: skip
+                         busy, s.arrival_s, s.request_s])  # fmt: skip
         self._trace.write(json.dumps({"t": now_s, "policy": self.policy_name, "streams": rows}) + "\n")
         self._trace.flush()
 

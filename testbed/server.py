@@ -200,6 +200,7 @@ class S3Server:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
+        request["t_pacer_s"] = self.pacer.now_s()  # when handling began, on the pacer's clock
         request["rid"] = f"{self._rid_prefix}-{next(self._rid):08x}"
         request["op"] = "unknown"
         try:
@@ -843,6 +844,7 @@ class S3Server:
 
     async def gather(self, ctx: Ctx) -> web.StreamResponse:
         request = ctx.request
+        request_s = request.get("t_pacer_s", float("nan"))
         body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
         req = gather_mod.parse_gather_body(body, self.config.max_gather_keys)
         denied = [k for k in req.keys if not ctx.cred.allows_key(k)]
@@ -866,6 +868,7 @@ class S3Server:
         stream = self.pacer.open_stream(
             plan.layer_payload_bytes, plan.num_layers, req.compute_per_layer_s, req.stream_id
         )
+        stream.request_s = request_s
         self.metrics.active_streams += 1
         self.metrics.gather_streams_total += 1
         try:

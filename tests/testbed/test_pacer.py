@@ -398,12 +398,17 @@ def test_last_piece_still_leaves_when_its_stream_gets_no_rate():
     """Once a stream's last piece has had its slot, the policy sees nothing left and gives it 0: the piece
     must still leave (it used to wait for a rate that never came, stalling that request for good)."""
     clock = FakeClock()
-    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0)
+    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0, recheck_s=0.01)
     s = p.open_stream(1000, 1)
-    p.delay_for(s, 1000)  # the whole stream in one piece: its slot ends 1 ms from now
-    clock.t += 0.002  # the slot has passed but the sender has not woken yet
-    p.reallocate()
-    assert s.rate_Bps == 0.0 and s.next_send_s <= p.now_s() and s.owed_bytes == 0.0
     waits = []
-    p.pace_blocking(s, 0, wait=lambda d: waits.append(d) or clock.__setattr__("t", clock.t + d))
-    assert waits == []  # nothing owed: no waiting for a rate
+
+    def wait(d):  # the sender oversleeps its slot; meanwhile the event loop re-allocates
+        waits.append(d)
+        assert len(waits) < 50, "the sender never got to send"
+        clock.t += d + 0.001
+        p.reallocate()
+        return False
+
+    p.pace_blocking(s, 1000, wait=wait)  # the whole stream in one piece: its slot is 1 ms
+    assert waits == [pytest.approx(0.001)]
+    assert s.rate_Bps == 0.0 and s.owed_bytes == 0.0 and s.next_send_s <= p.now_s()
