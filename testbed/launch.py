@@ -33,6 +33,18 @@ from testbed.s3auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, Credential
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 @dataclass
 class ServerProcess:
     url: str
@@ -85,13 +97,7 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 10.0) -> int:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace_s)
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None

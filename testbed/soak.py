@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -40,6 +38,7 @@ import numpy as np
 
 from scheduler.geometry import ModelSpec
 from testbed import faults, kvformat
+from testbed.bench import machine
 from testbed.client import ObjectCacheClient
 from testbed.launch import ServerProcess, start_server
 
@@ -254,12 +253,7 @@ def run_soak(
         "command": " ".join(["python -m testbed.soak", *sys.argv[1:]])
         if __name__ == "__main__"
         else "run_soak()",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_1min": os.getloadavg()[0],
-        },
+        "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": duration_s,
         "elapsed_s": elapsed_s,

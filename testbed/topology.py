@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed import netns
+from testbed.launch import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "ocnet"
@@ -83,13 +84,8 @@ class StorageHandle:
     log_path: Path | None
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, grace_s)
 
     def log_tail(self, n: int = 3000) -> str:
         try:

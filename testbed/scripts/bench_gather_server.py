@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
 import struct
 import subprocess
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from scheduler.geometry import get_model  # noqa: E402
 from scheduler.keys import KeyScope, object_key  # noqa: E402
+from testbed.bench import machine  # noqa: E402
 from testbed.kvformat import encode_chunk, slice_checksum  # noqa: E402
 from testbed.launch import start_server  # noqa: E402
 
@@ -266,12 +265,7 @@ def main() -> None:
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_1min": os.getloadavg()[0],
-        },
+        "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": args.model,
         "chunks": args.chunks,
