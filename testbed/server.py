@@ -67,6 +67,8 @@ log = logging.getLogger("objectcache.server")
 INTERNAL_PREFIX = "/_objectcache/"
 MiB = 1 << 20
 _BATCH_BYTES = 4 * MiB
+_INLINE_HASH_BYTES = 64 * 1024  # bodies up to this size are hashed in the event loop
+_INLINE_GATHER_KEYS = 64  # gathers of up to this many keys open their objects in the event loop
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHECKSUM_ALGS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 
@@ -165,7 +167,8 @@ class S3Server:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_request_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        # [\s\S], not ".": a decoded path may hold a newline (%0A), which must get an S3 error, not aiohttp's 404.
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)
         app.on_response_prepare.append(self._on_prepare)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -412,7 +415,10 @@ class S3Server:
             chunks.append(batch)
         if pending is not None:
             await pending
-        await loop.run_in_executor(self.executor, consume, batch)
+        if sink is None and len(batch) <= _INLINE_HASH_BYTES:
+            consume(batch)  # a small body (a gather request): cheaper than a hop to the busy thread pool
+        else:
+            await loop.run_in_executor(self.executor, consume, batch)
         body = b"".join(chunks)
         if declared is not None and size != int(declared):
             raise S3Error("IncompleteBody", f"received {size} bytes, expected {declared}", 400)
@@ -857,10 +863,18 @@ class S3Server:
             )
         for k in req.keys:
             validate_key(k)
-        if not await self.run(self.store.bucket_exists, ctx.bucket):
+        # The open is on the critical path of every gather and the pool is busy reading the running
+        # streams' layers: on a local store, check a small gather's objects in the event loop instead.
+        inline = isinstance(self.store, FilesystemStore) and len(req.keys) <= _INLINE_GATHER_KEYS
+        exists = (
+            self.store.bucket_exists(ctx.bucket)
+            if inline
+            else await self.run(self.store.bucket_exists, ctx.bucket)
+        )
+        if not exists:
             raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
         try:
-            plan = await gather_mod.prepare_gather(self.store, ctx.bucket, req, self.executor)
+            plan = await gather_mod.prepare_gather(self.store, ctx.bucket, req, self.executor, inline=inline)
         except CorruptObject as e:
             if e.key:
                 await self.run(self.check_and_quarantine, ctx.bucket, e.key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from urllib.parse import quote
 
 import numpy as np
@@ -263,7 +264,8 @@ def test_layer0_is_sent_before_later_layers_are_read(tmp_path):
     assert [bytes(f.payload) for f in frames] == [b"".join(c[2][i] for c in chunks) for i in range(4)]
 
 
-def test_prepare_gather_errors(tmp_path):
+@pytest.mark.parametrize("inline", [False, True])
+def test_prepare_gather_errors(tmp_path, inline):
     store = FilesystemStore(tmp_path, fsync=False)
     store.create_bucket("bkt")
     a, b = make_chunks(1, seed=9), make_chunks(1, seed=10, chunk_tokens=64)
@@ -271,9 +273,18 @@ def test_prepare_gather_errors(tmp_path):
         w = store.begin_write("bkt", name)
         w.write(blob)
         w.commit()
+    opened_in: set[int] = set()
+    open_object = store.open_object
+
+    def recording_open(bucket, key):
+        opened_in.add(threading.get_ident())
+        return open_object(bucket, key)
+
+    store.open_object = recording_open
 
     async def prep(keys):
-        return await gather.prepare_gather(store, "bkt", gather.GatherRequest(tuple(keys), 0, None))
+        req = gather.GatherRequest(tuple(keys), 0, None)
+        return await gather.prepare_gather(store, "bkt", req, inline=inline)
 
     with pytest.raises(ChunkMissing) as err:
         asyncio.run(prep([a[0][0], "ns1/missing-1", "ns1/missing-2"]))
@@ -285,3 +296,5 @@ def test_prepare_gather_errors(tmp_path):
     header, layers = decode_chunk(a[0][1])
     assert [bytes(x) for x in layers] == a[0][2]
     plan.close()
+    # Inline, the objects are opened in the event loop's thread (here the test's); else in the pool's.
+    assert (opened_in == {threading.get_ident()}) == inline
