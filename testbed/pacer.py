@@ -239,7 +239,10 @@ class Pacer:
             started, busy = s.gpu_state(now_s)
             rows.append([s.stream_id, s.rate_Bps, s.sent_bytes(now_s), s.layers_sent, s.layers_total, started,
                          busy, s.arrival_s, s.request_s])  # fmt: skip
-        self._trace.write(json.dumps({"t": now_s, "policy": self.policy_name, "streams": rows}) + "\n")
+        self._trace.write(
+            json.dumps({"t": now_s, "t_abs": now_s + self._t0, "policy": self.policy_name, "streams": rows})
+            + "\n"
+        )
         self._trace.flush()
 
     def next_gpu_event_s(self, now_s: float) -> float:

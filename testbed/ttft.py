@@ -136,6 +136,7 @@ def measure(args) -> dict:
         "streams": args.streams,
         "reader": args.reader,
         "piece_kib": args.piece_kib,
+        "shared_prefix": bool(args.shared_prefix),
         "configs": [],
     }
     servers = {}
@@ -167,21 +168,39 @@ def measure(args) -> dict:
             t0 = time.perf_counter()
             oc.reserve(max_chunks)
             log(f"{oc.reader} reader: buffers for {max_chunks} chunks in {time.perf_counter() - t0:.2f} s")
-        # Inputs are random, never zeros; a fresh prompt per configuration.
+        # Inputs are random, never zeros; a fresh prompt per configuration, or (``--shared-prefix``) the
+        # prefixes of one prompt, saved once: a grid of many configurations then writes the tiers once.
         gen = torch.Generator().manual_seed(args.seed)
-        for cached, new in configs:
-            ids = torch.randint(0, spec.vocab_size, (cached + new,), generator=gen)
-            # Populate both tiers through the engine's own save path: the full recompute of the prompt saves
-            # its full chunks (DRAM now, the object tier in the background) and is the logits reference, so
-            # the cached KV is bitwise the reference's and the error measures the engine alone.
+        base = None
+        if args.shared_prefix:
+            base = torch.randint(0, spec.vocab_size, (max(c + n for c, n in configs),), generator=gen)
+            longest = max(c for c, _ in configs)
             engine.saver = saver
             t0 = time.perf_counter()
-            ref = engine.prefill(ids)
+            saved = engine.prefill(base[:longest])
             written = saver.flush()
             engine.saver = None
-            log(
-                f"[{cached}+{new}] saved {len(ref.saved_keys)} chunks ({written} objects) in {time.perf_counter() - t0:.1f} s"
-            )
+            log(f"shared prefix: saved {len(saved.saved_keys)} chunks ({written} objects) in "
+                f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+            del saved
+        for cached, new in configs:
+            if base is not None:
+                # The reference recompute does not save: the tiers already hold this prefix, computed as
+                # the prefix of the longest one (causal attention: the same KV, up to GEMM-shape rounding).
+                ids = base[: cached + new]
+                ref = engine.prefill(ids)
+            else:
+                ids = torch.randint(0, spec.vocab_size, (cached + new,), generator=gen)
+                # Populate both tiers through the engine's own save path: the full recompute of the prompt
+                # saves its full chunks (DRAM now, the object tier in the background) and is the logits
+                # reference, so the cached KV is bitwise the reference's and the error measures the engine.
+                engine.saver = saver
+                t0 = time.perf_counter()
+                ref = engine.prefill(ids)
+                written = saver.flush()
+                engine.saver = None
+                log(f"[{cached}+{new}] saved {len(ref.saved_keys)} chunks ({written} objects) in "
+                    f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
             row = {"cached_tokens": cached, "new_tokens": new, "context_tokens": cached + new, "sources": {}}
             for name in sources:
                 cpl = None
@@ -230,9 +249,9 @@ def measure(args) -> dict:
                     f"[{cached}+{new}] {name:18s} TTFT {entry['ttft_ms']:9.2f} ms  (rel err {entry['logits_rel_err']:.2e})"
                 )
             out["configs"].append(row)
-            # Free the DRAM tier's slots for the next configuration (LRU would also do it).
-            tier.release(list(tier.slots.values()))
-            tier.slots.clear()
+            if base is None:  # free the DRAM tier's slots for the next configuration (LRU would also do it)
+                tier.release(list(tier.slots.values()))
+                tier.slots.clear()
     finally:
         for oc in locals().get("ocs", {}).values():
             oc.close()
@@ -346,30 +365,45 @@ SIM_PATH = {
 }
 
 
-def simulate_ttft_ms(raw: dict, profile: str, storage: str = "fast") -> dict:
-    """The simulator's TTFT (ms) for each measured (cached, new) and path, on this machine's measured profile
-    and host-to-device bandwidth, with the paced link rate."""
+def simulate_ttft_ms(
+    raw: dict,
+    profile: str,
+    storage: str = "fast",
+    *,
+    request_overhead_s: float = 2e-4,
+    ttfb_s: float = 1e-4,
+    gather_per_chunk_s: float = 0.0,
+    efficiency: float = 1.0,
+    rtt_s: float = 2e-5,
+    paths: dict[str, str] | None = None,
+) -> dict:
+    """The simulator's TTFT (ms) for each measured (cached, new) and path (``paths``: source -> simulator
+    path, default ``SIM_PATH``), on this machine's measured profile and host-to-device bandwidth, with the
+    paced link rate.  The storage and link parameters are those ``testbed.validate.gpu_validation`` fits;
+    the defaults are a fast server at the full link rate."""
     from sim.config import GpuConfig, ModelConfig, NetworkConfig, StorageConfig
     from sim.runner import Setup, SimRequest, simulate
 
     st = StorageConfig(
         name=storage,
-        request_overhead_s=2e-4,
-        ttfb_s=1e-4,
+        request_overhead_s=request_overhead_s,
+        ttfb_s=ttfb_s,
         server_concurrency=256,
         client_concurrency=64,
         server_Gbps=800.0,
+        gather_per_chunk_s=gather_per_chunk_s,
     )
+    net = NetworkConfig(name="loopback-paced", link_Gbps=raw["link_Gbps"], efficiency=efficiency, rtt_s=rtt_s)
     setup = Setup(
         model=ModelConfig(raw["model"], raw["chunk_tokens"]),
         gpu=GpuConfig(name="h100", profile=profile, pcie_pinned_GBps=raw["pinned_h2d_GBps"] or 53.0),
-        network=NetworkConfig(name="loopback-paced", link_Gbps=raw["link_Gbps"], efficiency=1.0, rtt_s=2e-5),
+        network=net,
         storage=st,
     )
     out = {}
     for row in raw["configs"]:
         c, n = row["cached_tokens"], row["new_tokens"]
-        for src, path in SIM_PATH.items():
+        for src, path in (paths or SIM_PATH).items():
             recs, _ = simulate([SimRequest(f"{path}-{c}+{n}", 0.0, c, n, path)], setup, "h100_ttft", "", 0)
             out.setdefault(f"{c}+{n}", {})[src] = recs[0].ttft_s * 1e3
     return out
@@ -500,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--data-dir", default=None, help="object server data directory (default: a temp dir)")
     m.add_argument("--raw", required=True, help="raw JSON to write")
+    m.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="every configuration uses a prefix of one prompt, saved to the tiers once (for grids: "
+        "`testbed.validate` on the GPU)",
+    )
     c = sub.add_parser("check", help="split-vs-recompute error per dtype at the real geometry")
     c.add_argument("--model", default="llama-3.1-8b")
     c.add_argument("--device", default="cuda")
@@ -513,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--check", default=None, help="JSON of `ttft check` to embed (float32/bf16 correctness)")
     s.add_argument("--hf", default=None, help="JSON of the HF transformers equivalence check to embed")
+    v = sub.add_parser(
+        "validate", help="simulator vs GPU on a measured grid: calibrate on half the configs, judge the rest"
+    )
+    v.add_argument("--raw", required=True, help="raw JSON of `measure` (a grid, e.g. with --shared-prefix)")
+    v.add_argument("--profile", required=True, help="measured profile CSV of the same GPU")
+    v.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     command = "python -m testbed.ttft " + " ".join(shlex.quote(a) for a in argv)
     if args.cmd == "measure":
@@ -524,6 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "check":
         res = check(args)
         Path(args.out).write_text(json.dumps({"command": command, "results": res}, indent=1))
+    elif args.cmd == "validate":
+        from testbed.validate import gpu_validation
+
+        res = gpu_validation(json.loads(Path(args.raw).read_text()), args.profile)
+        res["command"] = command
+        res["raw"] = args.raw
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        keys = ("n", "median_abs_err", "p90_abs_err", "by_path", "calibration")
+        print(json.dumps({k: res.get(k) for k in keys}, indent=1, default=float))
     else:
         raw = json.loads(Path(args.raw).read_text())
         extras = {}

@@ -161,9 +161,13 @@ def emulated_request(client, names: list[str], req: PlannedRequest, num_layers: 
     arrived = threading.Condition()
     state = {"n": 0, "error": None, "bytes": 0}
 
+    timings: dict = {}
+
     def reader() -> None:
         try:
-            for layer, view in client.load_layers(names, compute_per_layer_s=req.layer_time_s):
+            for layer, view in client.load_layers(
+                names, compute_per_layer_s=req.layer_time_s, timings=timings
+            ):
                 now = time.perf_counter()
                 with arrived:
                     ready[layer] = now
@@ -206,6 +210,7 @@ def emulated_request(client, names: list[str], req: PlannedRequest, num_layers: 
     ttft = time.perf_counter() - t0
     if names:
         th.join()
+    _trace_request(req.request_id, t0, ready[0], ttft, timings)
     return {
         "ttft_s": ttft,
         "first_layer_wait_s": first_wait,
@@ -215,6 +220,20 @@ def emulated_request(client, names: list[str], req: PlannedRequest, num_layers: 
         "ready_s": [r - t0 for r in ready],
         "path": client.last_path or "gather" if names else "recompute",
     }
+
+
+def _trace_request(request_id: str, t0: float, ready0: float, ttft: float, timings: dict) -> None:
+    """Debugging aid: ``OC_WORKER_TRACE=<dir>`` appends one JSON line per request to
+    ``<dir>/worker-<pid>.jsonl`` with absolute stamps (``time.perf_counter``, the same clock as
+    ``time.monotonic`` on Linux: arrival ``t0``, request
+    ``sent_s``, headers in ``response_s``, layer 0 in ``ready0``) and the server's ``stream_id``; joined with
+    ``OC_PACER_TRACE`` (same clock, ``t_abs``) it shows where a slow request lost its time."""
+    trace_dir = os.environ.get("OC_WORKER_TRACE")
+    if not trace_dir:
+        return
+    row = {"id": request_id, "t0": t0, "ready0": ready0, "ttft": ttft, **timings}
+    with open(os.path.join(trace_dir, f"worker-{os.getpid()}.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _sleep_until(deadline: float) -> None:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, HF equivalence, the profiler grid and the TTFT measurements (issue 5).
 # Run from the repo root on the GPU machine with .whl carried; writes logs and results under $OUT.
+# The GPU validation grid (issue 6; then `python -m testbed.ttft validate` here):
+#   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
+#   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
+#   CONFIGS=2048+128,2048+1024,2048+4096,4096+128,...,61440+4096 bash testbed/scripts/h100_measure.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -30,5 +34,6 @@ fi
 if [[ $STAGES == *ttft* ]]; then
   timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
     --streams ${STREAMS:-8} --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
+    ${CONFIGS:+--configs $CONFIGS} ${SHARED_PREFIX:+--shared-prefix} ${DATA_DIR:+--data-dir $DATA_DIR} \
     --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
 fi

@@ -365,3 +365,20 @@ def test_gather_unsupported_answers_are_recognised(replay):
         pytest.raises(ChunkMissing, match="a/b/c"),
     ):
         list(c.load_layers(["a/b/c"]))
+
+
+def test_layer_buffers_allocate_each_layer_on_first_use():
+    """Without ``out`` the client reads each layer into its own buffer, made when the layer is reached: a
+    whole request allocated (and zeroed) up front held the GIL for tens of ms and stalled other readers."""
+    from testbed.client import _LayerBuffers
+
+    bufs = _LayerBuffers(4, 1 << 20)
+    assert len(bufs) == 4 and not bufs._views
+    v1 = bufs[1]
+    assert len(v1) == 1 << 20 and v1.nbytes == 1 << 20 and not v1.readonly
+    assert list(bufs._views) == [1]
+    assert bufs[1] is v1 and bufs[-3] is v1  # the same layer, the same buffer
+    assert bufs[2].obj is not v1.obj
+    assert len(bufs[0:2]) == 2
+    with pytest.raises(IndexError):
+        bufs[4]
