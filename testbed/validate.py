@@ -368,7 +368,7 @@ def gpu_validation(raw: dict, profile: str) -> dict:
     obj = {s: p for s, p in paths.items() if p == "gather"}
     best = (math.inf, 2e-4, 0.0, 1.0)
     if obj:
-        for a in (x * 1e-3 for x in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16)):
+        for a in (x * 1e-3 for x in (0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)):
             for c in (x * 1e-3 for x in (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6)):
                 for eff in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
                     sim = simulate_ttft_ms(cal_raw, profile, request_overhead_s=a, ttfb_s=0.0,
