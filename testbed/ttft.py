@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 K = 1024
 # (cached, new): the simulator's headline configurations (configs/experiment/context_sweep.yaml): 4K cached +
@@ -226,8 +227,12 @@ def measure(args) -> dict:
                     if r.fallback or r.source != expected:
                         raise RuntimeError(f"{name}: fell back to {r.source}: {r.fallback}")
                     if rep:  # rep 0 is the warm-up
-                        runs.append(r)
                         errs.append(rel_err(r.logits, ref.logits))
+                        # Keep the timings, not the run's KV and logits (GBs on the GPU at long prompts).
+                        runs.append(
+                            SimpleNamespace(ttft_s=r.ttft_s, cached_tokens=r.cached_tokens, load=r.load)
+                        )
+                    del r
                 ttfts = [r.ttft_s for r in runs]
                 entry = {
                     "ttft_ms": statistics.median(ttfts) * 1e3,
@@ -249,6 +254,9 @@ def measure(args) -> dict:
                     f"[{cached}+{new}] {name:18s} TTFT {entry['ttft_ms']:9.2f} ms  (rel err {entry['logits_rel_err']:.2e})"
                 )
             out["configs"].append(row)
+            del ref
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             if base is None:  # free the DRAM tier's slots for the next configuration (LRU would also do it)
                 tier.release(list(tier.slots.values()))
                 tier.slots.clear()
