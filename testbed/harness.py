@@ -8,7 +8,9 @@ network, storage, workload, policy, experiment) plus ``topology`` and ``compute_
    tokens, and the emulated per-layer compute time from the configured compute model (the same
    ``scheduler.compute`` model the simulator uses);
 2. warm-up: one worker PUTs every chunk the requests will read (idempotent), populating the object tier;
-3. starts one worker per host, waits until all are ready, then releases them at a common wall-clock start;
+3. starts one worker per host (``Topology.start_worker``: a process here, or an agent's on a cluster node),
+   waits until all are ready, then releases them at a common wall-clock start (on a cluster converted to
+   each node's clock with the offset measured just before);
 4. collects the rows and turns them into ``scheduler.records.RequestRecord`` rows (``source="testbed"``,
    ``compute_mode`` recorded), written to ``<results_dir>/<experiment>/requests.csv`` with a
    ``summary.csv`` from ``sim.metrics.summarize`` (the one metrics function of both sides).
@@ -17,8 +19,9 @@ Experiments (``configs/experiment/testbed_*.yaml``, key ``runs``):
 
 * ``context_sweep``: one request at a time (a closed loop of one client), every cached x new pair.
 * ``shared_bandwidth``: N concurrent requests with mixed contexts arriving within ``arrival_window_s``; for
-  each policy the storage server is restarted with its pacer enforcing the policy on an egress of
-  ``cap x network.efficiency`` (``cap`` from ``caps_Gbps``).
+  each policy the storage server's pacer enforces the policy on an egress of ``cap x network.efficiency``
+  (``cap`` from ``caps_Gbps``): restarted with it (local, netns) or set through its admin operation
+  (cluster).
 * ``workload``: the simulator's workload generators (``sim.workloads.make_workload``: synthetic sessions or a
   Mooncake trace), open loop (Poisson) or closed loop; a request's cached prefix is its longest run of
   blocks seen in earlier requests (the warm-up stores them).
@@ -30,7 +33,6 @@ import dataclasses
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from scheduler.records import RequestRecord
 from sim.config import WorkloadConfig
 from sim.runner import Setup, dram_layerwise_ttft_s, setup_compute
 from testbed.topology import Topology, TopologyConfig
+from testbed.workerjob import WorkerFailed, WorkerJob
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK_TOKENS = 256  # prompt blocks of the sweep experiments (one chunk each)
@@ -133,90 +136,62 @@ class Harness:
             ],
         }
 
-    def _worker_argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "testbed.worker", *args]
-
     def run_worker_action(
         self, action: str, plan: dict, host: int = 0, timeout_s: float = 600.0
     ) -> dict | None:
         """Run ``python -m testbed.worker <action>`` (``warmup`` or ``probe``) on one host; return its JSON."""
-        d = self.topology.work_dir / f"{action}-{time.monotonic_ns()}"
-        d.mkdir()
-        (d / "plan.json").write_text(json.dumps(plan))
-        out = d / "out.json"
-        log = d / "log.txt"
-        argv = self._worker_argv(action, "--plan", str(d / "plan.json"), "--out", str(out))
-        proc = self.topology.popen_on_host(host, argv, log)
+        job = self.topology.start_worker(host, action, plan, timeout_s)
         try:
-            rc = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            rc = -9
-        if rc != 0:
-            raise RuntimeError(f"worker {action} on host {host} failed ({rc}):\n{log.read_text()[-3000:]}")
-        return json.loads(out.read_text()) if out.exists() else None
+            res = job.wait(timeout_s)
+        finally:
+            job.cancel()
+        if res.rc != 0:
+            raise WorkerFailed(f"worker {action} on host {host} failed ({res.rc}):\n{res.log_tail}")
+        return res.result
 
     def run_batch(self, run: RunSpec, reqs: list[Req]) -> list[dict]:
         """Warm up, then run ``reqs`` spread over the topology's hosts (open-loop requests round-robin, a
         closed-loop client's chain on one host); rows in request order."""
         url = self.storage_url(run.policy, run.pacer_Gbps)
-        tc = self.topology.cfg
-        if self.topology.name == "cluster" and tc.hosts > 1:
-            # One harness per GPU node: this node takes its share (same split as the netns hosts).
-            reqs = [
-                r
-                for i, r in enumerate(reqs)
-                if (i if r.client is None else r.client) % tc.hosts == tc.host_index
-            ]
-            if not reqs:
-                return []
         self.run_worker_action("warmup", self.plan(url, reqs))
         hosts = self.topology.hosts
-        d = self.topology.work_dir / f"run-{time.monotonic_ns()}"
-        d.mkdir()
-        go = d / "go"
-        procs = []
+        shares = {}
         for h in range(hosts):
             mine = [r for i, r in enumerate(reqs) if (i if r.client is None else r.client) % hosts == h]
-            if not mine:
-                continue
-            (d / f"plan{h}.json").write_text(json.dumps(self.plan(url, mine)))
-            argv = self._worker_argv(
-                "run", "--plan", str(d / f"plan{h}.json"), "--out", str(d / f"out{h}.json"),
-                "--go-file", str(go), "--ready-file", str(d / f"ready{h}"),
-            )  # fmt: skip
-            procs.append((h, self.topology.popen_on_host(h, argv, d / f"log{h}.txt")))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if all((d / f"ready{h}").exists() for h, _ in procs):
-                break
-            dead = [(h, p) for h, p in procs if p.poll() is not None]
-            if dead:
-                h = dead[0][0]
-                raise RuntimeError(
-                    f"worker on host {h} exited early:\n{(d / f'log{h}.txt').read_text()[-3000:]}"
-                )
-            time.sleep(0.01)
-        else:
-            raise RuntimeError("workers did not get ready within 120 s")
-        tmp = d / "go.tmp"
-        tmp.write_text(f"{time.time() + 0.2:.6f}")
-        tmp.replace(go)
+            if mine:
+                shares[h] = mine
+        self.topology.sync_clocks()  # a cluster's clock offsets, measured for this run (and recorded)
+        jobs: list[WorkerJob] = []
+        try:
+            ready_s = 120.0  # building the client (and, for cpu/gpu, the model) before the barrier
+            for h, mine in shares.items():
+                plan = self.plan(url, mine)
+                jobs.append(self.topology.start_worker(h, "run", plan, ready_s + self.timeout_s + 60))
+            deadline = time.monotonic() + ready_s
+            while not all([j.ready() for j in jobs]):  # every job polled: a dead one fails at once
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workers did not get ready within 120 s")
+                time.sleep(0.02)
+            start_s = self.topology.clock() + self.topology.start_lead_s
+            late = [(j.host, j.go(start_s)) for j in jobs]
+            late = [(h, s) for h, s in late if s > 0]
+            if late:
+                self.log.append(f"{run.experiment}: hosts released after the common start: {late}")
+            results = [(j.host, j.wait(self.timeout_s + 60)) for j in jobs]
+        finally:
+            for j in jobs:
+                j.cancel()  # a no-op for finished jobs; on an error, no worker is left behind
         rows: list[dict] = []
-        for h, p in procs:
-            try:
-                p.wait(self.timeout_s + 60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            out = d / f"out{h}.json"
-            if not out.exists():
-                raise RuntimeError(
-                    f"worker on host {h} wrote no rows:\n{(d / f'log{h}.txt').read_text()[-3000:]}"
-                )
-            for row in json.loads(out.read_text())["rows"]:
+        for h, res in results:
+            if res.result is None:
+                raise WorkerFailed(f"worker on host {h} wrote no rows:\n{res.log_tail}")
+            offset_s = self.topology.clock_offset_s(h)
+            for row in res.result["rows"]:
                 row["host"] = h
+                row["start_s"] = start_s  # the common start, on the coordinator's clock
+                row["clock_offset_s"] = offset_s
+                if "arrival_wall_s" in row:  # when it arrived, on the coordinator's clock
+                    row["arrival_abs_s"] = row["arrival_wall_s"] - offset_s
                 rows.append(row)
         order = {r.request_id: i for i, r in enumerate(reqs)}
         rows.sort(key=lambda r: order[r["request_id"]])
@@ -230,8 +205,6 @@ class Harness:
         by_id = {r["request_id"]: r for r in rows}
         out = []
         for q in reqs:
-            if q.request_id not in by_id:  # another cluster node's share
-                continue
             row = by_id[q.request_id]
             out.append(
                 RequestRecord(

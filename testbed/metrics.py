@@ -1,8 +1,9 @@
 """Server metrics in the Prometheus text exposition format (``GET /_objectcache/metrics``).
 
 Counters: bytes served / received per operation, requests per operation and status, errors per S3 code,
-gather layers sent.  Gauges: active gather streams, per-stream rates from the pacer.  A fixed-bucket
-histogram of request latencies per operation (time to the last byte).
+gather layers sent, pacer settings changes.  Gauges: active gather streams, the pacer's policy and
+capacity, per-stream rates from the pacer.  A fixed-bucket histogram of request latencies per operation
+(time to the last byte).
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ class Metrics:
         )
         block("objectcache_active_streams", "gauge", "Gather streams in flight.", [("", self.active_streams)])
         if pacer is not None:
+            block(
+                "objectcache_pacer_policy",
+                "gauge",
+                "The pacer's current bandwidth policy (1 for the active one).",
+                [(_labels(policy=pacer.policy_name), 1)],
+            )
+            block(
+                "objectcache_pacer_changes_total",
+                "counter",
+                "Pacer settings changed through the admin operation.",
+                [("", pacer.changes)],
+            )
             block(
                 "objectcache_egress_capacity_bytes_per_second",
                 "gauge",

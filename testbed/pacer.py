@@ -166,6 +166,7 @@ class Pacer:
         self._ids = itertools.count()
         self.reallocations = 0
         self.timer_reallocations = 0
+        self.changes = 0  # settings changed through ``configure`` (the server's admin operation)
         # Send threads account pieces while the event loop changes rates: both touch a stream's deadline.
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
@@ -176,6 +177,23 @@ class Pacer:
     @property
     def limited(self) -> bool:
         return self.egress_Bps is not None
+
+    def configure(self, policy: str, egress_Bps: float | None) -> None:
+        """Switch the policy and the egress capacity (bytes/s; None or 0: unpaced) of a running pacer.
+
+        The server's admin operation (``POST /?objectcache-pacer``) calls this only while no stream is open,
+        so one run never mixes two settings; with streams open the next reallocation uses the new ones.
+        Raises ``KeyError`` for an unknown policy (nothing changes)."""
+        new_policy = get_policy(policy)
+        self.policy_name, self.policy = policy, new_policy
+        self.egress_Bps = egress_Bps if egress_Bps and egress_Bps > 0 else None
+        self.changes += 1
+        self.reallocate()
+
+    def settings(self) -> dict:
+        """The current policy and egress capacity (Gbps, None when unpaced), as the admin operation shows."""
+        gbps = self.egress_Bps * 8 / 1e9 if self.egress_Bps else None
+        return {"policy": self.policy_name, "egress_gbps": gbps, "active_streams": len(self.streams)}
 
     def now_s(self) -> float:
         return self.clock() - self._t0
@@ -388,6 +406,32 @@ class Pacer:
             }
             for s in self.streams.values()
         ]
+
+
+def parse_settings(body: bytes, current: dict) -> tuple[str, float | None]:
+    """Validate the admin operation's JSON body ``{"policy": name, "egress_gbps": Gbps | 0 | null}`` (either
+    key may be left out to keep the current value); return (policy, egress bytes/s or None for unpaced).
+    Raises ``ValueError`` with a message for the client (the server answers 400)."""
+    from scheduler.policies import policy_names
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("pacer settings are not valid JSON") from None
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError('pacer settings must be a JSON object with "policy" and/or "egress_gbps"')
+    unknown = sorted(set(doc) - {"policy", "egress_gbps"})
+    if unknown:
+        raise ValueError(f"unknown pacer settings {unknown}: only policy and egress_gbps")
+    policy = doc.get("policy", current["policy"])
+    if not isinstance(policy, str) or policy not in policy_names():
+        raise ValueError(f"unknown policy {policy!r}; known: {policy_names()}")
+    gbps = doc.get("egress_gbps", current["egress_gbps"])
+    if gbps is not None and (
+        not isinstance(gbps, int | float) or isinstance(gbps, bool) or not math.isfinite(gbps) or gbps < 0
+    ):
+        raise ValueError("egress_gbps must be a non-negative number of Gbps (0 or null: unpaced)")
+    return policy, (gbps * 1e9 / 8 if gbps else None)
 
 
 def _in_loop() -> bool:

@@ -6,7 +6,7 @@ server turns the many small per-(chunk, layer) ranged reads into local traffic a
 stream over the long link to the GPU node.
 
 Bucket ``b`` of the server is bucket ``<bucket_prefix>b`` of the backend.  Control operations use boto3; the
-read path uses ``testbed.client.SignedHTTP`` (SigV4, keep-alive, ``readinto`` into the server's buffers).
+read path uses ``testbed.s3http.SignedHTTP`` (SigV4, keep-alive, ``readinto`` into the server's buffers).
 
 Readahead.  The server's gather reads, for layer ``l``, the slice of chunk 0, then of chunk 1, ... one after
 another; against a remote backend each read is a round trip.  The handles therefore prefetch: reading a KV
@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from botocore.exceptions import BotoCoreError, ClientError
 
 from testbed import kvformat
-from testbed.client import SignedHTTP, make_boto3_client
+from testbed.client import make_boto3_client
 from testbed.errors import (
     BucketMissing,
     BucketNotEmpty,
@@ -40,6 +40,7 @@ from testbed.errors import (
     StorageUnavailable,
     from_s3_error,
 )
+from testbed.s3http import SignedHTTP
 from testbed.store import BucketInfo, ListPage, ObjectHandle, ObjectInfo, ObjectWriter, Store
 
 _SPOOL_MEMORY_BYTES = 64 << 20  # uploads bigger than this spill to a temp file before the PUT

@@ -8,8 +8,9 @@ Request flow: every request is verified with SigV4 (``testbed.s3auth``), its buc
 against the credential's buckets and namespaces, and it is dispatched on method + sub-resource.  Blocking
 store calls run in a thread pool; payload bytes go out with ``sendfile`` where the store has file descriptors.
 Errors are S3 XML documents; an unexpected exception is logged and answered ``500 InternalError`` without
-internals.  Unauthenticated endpoints: ``GET /_objectcache/health`` (JSON) and ``GET /_objectcache/metrics``
-(Prometheus text) -- names no bucket can have.
+internals.  One admin operation, ``POST /?objectcache-pacer`` (``pacer_control``), switches the pacer's
+policy and egress rate without a restart.  Unauthenticated endpoints: ``GET /_objectcache/health`` (JSON) and
+``GET /_objectcache/metrics`` (Prometheus text) -- names no bucket can have.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from testbed import gather as gather_mod
+from testbed import pacer as pacer_mod
 from testbed import s3xml
 from testbed.errors import CorruptObject, ObjectCacheError, S3Error
 from testbed.metrics import Metrics
@@ -94,6 +96,8 @@ class ServerConfig:
     send_threads: int = 64
     sendfile: bool = True  # False: gather payload is read into buffers and written (for A/B measurements)
     fsync: bool = True
+    # The admin operation POST /?objectcache-pacer: off unless the operator asks (--allow-pacer-control).
+    allow_pacer_control: bool = False
     ready_file: str | None = None
     log_level: str = "INFO"
 
@@ -255,6 +259,8 @@ class S3Server:
         if not bucket:
             if m == "GET":
                 return await self._op(ctx, "ListBuckets", self.list_buckets)
+            if m == "POST" and "objectcache-pacer" in q:
+                return await self._op(ctx, "SetPacer", self.pacer_control)
             raise S3Error("MethodNotAllowed", f"{m} / is not supported", 405)
         validate_bucket_name(bucket)
         if not ctx.cred.allows_bucket(bucket):
@@ -324,7 +330,7 @@ class S3Server:
                 "status": "ok",
                 "gather": gather_mod.GATHER_VERSION,
                 "pid": os.getpid(),
-                "policy": self.pacer.policy_name,
+                **self.pacer.settings(),
             }
             return web.json_response(body)
         if what == "metrics":
@@ -816,6 +822,40 @@ class S3Server:
         await self.run(self.spool.remove, upload_id)
         return web.Response(status=204)
 
+    # --- pacer control -------------------------------------------------------------------------------------
+
+    async def pacer_control(self, ctx: Ctx) -> web.Response:
+        """``POST /?objectcache-pacer`` with ``{"policy": ..., "egress_gbps": ...}``: switch the pacer's policy
+        and egress capacity (Gbps; 0 or null: unpaced) without restarting, so a coordinator can alternate
+        policies between runs on a server it did not start.  Allowed only when the server runs with
+        ``--allow-pacer-control`` *and* the caller signs with an admin credential (every namespace and
+        bucket): it changes every tenant's service.  Refused with ``409 PacerBusy`` while gather streams are
+        open, so a run never mixes two settings.  Answers the new settings as JSON."""
+        if not self.config.allow_pacer_control:
+            raise S3Error(
+                "AccessDenied", "pacer control is off: start the server with --allow-pacer-control", 403
+            )
+        if not (ctx.cred.is_admin and ctx.cred.buckets is None):
+            raise S3Error("AccessDenied", "pacer control needs an admin credential", 403)
+        body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
+        try:
+            policy, egress_Bps = pacer_mod.parse_settings(body, self.pacer.settings())
+        except ValueError as e:
+            raise S3Error("InvalidArgument", str(e), 400) from None
+        # No await from here on: the check and the change are one step of the event loop (streams open there).
+        if self.pacer.streams:
+            raise S3Error(
+                "PacerBusy",
+                f"{len(self.pacer.streams)} gather streams are open: change the pacer between runs",
+                409,
+            )
+        self.pacer.configure(policy, egress_Bps)
+        settings = self.pacer.settings()
+        log.info(
+            "pacer set by %s: policy=%s egress=%s Gbps", ctx.cred.access_key, policy, settings["egress_gbps"]
+        )
+        return web.json_response(settings)
+
     # --- quarantine ---------------------------------------------------------------------------------------
 
     def check_and_quarantine(self, bucket: str, key: str) -> str | None:
@@ -1060,6 +1100,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--no-fsync", action="store_true", help="skip fsync on writes (benchmarks only)")
     p.add_argument("--no-sendfile", action="store_true", help="gather through buffers, not sendfile (A/B)")
+    p.add_argument(
+        "--allow-pacer-control",
+        action="store_true",
+        help="let admin credentials switch the pacer's policy and egress rate (POST /?objectcache-pacer)",
+    )
     p.add_argument("--ready-file", default=None, help="write {host, port, pid, url} JSON here once listening")
     p.add_argument("--log-level", default=os.environ.get("OBJECTCACHE_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -1087,6 +1132,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         io_threads=a.io_threads,
         fsync=not a.no_fsync,
         sendfile=not a.no_sendfile,
+        allow_pacer_control=a.allow_pacer_control,
         ready_file=a.ready_file,
         log_level=a.log_level,
     )

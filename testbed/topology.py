@@ -1,8 +1,9 @@
 """Where the testbed's roles run: one storage host (the ObjectCache S3 server) and N GPU-client hosts.
 
-Three topologies, one interface (``Topology``): ``start_storage`` starts the server on the storage host,
-``run_on_host(i, argv)`` runs a command (a ``python -m testbed.worker`` process) on GPU host ``i``, and
-``close`` tears everything down.
+Three topologies, one interface (``Topology``): ``start_storage`` starts (or re-paces) the server on the
+storage host, ``start_worker(i, action, plan, timeout_s)`` runs a ``python -m testbed.worker`` action on GPU
+host ``i`` (a ``testbed.workerjob.WorkerJob``), ``clock``/``sync_clocks``/``clock_offset_s`` give the common
+start a meaning across hosts, and ``close`` tears everything down.
 
 * ``local``: everything on loopback (127.0.0.1) of this machine; no shaping.
 * ``netns``: a storage host and N client hosts as Linux network namespaces, joined through a bridge in a
@@ -12,9 +13,11 @@ Three topologies, one interface (``Topology``): ``start_storage`` starts the ser
   kills the processes inside and deletes them, ``atexit`` and SIGINT/SIGTERM handlers call ``close``, and
   ``cleanup_stale`` removes namespaces left by a process that no longer exists (after a SIGKILL), so nothing
   is left behind.
-* ``cluster``: real machines.  Nothing is started here: the storage server runs on the storage node
-  (``python -m testbed.server --host <addr> --port 9000 ...``) and each GPU node runs the harness with its
-  ``host_index``; the experiment reads the endpoint from ``topology.storage_url``.
+* ``cluster``: real machines, driven from this process (the *coordinator*).  The storage server runs on the
+  storage node (``python -m testbed.server --host <addr> --port 9000 --allow-pacer-control ...``), one agent
+  per GPU node (``python -m testbed.agent``, ``testbed/agent.py``); the harness sets the server's pacer
+  through its admin operation instead of restarting it, measures every agent's clock offset before each
+  run and releases all hosts at one common start (``testbed.coordinator``).
 
 Addresses: the namespaces use 10.213.<k>.0/24 (storage .1, client host i .(10+i)), ``k`` derived from the pid
 so two concurrent harnesses do not collide.
@@ -31,11 +34,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed import netns
+from testbed.agent import DEFAULT_AGENT_TOKEN, load_token
+from testbed.coordinator import (
+    AgentClient,
+    AgentJob,
+    ClockSample,
+    StorageControlError,
+    set_pacer,
+    storage_health,
+)
 from testbed.launch import stop_process
+from testbed.workerjob import ProcessJob, WorkerJob
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "ocnet"
@@ -46,9 +60,15 @@ class TopologyConfig:
     """Schema of ``configs/topology/*.yaml``.
 
     ``storage_Gbps`` caps the storage host's egress (0: uncapped); ``host_Gbps`` each client host's link
-    (0: uncapped).  ``pacer_Gbps`` is the egress rate the server's pacer shares out with the policy (0: the
-    pacer is off); the harness sets it per run for the shared-bandwidth experiment.  ``storage_url`` and
-    ``host_index``/``hosts`` are for ``cluster``.
+    (0: uncapped).  The harness sets the pacer's policy and rate per run (the shared-bandwidth experiment).
+
+    ``cluster`` only: ``storage_url`` (the server, as the GPU nodes reach it), ``workers`` (one agent URL
+    per GPU node; ``hosts`` is their number), the agents' shared token (``agent_token_file``, else
+    ``agent_token``, else ``OBJECTCACHE_AGENT_TOKEN``, else the documented loopback test token),
+    ``agent_timeout_s`` (bound on every request to an agent), ``max_clock_offset_s`` (an agent whose clock
+    is further off than this from the coordinator's stops the run: NTP/PTP is not working there),
+    ``clock_samples`` (round trips per offset estimate), ``start_lead_s`` (the common start is this far
+    after the release) and ``pacer_control`` (false: keep the pacer the server was started with).
     """
 
     name: str = "local"
@@ -60,7 +80,14 @@ class TopologyConfig:
     bucket: str = "objectcache-testbed"
     access_key: str = ""
     secret_key: str = ""
-    host_index: int = 0
+    workers: list[str] = field(default_factory=list)
+    agent_token: str = ""
+    agent_token_file: str = ""
+    agent_timeout_s: float = 10.0
+    max_clock_offset_s: float = 0.05
+    clock_samples: int = 5
+    start_lead_s: float = 0.5
+    pacer_control: bool = True
     server_args: list[str] = field(default_factory=list)
     nice: int = 0  # niceness of the server and workers (negative: favoured over other load; root only)
 
@@ -106,6 +133,7 @@ class Topology:
 
     name = "local"
     storage_host = "127.0.0.1"
+    start_lead_s = 0.2  # the common start is this far after the release (s): every host sees the go file
 
     def __init__(self, cfg: TopologyConfig) -> None:
         self.cfg = cfg
@@ -163,6 +191,26 @@ class Topology:
                 env=_python_env(),
                 cwd=REPO_ROOT,
             )
+
+    # --- workers ---------------------------------------------------------------------------------------------
+
+    def worker_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "testbed.worker", *args]
+
+    def start_worker(self, host: int, action: str, plan: dict, timeout_s: float) -> WorkerJob:
+        """Start ``python -m testbed.worker <action>`` with ``plan`` on GPU host ``host``."""
+        return ProcessJob(self, host, action, plan, timeout_s)
+
+    def clock(self) -> float:
+        """The coordinator's wall clock (s): common start times are given on it."""
+        return time.time()
+
+    def sync_clocks(self) -> None:
+        """Measure the hosts' clock offsets before a run (one machine: nothing to measure)."""
+
+    def clock_offset_s(self, host: int) -> float:
+        """Host ``host``'s clock minus the coordinator's (s), as last measured."""
+        return 0.0
 
     def close(self) -> None:
         if self.storage is not None:
@@ -305,34 +353,136 @@ class NetnsTopology(Topology):
 
 
 class ClusterTopology(Topology):
-    """Real machines: the server is already running at ``storage_url``; this host is ``host_index``."""
+    """Real machines: the server runs at ``storage_url``, one agent per GPU node at ``workers[i]``.
+
+    Building it checks that the server answers and that every agent answers, accepts the token and keeps a
+    clock within ``max_clock_offset_s`` of this machine's, so a misconfiguration fails before the first run.
+    ``start_storage`` sets the pacer through the server's admin operation (objects stay: the server is not
+    restarted); ``sync_clocks`` re-measures the offsets before every run; ``describe`` records each
+    measurement and the pacer settings (they end up in the run's ``run.json``).  ``clock`` is injectable.
+    """
 
     name = "cluster"
 
-    def __init__(self, cfg: TopologyConfig) -> None:
+    def __init__(self, cfg: TopologyConfig, clock: Callable[[], float] | None = None) -> None:
         if not cfg.storage_url:
             raise TopologyError(
-                "topology=cluster needs topology.storage_url=http://<storage node>:<port> "
-                "(start the server there: python -m testbed.server --host <addr> --port 9000 ...)"
+                "topology=cluster needs topology.storage_url=http://<storage node>:<port> (start the server "
+                "there: python -m testbed.server --host <addr> --port 9000 --allow-pacer-control ...)"
+            )
+        if not cfg.workers:
+            raise TopologyError(
+                "topology=cluster needs topology.workers=[http://<gpu node>:9200,...] (start an agent on each "
+                "GPU node: python -m testbed.agent --host <addr> --port 9200 --token-file F)"
             )
         super().__init__(cfg)
+        if clock is not None:
+            self.clock = clock  # type: ignore[method-assign]
         self.storage = StorageHandle(cfg.storage_url.rstrip("/"), None, None, None)
+        token = _agent_token(cfg)
+        self.agents = [
+            AgentClient(u, token, cfg.agent_timeout_s, clock=lambda: self.clock()) for u in cfg.workers
+        ]
+        self.samples: list[ClockSample] = []
+        self.clock_log: list[dict] = []
+        self.pacer_log: list[dict] = []
+        try:
+            self.pacer = _settings(storage_health(self.storage.url, cfg.agent_timeout_s))
+        except StorageControlError as e:
+            raise TopologyError(
+                f"{e}; start it on the storage node: python -m testbed.server --host <addr> --port 9000 "
+                "--allow-pacer-control ..."
+            ) from None
+        self.sync_clocks()
 
     @property
     def hosts(self) -> int:
-        return 1  # this process drives one GPU host; run one harness per GPU node
+        return len(self.cfg.workers)
+
+    @property
+    def start_lead_s(self) -> float:  # type: ignore[override]
+        return float(self.cfg.start_lead_s)
 
     def start_storage(
         self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None
     ) -> str:
-        # The server's policy and pacer are set where it was started (its --policy/--egress-gbps flags).
-        return self.storage.url
+        """Set the running server's pacer (``pacer_Gbps`` 0: unpaced) and return its URL."""
+        from testbed.s3auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
+
+        if extra:
+            raise TopologyError("topology=cluster cannot pass flags to a server it did not start")
+        url, timeout_s = self.storage.url, self.cfg.agent_timeout_s
+        try:
+            if self.cfg.pacer_control:
+                ak, sk = self.cfg.access_key or DEFAULT_ACCESS_KEY, self.cfg.secret_key or DEFAULT_SECRET_KEY
+                self.pacer = _settings(set_pacer(url, policy, pacer_Gbps, ak, sk, timeout_s=timeout_s))
+            else:  # the operator's settings stay; record what they are
+                self.pacer = _settings(storage_health(url, timeout_s))
+        except StorageControlError as e:
+            raise TopologyError(str(e)) from None
+        self.pacer_log.append(
+            {"requested": {"policy": policy, "egress_gbps": pacer_Gbps}, "server": self.pacer}
+        )
+        return url
+
+    def start_worker(self, host: int, action: str, plan: dict, timeout_s: float) -> WorkerJob:
+        return AgentJob(self.agents[host], host, action, plan, timeout_s, lambda: self.clock_offset_s(host))
+
+    def sync_clocks(self) -> None:
+        """Every agent's clock offset (Cristian's algorithm); ``TopologyError`` if one exceeds the bound."""
+        self.samples = [a.clock_sample(self.cfg.clock_samples) for a in self.agents]
+        self.clock_log.append(
+            {
+                "t_s": self.clock(),
+                "offsets_s": [s.offset_s for s in self.samples],
+                "rtt_s": [s.rtt_s for s in self.samples],
+            }
+        )
+        bound = float(self.cfg.max_clock_offset_s)
+        for i, s in enumerate(self.samples):
+            if abs(s.offset_s) > bound:
+                raise TopologyError(
+                    f"clock offset of agent {s.url} (host {i}) is {s.offset_s * 1e3:+.1f} ms "
+                    f"(round trip {s.rtt_s * 1e3:.1f} ms), above topology.max_clock_offset_s = {bound:g} s: "
+                    "synchronise the clocks (NTP/PTP, e.g. `chronyc tracking`) or raise the bound"
+                )
+
+    def clock_offset_s(self, host: int) -> float:
+        return self.samples[host].offset_s if self.samples else 0.0
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        self._tmp.cleanup()  # the server and the agents belong to the operator: they keep running
 
     def describe(self) -> dict:
-        return {"topology": self.name, "storage_url": self.cfg.storage_url, "host_index": self.cfg.host_index}
+        return {
+            "topology": self.name,
+            "hosts": self.hosts,
+            "storage_url": self.storage.url,
+            "workers": list(self.cfg.workers),
+            "pacer": self.pacer,
+            "pacer_changes": self.pacer_log,
+            "clock": {
+                "max_clock_offset_s": self.cfg.max_clock_offset_s,
+                "agents": [
+                    {"url": s.url, "host": s.host, "offset_s": s.offset_s, "rtt_s": s.rtt_s}
+                    for s in self.samples
+                ],
+                "measurements": self.clock_log,
+            },
+        }
+
+
+def _agent_token(cfg: TopologyConfig) -> str:
+    if cfg.agent_token_file:
+        try:
+            return load_token(cfg.agent_token_file) or ""
+        except (OSError, ValueError) as e:
+            raise TopologyError(f"cannot read topology.agent_token_file: {e}") from None
+    return cfg.agent_token or load_token() or DEFAULT_AGENT_TOKEN
+
+
+def _settings(doc: dict) -> dict:
+    return {k: doc.get(k) for k in ("policy", "egress_gbps")}
 
 
 def make_topology(cfg: TopologyConfig) -> Topology:

@@ -290,7 +290,8 @@ class EngineRunner:
 
 
 def run_plan(plan: dict, go_file: str | None = None, ready_file: str | None = None) -> list[dict]:
-    """Issue the plan's requests; return one row per request (times relative to the common start)."""
+    """Issue the plan's requests; return one row per request (times relative to the common start, plus
+    ``arrival_wall_s``: the arrival on this host's wall clock)."""
     reqs: list[PlannedRequest] = plan["requests"]
     mode = plan.get("compute_mode", "emulated")
     spec: ModelSpec = plan["spec"]
@@ -319,7 +320,13 @@ def run_plan(plan: dict, go_file: str | None = None, ready_file: str | None = No
             out["error"] = ""
         except Exception as exc:  # one failed request is a row with its error, not a dead run
             out = {"ttft_s": math.nan, "error": f"{type(exc).__name__}: {exc}"}
-        out.update(request_id=req.request_id, arrival_s=t0 - start, compute_mode=mode)
+        # arrival_wall_s: on this host's wall clock, so a coordinator can check the common start across hosts.
+        out.update(
+            request_id=req.request_id,
+            arrival_s=t0 - start,
+            arrival_wall_s=start_wall + (t0 - start),
+            compute_mode=mode,
+        )
         with lock:
             rows.append(out)
 

@@ -190,9 +190,9 @@ def test_gather_verifies_large_payloads_piecewise(
 ):
     """With one slice per verification piece (pool-verified while the next piece arrives), good bytes pass
     and a damaged slice in the middle of a layer is still reported with its chunk key and layer."""
-    import testbed.client as client_mod
+    import testbed.fetch as fetch_mod  # the gather read path lives there
 
-    monkeypatch.setattr(client_mod, "_VERIFY_PIECE_BYTES", 1)
+    monkeypatch.setattr(fetch_mod, "_VERIFY_PIECE_BYTES", 1)
     chunks = make_chunks(4, "piecewise", seed=8)
     name, blob, _ = chunks[2]
     bad = bytearray(blob)

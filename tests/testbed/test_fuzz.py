@@ -377,7 +377,8 @@ def test_fuzz_live_signed_requests(fuzz_server, method, path, query, headers, bo
         st.one_of(
             st.sampled_from(["fz-missing/x", "../../x", "fuzz/ü", "", "fz/" + "a" * 2000]),
             st.text(max_size=30),
-            st.integers(0, 2).map(lambda i: f"#{i}"),
+            # A stored object's name (by index): a tuple, so no random text can be mistaken for one.
+            st.integers(0, 2).map(lambda i: ("stored", i)),
         ),
         min_size=0,
         max_size=80,
@@ -391,9 +392,7 @@ def test_fuzz_live_signed_requests(fuzz_server, method, path, query, headers, bo
 def test_fuzz_live_gather(fuzz_server, keys, layer_start, layer_end, extra):
     CASES["live_gather"] += 1
     names = fuzz_server.names
-    keys = [
-        names[int(k[1:])] if isinstance(k, str) and k.startswith("#") and len(k) == 2 else k for k in keys
-    ]
+    keys = [names[k[1]] if isinstance(k, tuple) else k for k in keys]
     doc = {"version": 1, "keys": keys, "layer_start": layer_start, **extra}
     if layer_end is not None:
         doc["layer_end"] = layer_end

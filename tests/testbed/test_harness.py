@@ -17,10 +17,7 @@ import pytest
 from scheduler.records import COLUMNS
 from testbed.harness import RunSpec, sweep_requests, workload_requests
 from testbed.topology import (
-    ClusterTopology,
     NetnsTopology,
-    TopologyConfig,
-    TopologyError,
     cleanup_stale,
     list_namespaces,
     netns_available,
@@ -54,7 +51,7 @@ class FakeClient:
         self.arrive_s = arrive_s
         self.layer_bytes = layer_bytes
 
-    def load_layers(self, names, compute_per_layer_s=None):
+    def load_layers(self, names, compute_per_layer_s=None, timings=None):
         t0 = time.perf_counter()
         for layer, t in enumerate(self.arrive_s):
             left = t0 + t - time.perf_counter()
@@ -93,7 +90,7 @@ def test_emulated_worker_follows_the_layer_model():
 
 def test_emulated_worker_reports_a_broken_stream():
     class Broken(FakeClient):
-        def load_layers(self, names, compute_per_layer_s=None):
+        def load_layers(self, names, compute_per_layer_s=None, timings=None):
             yield 0, memoryview(bytearray(10))
             raise ConnectionError("storage went away")
 
@@ -199,14 +196,6 @@ def test_python_m_testbed_writes_the_tables(tmp_path):
 
 
 # --- topologies --------------------------------------------------------------------------------------------
-
-
-def test_cluster_topology_needs_an_endpoint():
-    with pytest.raises(TopologyError, match="storage_url"):
-        ClusterTopology(TopologyConfig(name="cluster"))
-    topo = ClusterTopology(TopologyConfig(name="cluster", storage_url="http://10.0.0.5:9000/"))
-    assert topo.start_storage("bandwidth_aware", 10.0) == "http://10.0.0.5:9000"
-    topo.close()
 
 
 @pytest.mark.netns
