@@ -137,6 +137,7 @@ def measure(args) -> dict:
         "streams": args.streams,
         "reader": args.reader,
         "piece_kib": args.piece_kib,
+        "min_stream_mib": args.min_stream_mib,
         "shared_prefix": bool(args.shared_prefix),
         "configs": [],
     }
@@ -211,6 +212,9 @@ def measure(args) -> dict:
                         "objectcache_paced" if name.startswith("objectcache_paced") else "objectcache_max"
                     ]
                     oc.streams = source_streams(name, args.streams)
+                    # A name that says its stream count gets exactly that; the others scale with the prefix.
+                    explicit = re.search(r"_\d+streams?$", name) is not None
+                    oc.min_stream_bytes = 0 if explicit else args.min_stream_mib << 20
                     source = oc
                     # The pacer's hint: this request's per-layer compute, from the layerwise DRAM run.
                     lw = row["sources"].get("dram_layerwise")
@@ -539,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         "--reader", default="process", choices=("process", "thread"), help="default reader of object sources"
     )
     m.add_argument("--piece-kib", type=int, default=64, help="the paced server's smallest pacing piece")
+    m.add_argument(
+        "--min-stream-mib",
+        type=int,
+        default=128,
+        help="fewer streams for short prefixes: each carries at least this much (0: always --streams; names "
+        "ending in _<k>streams always use k)",
+    )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--data-dir", default=None, help="object server data directory (default: a temp dir)")
     m.add_argument("--raw", required=True, help="raw JSON to write")

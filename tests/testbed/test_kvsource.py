@@ -145,7 +145,7 @@ def test_objectcache_source_streams_layers_into_kv(streams):
     keys = [f"{i + 10:064x}" for i in range(3)]
     payloads = random_slices(3, 11)
     _store_objects(client, scope, keys, payloads)
-    src = ObjectCacheSource(client, scope, copier(), streams=streams)
+    src = ObjectCacheSource(client, scope, copier(), streams=streams, min_stream_bytes=0)
     assert src.lookup(keys + ["e" * 64]) == 3
     for _ in range(2):  # the pinned receive buffers and the copier are reused across requests
         kv = empty_kv(3 * CT)
@@ -176,7 +176,7 @@ def test_objectcache_source_delivers_storage_errors_at_wait(failure, streams):
         client.objects[name] = bytes(blob)
     else:
         client.fail_after_layers = 2
-    src = ObjectCacheSource(client, scope, copier(), check_exists=False, streams=streams)
+    src = ObjectCacheSource(client, scope, copier(), check_exists=False, streams=streams, min_stream_bytes=0)
     src.start_load(LoadRequest(keys, empty_kv(2 * CT)))
     with pytest.raises((ChunkMissing, StorageUnavailable, KVLoadError, kvformat.ChecksumMismatch)) as info:
         for layer in range(SPEC.num_layers):
@@ -225,3 +225,28 @@ def test_reader_errors_cross_the_process_boundary_as_the_same_class(exc):
 def test_unknown_reader_errors_become_load_errors():
     back = decode_error(encode_error(ZeroDivisionError("boom")), KVLoadError)
     assert isinstance(back, KVLoadError) and "ZeroDivisionError" in str(back) and "boom" in str(back)
+
+
+def test_stream_count_scales_with_the_prefix():
+    """Short prefixes get fewer gather streams (each carries at least ``min_stream_bytes``), long ones up to
+    ``streams``, never more than the chunks; ``min_stream_bytes=0`` keeps the configured count."""
+    cp = copier()
+    per_chunk = cp.slice_bytes * SPEC.num_layers
+    src = ObjectCacheSource(MemoryObjectClient(), KeyScope(SPEC.fingerprint(), "t"), cp, streams=8,
+                            min_stream_bytes=4 * per_chunk)  # fmt: skip
+    assert [src.stream_count(n) for n in (0, 1, 3, 4, 8, 16, 31, 32, 64, 1000)] == [
+        0,
+        1,
+        1,
+        1,
+        2,
+        4,
+        7,
+        8,
+        8,
+        8,
+    ]
+    src.min_stream_bytes = 0
+    assert [src.stream_count(n) for n in (1, 3, 16)] == [1, 3, 8]
+    with pytest.raises(ValueError):
+        ObjectCacheSource(MemoryObjectClient(), KeyScope(SPEC.fingerprint(), "t"), cp, min_stream_bytes=-1)

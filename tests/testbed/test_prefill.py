@@ -183,7 +183,9 @@ def test_gpu_process_reader_into_registered_shared_memory(real_tier):
     writer.prefill(first)
     writer.saver.flush()
     engine, _, cp = make(model)
-    src = ObjectCacheSource(client, engine.scope, cp, reader="process", streams=3, check_exists=False)
+    src = ObjectCacheSource(
+        client, engine.scope, cp, reader="process", streams=3, check_exists=False, min_stream_bytes=0
+    )
     try:
         ids = torch.cat([first, prompt(50, 9)])
         ref = reference(ids, model)
@@ -277,7 +279,9 @@ def test_process_reader_equals_recompute_and_delivers_errors_as_the_same_excepti
     writer.prefill(first)
     assert writer.saver.flush() == 6
     engine, _, cp = make()
-    src = ObjectCacheSource(client, engine.scope, cp, reader="process", streams=2, check_exists=False)
+    src = ObjectCacheSource(
+        client, engine.scope, cp, reader="process", streams=2, check_exists=False, min_stream_bytes=0
+    )
     try:
         ids = torch.cat([first, prompt(19, 13)])
         ref = reference(ids)
