@@ -23,6 +23,11 @@ from testbed.kvreader import ReaderProcess, SharedSegment, decode_error
 READERS = ("thread", "process")
 
 
+# Short prefixes still get this many streams (when ``streams`` allows): on the H100 a 2K-token prefix loaded
+# in 56 ms with 4 streams and 74 ms with 2 (results/testbed/h100_streams_auto_raw.json).
+MIN_STREAMS = 4
+
+
 class ObjectCacheSource(KVSource):
     """The object tier: ``client.load_layers`` runs in background threads, reading each layer's gather payload
     into a pinned buffer; when a layer is complete the thread that completed it issues the layer's
@@ -35,8 +40,9 @@ class ObjectCacheSource(KVSource):
     chunk-major), and a layer is complete when every group has delivered it.  One Python reader tops out
     around 2 GB/s; several spread the socket reads and checksum work over cores.  ``min_stream_bytes``: a
     stream carries at least this much of the prefix (fewer streams for short prefixes; 0: always
-    ``streams``).  On the H100 a 4K-token prefix of Llama-3.1-8B (537 MB) loaded in 86 ms with 4 streams and
-    101 ms with 8, while 16K and 60K prefixes need 8 (`docs/engine.md`, "Gather streams per prefill").
+    ``streams``; at least ``MIN_STREAMS``).  On the H100, paced at 100 Gbps, a 4K-token prefix of
+    Llama-3.1-8B (537 MB) loaded in 78-86 ms with 4 streams and 101-136 ms with 8, while 16K and 60K prefixes
+    need 8 (`docs/engine.md`, "Gather streams per prefill").
 
     ``reader``: ``"thread"`` runs the streams as threads of the engine process (above); ``"process"`` runs
     them in a reader process (``testbed.kvreader``: off the engine's GIL) that reads into a shared memory
@@ -85,14 +91,14 @@ class ObjectCacheSource(KVSource):
         self._in_flight = False
 
     def stream_count(self, n_chunks: int) -> int:
-        """Gather streams for a prefix of ``n_chunks`` chunk objects: ``streams``, but no more than one per
-        ``min_stream_bytes`` of the prefix and never more than the chunks."""
+        """Gather streams for a prefix of ``n_chunks`` chunk objects: one per ``min_stream_bytes`` of the
+        prefix, at least ``MIN_STREAMS`` and at most ``streams``, never more than the chunks."""
         if n_chunks <= 0:
             return 0
         groups = min(self.streams, n_chunks)
         if self.min_stream_bytes > 0:
             prefix_bytes = n_chunks * self.copier.slice_bytes * self.spec.num_layers
-            groups = min(groups, max(1, prefix_bytes // self.min_stream_bytes))
+            groups = min(groups, max(MIN_STREAMS, prefix_bytes // self.min_stream_bytes))
         return groups
 
     def names(self, keys: Sequence[str]) -> list[str]:

@@ -514,7 +514,7 @@ def analyse(cfg, df: pd.DataFrame, cal: dict, ctx: dict) -> tuple[dict, pd.DataF
     gv = REPO_ROOT / "results" / "testbed" / "h100_validation.json"
     if gv.exists():  # the GPU validation grid (`python -m testbed.ttft validate`)
         full = json.loads(gv.read_text())
-        res["h100"] = {k: v for k, v in full.items() if k != "configs"}
+        res["h100"] = full
         res["h100"]["source"] = str(gv.relative_to(REPO_ROOT))
     else:
         h100 = h100_summary(REPO_ROOT / "results" / "testbed" / "h100_ttft.json")

@@ -228,24 +228,14 @@ def test_unknown_reader_errors_become_load_errors():
 
 
 def test_stream_count_scales_with_the_prefix():
-    """Short prefixes get fewer gather streams (each carries at least ``min_stream_bytes``), long ones up to
-    ``streams``, never more than the chunks; ``min_stream_bytes=0`` keeps the configured count."""
+    """Short prefixes get fewer gather streams (one per ``min_stream_bytes``, at least ``MIN_STREAMS`` = 4),
+    long ones up to ``streams``, never more than the chunks; ``min_stream_bytes=0`` keeps the count."""
     cp = copier()
     per_chunk = cp.slice_bytes * SPEC.num_layers
     src = ObjectCacheSource(MemoryObjectClient(), KeyScope(SPEC.fingerprint(), "t"), cp, streams=8,
                             min_stream_bytes=4 * per_chunk)  # fmt: skip
-    assert [src.stream_count(n) for n in (0, 1, 3, 4, 8, 16, 31, 32, 64, 1000)] == [
-        0,
-        1,
-        1,
-        1,
-        2,
-        4,
-        7,
-        8,
-        8,
-        8,
-    ]
+    chunks = (0, 1, 3, 4, 8, 16, 20, 31, 32, 64, 1000)
+    assert [src.stream_count(n) for n in chunks] == [0, 1, 3, 4, 4, 4, 5, 7, 8, 8, 8]
     src.min_stream_bytes = 0
     assert [src.stream_count(n) for n in (1, 3, 16)] == [1, 3, 8]
     with pytest.raises(ValueError):
