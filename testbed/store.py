@@ -318,6 +318,7 @@ class FilesystemStore(Store):
 
     def __init__(self, root: str | os.PathLike, fsync: bool = True) -> None:
         self.root = Path(root)
+        self._root_s = str(self.root)
         (self.root / "buckets").mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._lock = threading.Lock()
@@ -389,10 +390,15 @@ class FilesystemStore(Store):
 
     # objects
     def open_object(self, bucket: str, key: str) -> ObjectHandle:
-        path = self._require_bucket(bucket) / _file_name(validate_key(key))
+        # A string path and no bucket check on the hit path: a gather opens hundreds of objects one after
+        # another and pathlib's joins were most of the per-object cost (~33 of 53 us).
+        path = os.path.join(
+            self._root_s, "buckets", validate_bucket_name(bucket), "obj", _file_name(validate_key(key))
+        )
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
+            self._require_bucket(bucket)  # BucketMissing if that is why
             raise ChunkMissing(f"object {key!r} does not exist", key=key) from None
         try:
             st = os.fstat(fd)
