@@ -443,7 +443,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         config.credentials_file or os.environ.get("OBJECTCACHE_CREDENTIALS")
     )
     server = S3Server(config, store, credentials)
-    runner = web.AppRunner(server.app(), access_log=None)
+    if config.idle_timeout_s <= 0:
+        raise ValueError("--idle-timeout-s must be > 0")
+    runner = web.AppRunner(server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()

@@ -44,6 +44,9 @@ class ServerConfig:
     fsync: bool = True
     # The admin operation POST /?objectcache-pacer: off unless the operator asks (--allow-pacer-control).
     allow_pacer_control: bool = False
+    # A connection with no request in flight (idle keep-alive, or one that never finishes its request
+    # headers) is closed after this long; aiohttp's default is an hour.
+    idle_timeout_s: float = 75.0
     ready_file: str | None = None
     log_level: str = "INFO"
 
@@ -83,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         action="store_true",
         help="let admin credentials switch the pacer's policy and egress rate (POST /?objectcache-pacer)",
     )
+    p.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=75.0,
+        help="close a connection idle this long (no request, or request headers never finished)",
+    )
     p.add_argument("--ready-file", default=None, help="write {host, port, pid, url} JSON here once listening")
     p.add_argument("--log-level", default=os.environ.get("OBJECTCACHE_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -111,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         fsync=not a.no_fsync,
         sendfile=not a.no_sendfile,
         allow_pacer_control=a.allow_pacer_control,
+        idle_timeout_s=a.idle_timeout_s,
         ready_file=a.ready_file,
         log_level=a.log_level,
     )

@@ -354,3 +354,34 @@ def test_filesystem_store_keys_cannot_escape(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == sorted(
         p.name for p in (tmp_path / "s" / "buckets" / "bkt" / "obj").iterdir()
     )
+
+
+def test_idle_and_half_sent_connections_are_closed(tmp_path):
+    """A connection that sends nothing, or never finishes its request headers (slowloris), is closed after
+    ``--idle-timeout-s``; a keep-alive connection idle that long too, and clients reconnect transparently."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    with start_server(tmp_path / "idle", args=["--idle-timeout-s", "1"], credentials=TEST_CREDENTIALS) as srv:
+        u = urlsplit(srv.url)
+
+        def closed_after(payload: bytes) -> float:
+            t0 = time.monotonic()
+            with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+                if payload:
+                    s.sendall(payload)
+                assert s.recv(1024) == b""  # EOF: the server closed it (a timeout here raises)
+            return time.monotonic() - t0
+
+        assert 0.5 < closed_after(b"") < 6
+        assert 0.5 < closed_after(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ") < 6
+        c = srv.boto3_client()
+        c.create_bucket(Bucket="idle")
+        c.put_object(Bucket="idle", Key="k", Body=b"v")
+        time.sleep(2.5)  # the pooled keep-alive connection is closed by now
+        assert c.get_object(Bucket="idle", Key="k")["Body"].read() == b"v"
+    with pytest.raises(SystemExit):
+        from testbed.serverconfig import parse_args
+
+        parse_args(["--idle-timeout-s", "x"])
