@@ -78,6 +78,19 @@ def seed_prefix(client, namespace: str, ids: torch.Tensor) -> list[str]:
 REFERENCE: dict[int, torch.Tensor] = {}
 
 
+def prefill_recomputes(client, namespace: str, ids: torch.Tensor) -> float:
+    """Prefill ``ids`` over the object tier behind ``client`` (which is failing): the engine must fall back to
+    recompute with the reference logits.  Returns the prefill's wall time (s)."""
+    t0 = time.monotonic()
+    engine, copier = engine_with_saver(None, namespace)
+    engine.saver = None
+    res = engine.prefill(ids, ObjectCacheSource(client, engine.scope, copier), save=False)
+    engine_s = time.monotonic() - t0
+    assert res.source == "recompute" and res.cached_tokens == 0
+    assert rel_err(res.logits, reference_logits(ids)) <= 1e-5
+    return engine_s
+
+
 def reference_logits(ids: torch.Tensor) -> torch.Tensor:
     key = hash(tuple(ids.tolist()))
     if key not in REFERENCE:
@@ -350,13 +363,7 @@ def test_link_down_in_namespace_errors_are_bounded_and_engine_recomputes(tmp_pat
                     for _ in stream:
                         pass
                 stream_s = time.monotonic() - t0
-                t0 = time.monotonic()
-                engine, copier = engine_with_saver(None, "tenant-n")
-                engine.saver = None
-                res = engine.prefill(ids, ObjectCacheSource(client, engine.scope, copier), save=False)
-                engine_s = time.monotonic() - t0
-                assert res.source == "recompute" and res.cached_tokens == 0
-                assert rel_err(res.logits, reference_logits(ids)) <= 1e-5
+                engine_s = prefill_recomputes(client, "tenant-n", ids)
                 topo.link_up()
                 assert client.exists(names) == [True] * len(names)  # and it recovers
             print(
@@ -422,13 +429,7 @@ def test_rgw_stopped_mid_run_in_proxy_mode_errors_are_bounded(tmp_path, start_ob
             with pytest.raises(ObjectCacheError) as err:
                 list(client.load_layers(names))
             next_s = time.monotonic() - t0
-            t0 = time.monotonic()
-            engine, copier = engine_with_saver(None, "tenant-p")
-            engine.saver = None
-            res = engine.prefill(ids, ObjectCacheSource(client, engine.scope, copier), save=False)
-            engine_s = time.monotonic() - t0
-        assert res.source == "recompute" and res.cached_tokens == 0
-        assert rel_err(res.logits, reference_logits(ids)) <= 1e-5
+            engine_s = prefill_recomputes(client, "tenant-p", ids)
         with urllib.request.urlopen(f"{srv.url}/_objectcache/health", timeout=5) as r:
             assert r.status == 200
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from urllib.parse import quote
@@ -40,6 +41,23 @@ def make_chunks(n: int, namespace: str = "ns1", seed: int = 0, chunk_tokens: int
 def put_all(s3, bucket, chunks):
     for name, blob, _ in chunks:
         s3.put_object(Bucket=bucket, Key=name, Body=blob)
+
+
+@contextlib.contextmanager
+def server_with_chunks(data_dir, args, bucket: str, n: int, seed: int):
+    """A real server started with ``args`` holding ``n`` tiny chunks in ``bucket``: (server, object names)."""
+    from testbed.launch import start_server
+    from tests.fixtures.servers import TEST_CREDENTIALS
+
+    srv = start_server(data_dir, args=["--no-fsync", *args], credentials=TEST_CREDENTIALS)
+    try:
+        s3 = srv.boto3_client()
+        s3.create_bucket(Bucket=bucket)
+        chunks = make_chunks(n, seed=seed)
+        put_all(s3, bucket, chunks)
+        yield srv, [c[0] for c in chunks]
+    finally:
+        srv.stop()
 
 
 def do_gather(server, bucket, body, **kw):

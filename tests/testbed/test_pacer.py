@@ -16,7 +16,7 @@ from scheduler.policies import get_policy, register_policy
 from testbed import gather
 from testbed.pacer import EGRESS, Pacer
 from tests.fixtures.servers import signed_request, wait_for_metrics
-from tests.testbed.test_gather import TINY, make_chunks, put_all
+from tests.testbed.test_gather import TINY, make_chunks, put_all, server_with_chunks
 
 
 class FakeClock:
@@ -245,22 +245,8 @@ def _paced_load(srv, bucket, names, out, i):
 @pytest.fixture(scope="module")
 def paced_200MBps(tmp_path_factory):
     """A server paced to 200 MB/s (well below what loopback does here) holding 8 tiny chunks."""
-    from testbed.launch import start_server
-    from tests.fixtures.servers import TEST_CREDENTIALS
-
-    srv = start_server(
-        tmp_path_factory.mktemp("paced"),
-        args=["--no-fsync", "--egress-gbps", "1.6"],
-        credentials=TEST_CREDENTIALS,
-    )
-    try:
-        s3 = srv.boto3_client()
-        s3.create_bucket(Bucket="rate")
-        chunks = make_chunks(8, seed=21)
-        put_all(s3, "rate", chunks)
-        yield srv, [c[0] for c in chunks]
-    finally:
-        srv.stop()
+    with server_with_chunks(tmp_path_factory.mktemp("paced"), ["--egress-gbps", "1.6"], "rate", 8, 21) as sc:
+        yield sc
 
 
 def test_paced_stream_delivers_its_configured_rate(paced_200MBps):

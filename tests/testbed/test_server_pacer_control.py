@@ -11,7 +11,7 @@ import pytest
 
 from testbed import gather
 from tests.fixtures.servers import TENANT_ACCESS_KEY, TENANT_SECRET_KEY, signed_request, wait_for_metrics
-from tests.testbed.test_gather import TINY, make_chunks, put_all
+from tests.testbed.test_gather import TINY, server_with_chunks
 
 PACER = "/?objectcache-pacer"
 
@@ -35,22 +35,10 @@ def s3_code(body: bytes) -> str:
 @pytest.fixture(scope="module")
 def controlled(tmp_path_factory):
     """A server started unpaced with --allow-pacer-control, holding two tiny chunks (512 KiB a gather)."""
-    from testbed.launch import start_server
-    from tests.fixtures.servers import TEST_CREDENTIALS
-
-    srv = start_server(
-        tmp_path_factory.mktemp("pacerctl"),
-        args=["--no-fsync", "--allow-pacer-control"],
-        credentials=TEST_CREDENTIALS,
-    )
-    try:
-        s3 = srv.boto3_client()
-        s3.create_bucket(Bucket="ctl")
-        chunks = make_chunks(2, seed=31)
-        put_all(s3, "ctl", chunks)
-        yield srv, [c[0] for c in chunks]
-    finally:
-        srv.stop()
+    with server_with_chunks(
+        tmp_path_factory.mktemp("pacerctl"), ["--allow-pacer-control"], "ctl", 2, 31
+    ) as sc:
+        yield sc
 
 
 def timed_gather(srv, keys) -> float:
