@@ -246,22 +246,18 @@ def set_pacer(
 ) -> dict:
     """Set the server's pacer (``egress_Gbps`` 0: unpaced) through its admin operation; return the new
     settings.  While streams of an earlier run are still open (409) it retries for up to ``busy_wait_s``."""
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+    from testbed.s3http import SignedHTTP
 
     url = url.rstrip("/")
     path = "/?objectcache-pacer"
     body = json.dumps({"policy": policy, "egress_gbps": float(egress_Gbps or 0.0)}).encode()
+    signer = SignedHTTP(
+        url, access_key, secret_key, region, timeout_s=timeout_s
+    )  # the client's SigV4 signing
     deadline = time.monotonic() + busy_wait_s
     while True:
-        req = AWSRequest(
-            method="POST", url=url + path, data=body, headers={"Content-Type": "application/json"}
-        )
-        S3SigV4Auth(Credentials(access_key, secret_key), "s3", region).add_auth(req)
-        status, data = _storage_request(
-            url, "POST", path, body, dict(req.prepare().headers.items()), timeout_s
-        )
+        headers = signer.signed_headers("POST", path, {"Content-Type": "application/json"}, body)
+        status, data = _storage_request(url, "POST", path, body, headers, timeout_s)
         if status == 200:
             return json.loads(data)
         m = re.search(rb"<Message>(.*?)</Message>", data, re.S)
