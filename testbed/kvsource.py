@@ -1,13 +1,8 @@
 """KV sources and the save path of the layerwise prefill engine (shaped like vLLM's KV connector).
 
-A *KV source* fills the cached-prefix rows of the engine's per-layer KV tensors.  The engine calls
-
-    n = source.lookup(keys)            # how many leading chunks this source holds
-    source.start_load(request)         # start moving them (returns at once)
-    source.wait_for_layer(l)           # before computing layer l: make the compute stream wait for KV(l)
-    source.finish_load()               # after the last layer: statistics, release
-
-and catches ``KVLoadError`` (or any ``ObjectCacheError``) from ``wait_for_layer`` to fall back to recompute.
+A *KV source* fills the cached-prefix rows of the engine's per-layer KV tensors; the load protocol
+(``lookup``, ``start_load``, ``wait_for_layer``, ``finish_load``; ``KVLoadError`` -> recompute) is described in
+``testbed.kvload``.
 
 Sources: ``RecomputeSource`` (holds nothing), ``DramSource`` (pinned host memory, whole or layerwise
 host-to-device copies) and ``ObjectCacheSource`` (the object-tier client's layer stream into pinned buffers).
