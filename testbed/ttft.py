@@ -213,8 +213,7 @@ def measure(args) -> dict:
                     ]
                     oc.streams = source_streams(name, args.streams)
                     # A name that says its stream count gets exactly that; the others scale with the prefix.
-                    explicit = re.search(r"_\d+streams?$", name) is not None
-                    oc.min_stream_bytes = 0 if explicit else args.min_stream_mib << 20
+                    oc.min_stream_bytes = 0 if source_streams(name, 0) else args.min_stream_mib << 20
                     source = oc
                     # The pacer's hint: this request's per-layer compute, from the layerwise DRAM run.
                     lw = row["sources"].get("dram_layerwise")
