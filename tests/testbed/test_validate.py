@@ -126,3 +126,33 @@ def test_validate_end_to_end_on_loopback(tmp_path):
     assert table.sim_ttft_s.notna().all() and table.ttft_s.notna().all()
     bu = saved["bottom_up"]
     assert {"single_get", "concurrent_gets", "gather", "compute_overshoot_per_layer_us"} <= set(bu)
+
+
+def test_gpu_validation_recovers_the_object_path_and_judges_held_out_configs():
+    """``gpu_validation`` on a grid whose 'measured' TTFTs are the simulator's own at known object-path
+    parameters (plus the other paths at the defaults): the calibration finds parameters that reproduce the
+    held-out configs, and a measurement 30 % off on one held-out point shows up as that point's error."""
+    from testbed.ttft import SIM_PATH, simulate_ttft_ms
+    from testbed.validate import gpu_validation
+
+    profile = str(Path(__file__).resolve().parents[2] / "sim/profiles/llama-3.1-8b_h100_measured.csv")
+    configs = [(c, n) for c in (4096, 16384, 61440) for n in (128, 4096)]
+    raw = {"model": "llama-3.1-8b", "chunk_tokens": 256, "link_Gbps": 100.0, "pinned_h2d_GBps": 55.0,
+           "configs": [{"cached_tokens": c, "new_tokens": n, "sources": {}} for c, n in configs]}  # fmt: skip
+    truth = simulate_ttft_ms(raw, profile, request_overhead_s=8e-3, ttfb_s=0.0, gather_per_chunk_s=2e-4,
+                             efficiency=0.7)  # fmt: skip
+    for row in raw["configs"]:
+        key = f"{row['cached_tokens']}+{row['new_tokens']}"
+        row["sources"] = {s: {"ttft_ms": truth[key][s]} for s in SIM_PATH}
+    res = gpu_validation(raw, profile)
+    assert res["n"] == 3 * len(SIM_PATH)  # configs alternate: 3 of 6 held out, every path
+    assert res["p90_abs_err"] < 0.03 and res["calibration"]["calibration_median_abs_err"] < 0.03
+    assert 0.6 <= res["calibration"]["efficiency"] <= 0.8
+    held = [t for t in res["configs"] if t["split"] == "held_out"]
+    off = held[-1]["config"]
+    raw["configs"][configs.index(tuple(int(x) for x in off.split("+")))]["sources"]["objectcache_paced"][
+        "ttft_ms"
+    ] *= 1.3
+    res2 = gpu_validation(raw, profile)
+    row = next(t for t in res2["configs"] if t["config"] == off and t["path"] == "objectcache_paced")
+    assert row["rel_err"] == pytest.approx(1 / 1.3 - 1, abs=0.03)
