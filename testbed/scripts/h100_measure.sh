@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, HF equivalence, the profiler grid and the TTFT measurements (issue 5).
 # Run from the repo root on the GPU machine with .whl carried; writes logs and results under $OUT.
+# .whl/ (git-ignored) holds what the GPU machine lacks (it has torch, aiohttp, numpy; not boto3), made with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl boto3==1.44.5 botocore==1.44.5 s3transfer==0.19.3 jmespath==1.1.0
+#   (add py-spy==0.4.3 to profile with `py-spy record --gil --subprocesses`).
 # The GPU validation grid (issue 6; then `python -m testbed.ttft validate` here):
 #   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
 #   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
