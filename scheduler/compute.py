@@ -18,7 +18,7 @@ Profile table format (``sim/profiles/<model>_<gpu>.csv``, written by the testbed
     # gpu: H100-SXM-80GB
     # dtype: bf16
     # date: 2026-11-22
-    # command: python -m testbed.profile ...
+    # command: python -m testbed.engine.profile ...
     # (any further '#' lines are free-form notes)
     cached_tokens,new_tokens,prefill_ms,layer_ms
     0,4096,126.0,3.9375

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link, check_feasible
+from scheduler.layerwise import layer_times
 
 # Relative time resolution used to snap byte counts onto layer boundaries (see module docstring).
 _TIME_RTOL = 1e-12
@@ -164,18 +165,15 @@ class FluidResult:
 def _start_layers(st: FlowState, now_s: float, until_s: float) -> None:
     """Start every layer compute that can start in ``(now_s, until_s]`` and accrue GPU stall time."""
     s = st.spec
-    c = s.compute_per_layer_s
     idle_from = max(st.gpu_busy_until_s, now_s)
     arrived = st._layers_arrived
-    while st.layers_computed < len(arrived):
-        start = max(arrived[st.layers_computed], st.gpu_busy_until_s)
-        if start > until_s:
-            break
+    pending = arrived[st.layers_computed :]
+    for start, end in layer_times(pending, s.compute_per_layer_s, st.gpu_busy_until_s, until_s):
         if st.layers_computed >= 1:
             st.stall_s += max(0.0, start - idle_from)
         st.layers_computed += 1
-        st.gpu_busy_until_s = start + c
-        idle_from = st.gpu_busy_until_s
+        st.gpu_busy_until_s = end
+        idle_from = end
     if 1 <= st.layers_computed < s.num_layers and st.layers_computed == len(arrived):
         st.stall_s += max(0.0, until_s - idle_from)
 
@@ -185,8 +183,9 @@ def _finish_if_complete(st: FlowState) -> None:
     if st.transfer_done and not st.finished:
         s = st.spec
         t = st.gpu_busy_until_s
-        for layer in range(st.layers_computed, s.num_layers):
-            t = max(t, st._layers_arrived[layer]) + s.compute_per_layer_s
+        pending = st._layers_arrived[st.layers_computed : s.num_layers]
+        for _, t in layer_times(pending, s.compute_per_layer_s, st.gpu_busy_until_s):  # noqa: B007
+            pass
         if s.num_layers == 0:
             t = s.start_s
         st.done_s = t + s.extra_compute_s

@@ -82,7 +82,7 @@ class StorageConfig:
     object_capacity_GiB: float = 1.0e6
     write_back: bool = True
     # Gather only: extra server work per chunk key before the first byte (open + header check of each object;
-    # fitted on the testbed by testbed.calibrate, ~0.2 ms for the Python server).  0: not modelled.
+    # fitted on the testbed by testbed.validation.calibrate, ~0.2 ms for the Python server).  0: not modelled.
     gather_per_chunk_s: float = 0.0
 
     @property

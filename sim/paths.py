@@ -32,6 +32,7 @@ import simpy
 
 from scheduler.fluid import FlowState, RequestSpec
 from scheduler.geometry import ModelSpec
+from scheduler.layerwise import layer_times
 from sim.config import NetworkConfig, StorageConfig
 from sim.network import FluidNetwork
 
@@ -159,10 +160,12 @@ def serve(
         remote_layers = L - k
         gpu_start = arrival if gpu_free_s is None else max(arrival, gpu_free_s)
         if k:
-            # The DRAM layers: a short PCIe copy, then k layers back to back (the copies are layerwise too).
+            # The DRAM layers: layerwise PCIe copies back to back, each layer computing once its copy is in.
             dram_layer_s = layer_bytes / node.network.links["pcie"].capacity_Bps
-            local_first = gpu_start + dram_layer_s
-            gpu_busy = local_first + k * max(c, dram_layer_s)
+            copies_s = (gpu_start + (i + 1) * dram_layer_s for i in range(k))
+            dram_layers = list(layer_times(copies_s, c, gpu_start))
+            local_first = dram_layers[0][0]
+            gpu_busy = dram_layers[-1][1]
         else:
             local_first = math.nan
             gpu_busy = gpu_start

@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl boto3==1.44.5 botocore==1.44.5 s3transfer==0.19.3 jmespath==1.1.0
 #   (add py-spy==0.4.3 to profile with `py-spy record --gil --subprocesses`).
-# The GPU validation grid (issue 6; then `python -m testbed.ttft validate` here):
+# The GPU validation grid (issue 6; then `python -m testbed.validation.ttft validate` here):
 #   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
 #   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
 #   CONFIGS=2048+128,2048+1024,2048+4096,4096+128,...,61440+4096 bash testbed/scripts/h100_measure.sh
@@ -16,12 +16,12 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > $OUT/gpu.txt 2>&1
 STAGES=${STAGES:-tests,hf,check,profile,ttft}
 if [[ $STAGES == *tests* ]]; then
-  timeout 180 python3 -m pytest -m gpu -p no:cacheprovider -q tests/testbed/test_model.py tests/testbed/test_prefill.py tests/testbed/test_kvsource.py 2>&1 | tee $OUT/gpu_tests.log
+  timeout 180 python3 -m pytest -m gpu -p no:cacheprovider -q tests/testbed/engine/test_model.py tests/testbed/engine/test_prefill.py tests/testbed/engine/test_kvsource.py 2>&1 | tee $OUT/gpu_tests.log
 fi
 if [[ $STAGES == *hf* ]]; then
   timeout 120 python3 -c "
 import json, torch
-from tests.testbed.test_model import hf_equivalence
+from tests.testbed.engine.test_model import hf_equivalence
 import transformers
 r = {str(dt): hf_equivalence(dt) for dt in (torch.float32, torch.bfloat16)}
 r['transformers'] = transformers.__version__; r['torch'] = torch.__version__
@@ -29,14 +29,14 @@ print(json.dumps(r, indent=1)); open('$OUT/hf_equivalence.json', 'w').write(json
 " 2>&1 | tee $OUT/hf.log
 fi
 if [[ $STAGES == *check* ]]; then
-  timeout 150 python3 -m testbed.ttft check --out $OUT/check.json 2>&1 | tee $OUT/check.log
+  timeout 150 python3 -m testbed.validation.ttft check --out $OUT/check.json 2>&1 | tee $OUT/check.log
 fi
 if [[ $STAGES == *profile* ]]; then
-  timeout ${PROFILE_TIMEOUT:-240} python3 -m testbed.profile --model llama-3.1-8b --repeats 3 \
+  timeout ${PROFILE_TIMEOUT:-240} python3 -m testbed.engine.profile --model llama-3.1-8b --repeats 3 \
     --out $OUT/llama-3.1-8b_h100_measured.csv --json $OUT/profile.json 2>&1 | tee $OUT/profile.log
 fi
 if [[ $STAGES == *ttft* ]]; then
-  timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
+  timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.validation.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
     --streams ${STREAMS:-8} --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
     ${CONFIGS:+--configs $CONFIGS} ${SHARED_PREFIX:+--shared-prefix} ${DATA_DIR:+--data-dir $DATA_DIR} \
     --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log

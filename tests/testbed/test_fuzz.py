@@ -28,13 +28,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed import faults, gather, kvformat
-from testbed.errors import ObjectCacheError
-from testbed.s3auth import ChunkedDecoder, CredentialStore, S3Error, verify_request
-from testbed.server import parse_range
-from testbed.store import FilesystemStore, validate_bucket_name, validate_key
+from testbed.bench import faults
+from testbed.objectstore import gather
+from testbed.objectstore.auth import ChunkedDecoder, CredentialStore, S3Error, verify_request
+from testbed.objectstore.server import parse_range
+from testbed.objectstore.store import FilesystemStore, validate_bucket_name, validate_key
+from testbed.wire import kvformat
+from testbed.wire.errors import ObjectCacheError
 from tests.fixtures.servers import signed_request
-from tests.testbed.test_faults import CT, WIDE, wide_chunks
+from tests.testbed.bench.test_faults import CT, WIDE, wide_chunks
 
 CASES: Counter = Counter()
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -293,7 +295,7 @@ _STORE: dict = {}
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from testbed.launch import start_server
+    from testbed.objectstore.launch import start_server
     from tests.fixtures.servers import TEST_CREDENTIALS
 
     srv = start_server(
@@ -488,7 +490,7 @@ def test_clients_that_stop_reading_do_not_pin_server_memory(tmp_path_factory):
     """16 gathers of 18 MiB each whose clients never read: the server's RSS stays far below the 288 MiB
     they ask for (payload goes out by sendfile from the page cache, not through buffers), other clients
     are served meanwhile, and every descriptor is released once they hang up."""
-    from testbed.launch import start_server
+    from testbed.objectstore.launch import start_server
     from tests.fixtures.servers import TEST_CREDENTIALS
 
     srv = start_server(tmp_path_factory.mktemp("slow"), credentials=TEST_CREDENTIALS)

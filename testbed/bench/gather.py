@@ -1,0 +1,540 @@
+"""Gather benchmarks: ``python -m testbed.bench.gather gather`` (writes ``results/bench/gather.json``).
+
+Three measurements, Llama-3.1-8B geometry (32 layers, 256-token chunks: 1 MiB per chunk-layer slice,
+32 MiB per chunk object), all through ``testbed.client.core.ObjectCacheClient`` with checksums verified:
+
+1. **Delivery time** of all 32 layers of N chunks (N = 1, 4, 16, 64, 256) by path: gather from our server,
+   per-(chunk, layer) ranged GETs against Ceph RGW and against our server, whole-object GETs against RGW.
+   64 distinct chunks are stored (2 GiB); N = 256 names each of them 4 times (RGW's memstore holds ~2x the
+   bytes in RAM, so 8 GiB of distinct chunks would not fit next to everything else).  Whole-object GETs need
+   all layers in memory at once, so they stop at N = 64.  Median of ``--repeats`` rounds (1 for N >= 64);
+   each round runs every path once, round-robin, so background load hits all paths alike.
+   The fallbacks run 16 requests concurrently; ``ranged-serial@rgw`` (N <= 16) is the same ranged path
+   with one request at a time (a naive layerwise reader).
+2. **Loopback throughput** of gather (N = 64, 2 GiB) against the raw TCP ceiling of plain Python sockets
+   (``sendall`` / ``recv_into``, no HTTP, no checksums), measured interleaved in the same run.
+3. **Shaped link**: our server in one network namespace, the client in another, joined by a veth pair with
+   an HTB cap (``--shaped-gbps``, default 2).  (a) one unpaced gather stream: fraction of the cap;
+   (b) two concurrent streams with different compute hints through the server's pacer (policy ``equal``,
+   then ``bandwidth_aware``, pacer capacity 95 % of the cap): each stream's transfer time (hence mean rate)
+   against the scheduler's fluid model running the same policy on the same two flows, at the pacer's
+   configured capacity and at the aggregate rate the pacer actually delivered.
+
+Needs root for (3) (skipped with the reason otherwise) and Ceph RGW for the RGW rows (skipped likewise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.flows import Link
+from scheduler.fluid import FlowState, RequestSpec, advance, next_event_s
+from scheduler.geometry import get_model
+from scheduler.keys import KeyScope, object_key
+from scheduler.policies import get_policy
+from scheduler.units import Bps_to_gbps, gbps_to_Bps
+from testbed import REPO_ROOT
+from testbed.client.core import ObjectCacheClient
+from testbed.objectstore.auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
+from testbed.objectstore.launch import start_server
+from testbed.wire.kvformat import encode_chunk
+
+BUCKET = "bench-gather"
+DISTINCT_CHUNKS = 64
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+def chunk_names(model, n: int, namespace: str = "bench") -> list[str]:
+    scope = KeyScope(model.fingerprint(), namespace)
+    return [object_key(scope, f"{i:064x}") for i in range(n)]
+
+
+def make_chunk(model, i: int) -> bytes:
+    rng = np.random.default_rng(1000 + i)
+    sb = model.kv_bytes_per_chunk_layer()
+    return encode_chunk(model, [rng.bytes(sb) for _ in range(model.num_layers)])
+
+
+def store_chunks(clients: list[ObjectCacheClient], model, n: int) -> list[str]:
+    names = chunk_names(model, n)
+    for c in clients:
+        c.ensure_bucket()
+    for i, name in enumerate(names):
+        blob = make_chunk(model, i)
+        for c in clients:
+            c.put_chunk(name, blob)
+    return names
+
+
+def names_for(distinct: list[str], n: int) -> list[str]:
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+def time_load(client: ObjectCacheClient, names: list[str], ring: list[bytearray] | None, **kw) -> dict:
+    """Load all layers; returns seconds, bytes, first-layer latency and per-layer arrival times."""
+    arrivals = []
+    n_bytes = 0
+    t0 = time.perf_counter()
+    out = None if ring is None else [ring[i % len(ring)] for i in range(32)]
+    for _layer, view in client.load_layers(names, out=out, **kw):
+        arrivals.append(time.perf_counter() - t0)
+        n_bytes += len(view)
+    return {"seconds": arrivals[-1], "bytes": n_bytes, "first_layer_s": arrivals[0], "arrivals_s": arrivals}
+
+
+def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 1 << 20) -> float:
+    """Raw loopback TCP throughput of plain Python sockets (sender thread, ``recv_into`` receiver)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    payload = memoryview(bytearray(block_bytes))
+
+    def sender() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            left = total_bytes
+            while left > 0:
+                k = min(left, block_bytes)
+                conn.sendall(payload[:k])
+                left -= k
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    buf = memoryview(bytearray(block_bytes))
+    got = 0
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        t0 = time.perf_counter()
+        while got < total_bytes:
+            k = c.recv_into(buf)
+            if not k:
+                break
+            got += k
+        dt = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    return got / dt
+
+
+# --- part 1 and 2 --------------------------------------------------------------------------------------------
+def bench_paths(model, sizes: list[int], repeats: int, with_rgw: bool, log) -> dict:
+    from testbed.harness.rgw import RGWUnavailable, start_rgw
+
+    sb = model.kv_bytes_per_chunk_layer()
+    rows: list[dict] = []
+    notes: list[str] = []
+    rgw = None
+    if with_rgw:
+        try:
+            rgw = start_rgw(store_bytes=12 << 30, timeout_s=120)
+        except RGWUnavailable as e:
+            notes.append(f"RGW rows skipped: {e}")
+            log(notes[-1])
+    try:
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(start_server(args=["--no-fsync"]))
+            creds = {"server": (srv.url, srv.access_key, srv.secret_key)}
+            if rgw is not None:
+                creds["rgw"] = (rgw.endpoint_url, rgw.access_key, rgw.secret_key)
+            targets = {t: ObjectCacheClient(url, BUCKET, ak, sk) for t, (url, ak, sk) in creds.items()}
+            n_store = min(DISTINCT_CHUNKS, max(sizes))
+            log(f"storing {n_store} chunks of {model.kv_bytes_per_chunk() >> 20} MiB on {sorted(targets)}")
+            t0 = time.perf_counter()
+            distinct = store_chunks(list(targets.values()), model, n_store)
+            log(f"stored in {time.perf_counter() - t0:.1f} s")
+            if rgw is not None:
+                # Our server in front of RGW (S3-proxy store), sharing RGW's bucket: gather next to storage.
+                opts = [f"endpoint_url={rgw.endpoint_url}", f"access_key={rgw.access_key}"]
+                opts += [f"secret_key={rgw.secret_key}"]
+                proxy = stack.enter_context(
+                    start_server(
+                        args=["--store", "s3proxy", *[a for o in opts for a in ("--store-option", o)]]
+                    )
+                )
+                creds["proxy"] = (proxy.url, proxy.access_key, proxy.secret_key)
+            # (mode, target, label, max_concurrency); ranged-serial: one request at a time, the naive reader.
+            paths = [("gather", "server", "gather", 16), ("ranged", "server", "ranged", 16)]
+            if rgw is not None:
+                paths += [("ranged", "rgw", "ranged", 16), ("whole", "rgw", "whole", 16)]
+                paths += [("ranged", "rgw", "ranged-serial", 1), ("gather", "proxy", "gather", 16)]
+            for n in sizes:
+                names = names_for(distinct, n)
+                todo = [
+                    p
+                    for p in paths
+                    if not ((p[0] == "whole" and n > DISTINCT_CHUNKS) or (p[3] == 1 and n > 16))
+                ]
+                clients = [
+                    ObjectCacheClient(creds[t][0], BUCKET, *creds[t][1:], mode=mode, max_concurrency=conc)
+                    for mode, t, _, conc in todo
+                ]
+                rings = [None if p[0] == "whole" else [bytearray(n * sb) for _ in range(2)] for p in todo]
+                runs: list[list[dict]] = [[] for _ in todo]
+                # Round-robin over the paths, so that load from other processes hits every path alike.
+                for _ in range(1 if n >= 64 else repeats):
+                    for i, c in enumerate(clients):
+                        runs[i].append(time_load(c, names, rings[i]))
+                        assert c.last_path == todo[i][0]
+                for c in clients:
+                    c.close()
+                del rings
+                for (_, target, label, _), rs in zip(todo, runs):
+                    secs = [r["seconds"] for r in rs]
+                    med = statistics.median(secs)
+                    row = {
+                        "n_chunks": n,
+                        "path": f"{label}@{target}",
+                        "seconds": med,
+                        "runs_s": secs,
+                        "first_layer_s": statistics.median(r["first_layer_s"] for r in rs),
+                        "bytes": rs[0]["bytes"],
+                        "GBps": rs[0]["bytes"] / med / 1e9,
+                    }
+                    rows.append(row)
+                    log(f"N={n:4d} {row['path']:18s} {med:8.3f} s  {row['GBps']:6.2f} GB/s")
+            # Part 2: gather vs the raw TCP ceiling, interleaved.
+            n2 = min(64, n_store)
+            names = distinct[:n2]
+            c = ObjectCacheClient(srv.url, BUCKET, srv.access_key, srv.secret_key, mode="gather")
+            ring = [bytearray(n2 * sb) for _ in range(2)]
+            pairs = []
+            for _ in range(repeats):
+                r = time_load(c, names, ring)
+                ceiling = tcp_ceiling_Bps(r["bytes"])
+                pairs.append({"gather_Bps": r["bytes"] / r["seconds"], "tcp_ceiling_Bps": ceiling})
+                log(
+                    f"loopback: gather {pairs[-1]['gather_Bps'] / 1e9:.2f} GB/s, raw TCP {ceiling / 1e9:.2f} GB/s"
+                )
+            c.close()
+            for c in targets.values():
+                c.close()
+    finally:
+        if rgw is not None:
+            rgw.stop()
+    loop = {
+        "n_chunks": n2,
+        "bytes": n2 * sb * model.num_layers,
+        "runs": pairs,
+        "gather_GBps": statistics.median(p["gather_Bps"] for p in pairs) / 1e9,
+        "tcp_ceiling_GBps": statistics.median(p["tcp_ceiling_Bps"] for p in pairs) / 1e9,
+        "fraction_of_tcp": statistics.median(p["gather_Bps"] / p["tcp_ceiling_Bps"] for p in pairs),
+    }
+    return {"rows": rows, "loopback": loop, "notes": notes}
+
+
+# --- part 3: shaped link --------------------------------------------------------------------------------------
+def _start_server_in(link, side: str, data_dir: Path, extra: list[str]) -> subprocess.Popen:
+    ready = data_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "testbed.objectstore.server", "--host", link.addr[side], "--port", "0"]
+    cmd += [
+        "--data-dir",
+        str(data_dir),
+        "--ready-file",
+        str(ready),
+        "--no-fsync",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = link.popen(side, cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    log.close()
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"server in {link.ns[side]} did not start: {(data_dir / 'server.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.05)
+    return proc
+
+
+def _run_client_in(link, side: str, spec: dict) -> dict:
+    """Run ``python -m testbed.bench.gather shaped-client`` in the client namespace; returns its JSON."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    res = link.run(
+        side,
+        [sys.executable, "-m", "testbed.bench.gather", "shaped-client", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO_ROOT),
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"shaped client failed: {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def shaped_client(spec: dict) -> dict:
+    """Client side of part 3: one stream per entry of ``spec['streams']`` (concurrently), arrivals recorded."""
+    model = get_model(spec["model"])
+    sb = model.kv_bytes_per_chunk_layer()
+    results: list[dict | None] = [None] * len(spec["streams"])
+    barrier = threading.Barrier(len(spec["streams"]))
+    t_ref = time.perf_counter()
+
+    def one(i: int, st: dict) -> None:
+        with ObjectCacheClient(
+            spec["url"], BUCKET, DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, mode="gather"
+        ) as c:
+            ring = [bytearray(len(st["names"]) * sb) for _ in range(2)]
+            barrier.wait()
+            t0 = time.perf_counter()
+            r = time_load(c, st["names"], ring, compute_per_layer_s=st.get("compute_per_layer_s"))
+            r["start_s"] = t0 - t_ref
+            r["arrivals_s"] = [a + r["start_s"] for a in r["arrivals_s"]]
+            results[i] = r
+
+    threads = [threading.Thread(target=one, args=(i, st)) for i, st in enumerate(spec["streams"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in results):
+        raise RuntimeError("a stream failed")
+    return {"streams": results}
+
+
+def fluid_transfer_s(
+    policy: str, capacity_Bps: float, layer_bytes: list[int], layers: int, cpl_s: list[float]
+):
+    """Transfer completion time of each flow (all start at 0) under ``policy`` in the scheduler's fluid model.
+
+    The same model and policy code the simulator uses; the server's pacer asks the same policy at the same
+    events, so a paced real run should track it.
+    """
+    states = [
+        FlowState(RequestSpec(f"s{i}", 0.0, float(lb), layers, c, ("egress",)))
+        for i, (lb, c) in enumerate(zip(layer_bytes, cpl_s))
+    ]
+    links = {"egress": Link("egress", capacity_Bps)}
+    pol = get_policy(policy)
+    now, done = 0.0, {}
+    advance(states, {}, now, now)
+    for _ in range(8 * layers * len(states) + 16):
+        pending = [st for st in states if not st.transfer_done]
+        if not pending:
+            break
+        rates = pol.allocate(now, [st.view(now) for st in pending], links)
+        t_next = next_event_s(pending, rates, now)
+        advance(pending, rates, now, t_next)
+        now = t_next
+        for st in pending:
+            if st.transfer_done:
+                done.setdefault(st.flow_id, now)
+    return [done[f"s{i}"] for i in range(len(states))]
+
+
+def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
+    from testbed.harness.netns import NetnsUnavailable, ShapedLink
+    from testbed.objectstore.store import FilesystemStore
+
+    sb = model.kv_bytes_per_chunk_layer()
+    with tempfile.TemporaryDirectory(prefix="oc-shaped-") as tmp:
+        data_dir = Path(tmp)
+        store = FilesystemStore(data_dir / "store", fsync=False)
+        store.create_bucket(BUCKET)
+        names = chunk_names(model, n_chunks, "shaped")
+        for i, name in enumerate(names):
+            w = store.begin_write(BUCKET, name)
+            w.write(make_chunk(model, i))
+            w.commit()
+        try:
+            link = ShapedLink(cap_Gbps)
+        except NetnsUnavailable as e:
+            return {"skipped": str(e)}
+        with link:
+            out: dict = {"cap_Gbps": cap_Gbps, "n_chunks": n_chunks}
+            proc = _start_server_in(link, "a", data_dir, [])
+            url = f"http://{link.addr['a']}:{json.loads((data_dir / 'ready.json').read_text())['port']}"
+            spec = {"url": url, "model": model.name, "streams": [{"names": names}]}
+            singles = [_run_client_in(link, "b", spec)["streams"][0] for _ in range(2)]
+            proc.terminate()
+            proc.wait(10)
+            best = min(singles, key=lambda r: r["seconds"])
+            rate = best["bytes"] / best["seconds"]
+            out["single_stream"] = {
+                "seconds": best["seconds"],
+                "bytes": best["bytes"],
+                "Gbps": Bps_to_gbps(rate),
+                "fraction_of_cap": Bps_to_gbps(rate) / cap_Gbps,
+                "runs_s": [r["seconds"] for r in singles],
+            }
+            log(
+                f"shaped {cap_Gbps} Gbps: one stream {Bps_to_gbps(rate):.3f} Gbps ({rate / gbps_to_Bps(cap_Gbps):.1%})"
+            )
+            # Two streams, same chunks count each, different compute: one slow GPU (pace 30 % of the cap),
+            # one fast (pace 3x the cap: it could use the whole link).
+            half = n_chunks // 2
+            lb = half * sb
+            pacer_Gbps = 0.95 * cap_Gbps
+            cap_Bps = gbps_to_Bps(pacer_Gbps)
+            cpls = [lb / (0.3 * cap_Bps), lb / (3.0 * cap_Bps)]
+            streams = [
+                {"names": names[:half], "compute_per_layer_s": cpls[0]},
+                {"names": names[half : 2 * half], "compute_per_layer_s": cpls[1]},
+            ]
+            out["policies"] = {}
+            for policy in ("equal", "bandwidth_aware"):
+                proc = _start_server_in(
+                    link, "a", data_dir, ["--egress-gbps", str(pacer_Gbps), "--policy", policy]
+                )
+                url = f"http://{link.addr['a']}:{json.loads((data_dir / 'ready.json').read_text())['port']}"
+                res = _run_client_in(link, "b", {"url": url, "model": model.name, "streams": streams})
+                proc.terminate()
+                proc.wait(10)
+                spans = [st["arrivals_s"][-1] - st["start_s"] for st in res["streams"]]
+                layer_rates = [lb * model.num_layers / t for t in spans]
+                # The policy in the fluid model at the pacer's capacity, and at the aggregate rate the pacer
+                # actually delivered (separates "does the split follow the policy" from pacer efficiency).
+                agg_Bps = 2 * lb * model.num_layers / max(spans)
+                fluid = fluid_transfer_s(policy, cap_Bps, [lb, lb], model.num_layers, cpls)
+                fluid_cal = fluid_transfer_s(policy, agg_Bps, [lb, lb], model.num_layers, cpls)
+                err = [abs(t - f) / f for t, f in zip(spans, fluid)]
+                err_cal = [abs(t - f) / f for t, f in zip(spans, fluid_cal)]
+                out["policies"][policy] = {
+                    "pacer_Gbps": pacer_Gbps,
+                    "compute_per_layer_s": cpls,
+                    "transfer_s": spans,
+                    "mean_rate_Gbps": [Bps_to_gbps(r) for r in layer_rates],
+                    "fluid_transfer_s_at_pacer_rate": fluid,
+                    "relative_error_at_pacer_rate": err,
+                    "aggregate_Gbps": Bps_to_gbps(agg_Bps),
+                    "fluid_transfer_s_at_delivered_rate": fluid_cal,
+                    "relative_error_at_delivered_rate": err_cal,
+                }
+                log(
+                    f"shaped {policy}: transfer {[f'{t:.2f}' for t in spans]} s, fluid model "
+                    f"{[f'{t:.2f}' for t in fluid]} s at {pacer_Gbps:.2f} Gbps, "
+                    f"{[f'{t:.2f}' for t in fluid_cal]} s at the delivered {Bps_to_gbps(agg_Bps):.2f} Gbps"
+                )
+            return out
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+def machine() -> dict:
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "mem_total_bytes": mem,
+        "uname": " ".join(platform.uname()),
+        "python": platform.python_version(),
+        "loadavg_1min_at_start": os.getloadavg()[0],
+    }
+
+
+def print_table(report: dict) -> None:
+    rows = report["delivery"]["rows"]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    sizes = sorted({r["n_chunks"] for r in rows})
+    print("\nTime to deliver all 32 layers (s; median):")
+    print(f"{'N':>5} " + " ".join(f"{p:>16}" for p in paths))
+    for n in sizes:
+        cells = {r["path"]: r["seconds"] for r in rows if r["n_chunks"] == n}
+        print(f"{n:>5} " + " ".join(f"{cells[p]:>16.3f}" if p in cells else f"{'-':>16}" for p in paths))
+    for k in ("speedup_vs_rgw_ranged_n16", "loopback_fraction_of_tcp", "shaped_fraction_of_cap"):
+        print(f"{k}: {report.get(k)}")
+
+
+def run_gather(args) -> dict:
+    model = get_model(args.model)
+    sizes = [int(x) for x in args.sizes.split(",")]
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    report: dict = {
+        "command": " ".join(["python -m testbed.bench.gather", *sys.argv[1:]]),
+        "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model.name,
+        "slice_bytes": model.kv_bytes_per_chunk_layer(),
+        "distinct_chunks_stored": min(DISTINCT_CHUNKS, max(sizes)),
+    }
+    report["delivery"] = bench_paths(model, sizes, args.repeats, not args.skip_rgw, log)
+    by = {(r["n_chunks"], r["path"]): r["seconds"] for r in report["delivery"]["rows"]}
+    runs = {(r["n_chunks"], r["path"]): r["runs_s"] for r in report["delivery"]["rows"]}
+    if (16, "ranged@rgw") in by:
+        # Paired per round (same moment's load on both paths), then the median over rounds.
+        report["speedup_vs_rgw_ranged_n16_paired"] = statistics.median(
+            a / b for a, b in zip(runs[(16, "ranged@rgw")], runs[(16, "gather@server")])
+        )
+        report["speedup_vs_rgw_ranged_n16"] = by[(16, "ranged@rgw")] / by[(16, "gather@server")]
+        report["speedup_vs_rgw_whole_n16"] = by[(16, "whole@rgw")] / by[(16, "gather@server")]
+        report["speedup_vs_rgw_ranged_serial_n16"] = by[(16, "ranged-serial@rgw")] / by[(16, "gather@server")]
+    if (16, "ranged@server") in by:
+        report["speedup_vs_server_ranged_n16"] = by[(16, "ranged@server")] / by[(16, "gather@server")]
+    report["loopback_fraction_of_tcp"] = report["delivery"]["loopback"]["fraction_of_tcp"]
+    if not args.skip_shaped:
+        report["shaped"] = bench_shaped(model, args.shaped_gbps, args.shaped_chunks, log)
+        if "single_stream" in report["shaped"]:
+            report["shaped_fraction_of_cap"] = report["shaped"]["single_stream"]["fraction_of_cap"]
+            pols = report["shaped"]["policies"].values()
+            report["shaped_policy_max_relative_error"] = max(
+                e for p in pols for e in p["relative_error_at_pacer_rate"]
+            )
+            report["shaped_policy_max_relative_error_at_delivered_rate"] = max(
+                e for p in pols for e in p["relative_error_at_delivered_rate"]
+            )
+    report["targets"] = {
+        "speedup_vs_rgw_ranged_n16": ">= 20",
+        "loopback_fraction_of_tcp": ">= 0.70",
+        "shaped_fraction_of_cap": ">= 0.90",
+        "shaped_policy_max_relative_error": "<= 0.10",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"\nwrote {out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.bench.gather")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gather", help="run the three gather benchmarks")
+    g.add_argument("--model", default="llama-3.1-8b")
+    g.add_argument("--sizes", default="1,4,16,64,256", help="chunk counts N")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--skip-rgw", action="store_true")
+    g.add_argument("--skip-shaped", action="store_true")
+    g.add_argument("--shaped-gbps", type=float, default=2.0)
+    g.add_argument("--shaped-chunks", type=int, default=16)
+    g.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "gather.json"))
+    sc = sub.add_parser("shaped-client", help="(internal) client side of the shaped-link benchmark")
+    sc.add_argument("spec")
+    args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers, RGW and namespaces started here are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.cmd == "shaped-client":
+        print(json.dumps(shaped_client(json.loads(args.spec))))
+        return 0
+    run_gather(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The host-DRAM KV tier, its KV source and the save path that fills it.
+
+``DramTier``: one pinned host pool per layer, a chunk in the same slot of every pool, LRU eviction by chunk.
+``DramSource``: loads a prefix from the tier with whole or layerwise host-to-device copies (``LayerCopier``,
+``testbed.engine.kvload``).
+
+Save path (``KVSaver``): after each layer is computed, the new full chunks' KV of that layer is permuted to
+the chunk-major layout and copied device-to-host on a separate save stream straight into the DRAM tier's
+pinned slots; ``wait_for_save`` (after the logits are out) registers the chunks in the DRAM tier and hands
+them to a background thread that writes chunk objects (``testbed.wire.kvformat``) to the object tier.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from scheduler.geometry import DEFAULT_CHUNK_TOKENS, ModelSpec
+from scheduler.keys import KeyScope, longest_prefix, object_key
+from testbed.engine.kvload import KVLoadError, KVSource, LayerCopier, LoadRequest, LoadStats, pinned_empty
+
+
+class DramTier:
+    """Host-DRAM KV tier: one pinned pool per layer, ``capacity_chunks`` slots of one layer slice each.
+
+    A chunk occupies the same slot index in every layer's pool, so a chunk's layer ``l`` is
+    ``pool[l][slot*slice_bytes : (slot+1)*slice_bytes]`` in the chunk object's slice layout.  Chunks saved
+    together get consecutive slots, so a prefix usually loads with one host-to-device copy per layer.
+    Eviction is LRU by chunk (a later chunk of a chain is useless without the earlier ones, but lookups stop
+    at the first hole, so evicting a middle chunk only shortens the usable prefix).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, capacity_chunks: int, *, chunk_tokens=DEFAULT_CHUNK_TOKENS, device="cpu"
+    ):
+        self.spec, self.chunk_tokens, self.capacity_chunks = spec, chunk_tokens, capacity_chunks
+        self.device = torch.device(device)
+        self.slice_bytes = spec.kv_bytes_per_chunk_layer(chunk_tokens)
+        self.pools = [
+            pinned_empty(capacity_chunks * self.slice_bytes, self.device) for _ in range(spec.num_layers)
+        ]
+        self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU order
+        self._free = list(range(capacity_chunks))
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            n = longest_prefix(keys, self.slots.__contains__)
+            for k in keys[:n]:
+                self.slots.move_to_end(k)
+            return n
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` free slots, consecutive when possible, evicting least-recently-used chunks if needed."""
+        with self._lock:
+            while len(self._free) < n and self.slots:
+                _, slot = self.slots.popitem(last=False)
+                self._free.append(slot)
+            if len(self._free) < n:
+                raise MemoryError(f"DRAM tier holds {self.capacity_chunks} chunks; {n} requested")
+            self._free.sort()
+            for i in range(len(self._free) - n + 1):  # first run of n consecutive free slots
+                if self._free[i + n - 1] - self._free[i] == n - 1:
+                    picked = self._free[i : i + n]
+                    del self._free[i : i + n]
+                    return picked
+            picked, self._free = self._free[:n], self._free[n:]
+            return picked
+
+    def commit(self, keys: Sequence[str], slots: Sequence[int]) -> None:
+        with self._lock:
+            for k, s in zip(keys, slots):
+                if k in self.slots:  # already held (raced with another save): keep one copy
+                    self._free.append(s)
+                else:
+                    self.slots[k] = s
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+
+    def slot_view(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
+        lo = slot * self.slice_bytes
+        return self.pools[layer][lo : lo + count * self.slice_bytes]
+
+    def runs(self, keys: Sequence[str]) -> list[tuple[int, int, int]]:
+        """(first chunk index, first slot, count) runs of consecutive slots covering ``keys``."""
+        slots = [self.slots[k] for k in keys]
+        out: list[tuple[int, int, int]] = []
+        for i, s in enumerate(slots):
+            if out and out[-1][1] + out[-1][2] == s:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+            else:
+                out.append((i, s, 1))
+        return out
+
+    def put(self, keys: Sequence[str], layers: Sequence[bytes | memoryview]) -> None:
+        """Insert chunks from per-layer chunk-major payloads (``layers[l]`` = n slices back to back)."""
+        slots = self.allocate(len(keys))
+        for layer, payload in enumerate(layers):
+            src = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            for i, s in enumerate(slots):
+                self.slot_view(layer, s).copy_(src[i * self.slice_bytes : (i + 1) * self.slice_bytes])
+        self.commit(keys, slots)
+
+    def chunk_layers(self, key: str) -> list[memoryview]:
+        """One memoryview per layer of a held chunk (the chunk object's payload, layer by layer)."""
+        s = self.slots[key]
+        return [memoryview(self.slot_view(layer, s).numpy()) for layer in range(self.spec.num_layers)]
+
+
+class DramSource(KVSource):
+    """Local DRAM: every layer's copy is issued at ``start_load``; ``layerwise`` lets layer l's compute start
+    when layer l has arrived, ``whole`` waits for all layers before layer 0 (the non-layerwise baseline)."""
+
+    def __init__(self, tier: DramTier, copier: LayerCopier, *, layerwise: bool = True):
+        self.tier, self.copier, self.layerwise = tier, copier, layerwise
+        self.name = "dram_layerwise" if layerwise else "dram"
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        return self.tier.lookup(keys)
+
+    def start_load(self, request: LoadRequest) -> None:
+        self.stats = LoadStats(self.name, request.n_chunks)
+        self.n = request.n_chunks
+        self.copier.events.clear()
+        self._last = self.tier.spec.num_layers - 1
+        if not self.n:
+            return
+        try:
+            runs = self.tier.runs(request.keys)
+        except KeyError as exc:
+            raise KVLoadError(f"DRAM tier lost chunk {exc.args[0]}") from None
+        for layer in range(self.tier.spec.num_layers):
+            pieces = [(self.tier.slot_view(layer, slot, count), first) for first, slot, count in runs]
+            self.copier.copy_layer(layer, pieces, request.kv[layer], self.n)
+        self.stats.bytes_loaded = self.n * self.tier.slice_bytes * self.tier.spec.num_layers
+
+    def wait_for_layer(self, layer: int) -> None:
+        if not self.n:
+            return
+        if self.layerwise:
+            self.copier.wait(layer)
+        elif layer == 0:
+            self.copier.wait(self._last)  # one copy stream: the last event covers every layer
+        self.stats.wait_s.append(0.0)
+
+    def abort(self) -> None:
+        self.copier.events.clear()
+
+
+class KVSaver:
+    """Save path: new full chunks -> DRAM tier (device-to-host on a save stream, straight into pinned slots)
+    and, asynchronously, -> the object tier as chunk objects.  ``object_client`` may be ``None``."""
+
+    def __init__(
+        self, tier: DramTier | None, *, object_client=None, scope: KeyScope | None = None, dtype=None
+    ):
+        self.tier, self.client, self.scope = tier, object_client, scope
+        if tier is None:
+            raise ValueError("KVSaver needs a DRAM tier (the object tier is written from it)")
+        self.spec, self.chunk_tokens, self.slice_bytes = tier.spec, tier.chunk_tokens, tier.slice_bytes
+        self.cuda = tier.device.type == "cuda"
+        self.stream = torch.cuda.Stream(tier.device) if self.cuda else None
+        self.dtype = dtype
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="objectcache-save")
+        self.pending: list[Future] = []
+        self._job: tuple | None = None
+        self._staging: torch.Tensor | None = None
+
+    def begin(self, keys: Sequence[str], first_chunk: int, kv: list[torch.Tensor]) -> None:
+        """Prepare to save chunks ``first_chunk .. first_chunk+len(keys)-1`` of ``kv`` (skipping held ones)."""
+        todo = [first_chunk + i for i, k in enumerate(keys) if k not in self.tier]
+        self._job = None
+        if not todo:
+            return
+        slots = self.tier.allocate(len(todo))
+        runs: list[tuple[int, int, int]] = []  # (index into todo, first slot, count)
+        for j, s in enumerate(slots):
+            if runs and runs[-1][1] + runs[-1][2] == s:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((j, s, 1))
+        keys_todo = [keys[c - first_chunk] for c in todo]
+        self._job = (keys_todo, todo, slots, runs, kv)
+
+    def _chunk_major(self, kv_layer: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+        """``[m, 2, ct, H, D]`` view/copy of the given chunks of one layer's token-major KV."""
+        s, ct = self.spec, self.chunk_tokens
+        if chunks == list(range(chunks[0], chunks[0] + len(chunks))):
+            c0, m = chunks[0], len(chunks)
+            return (
+                kv_layer[:, c0 * ct : (c0 + m) * ct]
+                .view(2, m, ct, s.num_kv_heads, s.head_dim)
+                .permute(1, 0, 2, 3, 4)
+            )
+        return torch.stack([kv_layer[:, c * ct : (c + 1) * ct] for c in chunks])
+
+    def save_layer(self, layer: int) -> None:
+        """Queue the D2H copy of ``layer``'s new chunks (call right after the layer's compute is queued):
+        one permute into a device staging buffer, then one copy per run of consecutive DRAM slots."""
+        if self._job is None:
+            return
+        _, chunks, _, runs, kv = self._job
+        sb, dt = self.slice_bytes, kv[layer].dtype
+        if not self.cuda:
+            cm = self._chunk_major(kv[layer], chunks)
+            for j, slot, count in runs:
+                self.tier.slot_view(layer, slot, count).view(dt).view(cm[j : j + count].shape).copy_(
+                    cm[j : j + count]
+                )
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.tier.device))
+        with torch.cuda.stream(self.stream):
+            need = len(chunks) * sb
+            if self._staging is None or self._staging.numel() < need:
+                self._staging = torch.empty(need, dtype=torch.uint8, device=self.tier.device)
+            cm = self._chunk_major(kv[layer], chunks)
+            self._staging[:need].view(dt).view(cm.shape).copy_(cm)
+            for j, slot, count in runs:
+                self.tier.slot_view(layer, slot, count).copy_(
+                    self._staging[j * sb : (j + count) * sb], non_blocking=True
+                )
+
+    def wait_for_save(self) -> list[str]:
+        """Finish the DRAM copies, register the chunks, start the object-tier upload; returns saved keys."""
+        if self._job is None:
+            return []
+        keys, _, slots, _, _ = self._job
+        self._job = None
+        if self.cuda:
+            self.stream.synchronize()
+        self.tier.commit(keys, slots)
+        if self.client is not None:
+            self.pending.append(self._uploads.submit(self._upload, keys))
+        return keys
+
+    def _upload(self, keys: list[str], batch_chunks: int = 16) -> int:
+        from testbed.wire.kvformat import encode_chunk
+
+        written = 0
+        for i in range(0, len(keys), batch_chunks):  # bounded memory: a batch of encoded objects at a time
+            items = [
+                (
+                    object_key(self.scope, k),
+                    encode_chunk(self.spec, self.tier.chunk_layers(k), self.chunk_tokens),
+                )
+                for k in keys[i : i + batch_chunks]
+                if k in self.tier  # evicted before we got to it: nothing to upload from
+            ]
+            written += self.client.put_chunks(items) if items else 0
+        return written
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait for every queued object-tier write; returns objects written; re-raises upload errors."""
+        written = 0
+        pending, self.pending = self.pending, []
+        for fut in pending:
+            written += fut.result(timeout=timeout_s)
+        return written
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=True)

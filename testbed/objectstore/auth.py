@@ -1,0 +1,481 @@
+"""AWS Signature Version 4 verification, credentials bound to namespaces, and ``aws-chunked`` bodies.
+
+The server verifies every request the way S3 does (AWS SigV4, service ``s3``):
+
+* header-signed requests (``Authorization: AWS4-HMAC-SHA256 Credential=AK/date/region/s3/aws4_request,
+  SignedHeaders=..., Signature=...``), with ``x-amz-date`` within 15 minutes of the server clock;
+* presigned URLs (``X-Amz-Algorithm``, ``X-Amz-Credential``, ``X-Amz-Date``, ``X-Amz-Expires``,
+  ``X-Amz-SignedHeaders``, ``X-Amz-Signature`` query parameters), valid until date + expires (<= 7 days);
+* the payload: ``x-amz-content-sha256`` is a hex SHA-256 (checked against the body), ``UNSIGNED-PAYLOAD``,
+  or one of the ``aws-chunked`` streaming modes decoded by ``ChunkedDecoder`` (signed chunks are verified
+  chunk by chunk; trailing ``x-amz-checksum-*`` values are verified against the decoded body).
+
+Credentials (``Credential``) map an access key to a secret and the *namespaces* the key may touch: object
+names ``<ns>/...``.  ``namespaces=None`` is an admin credential (all names); ``buckets=None`` allows all
+buckets.  Secrets never appear in logs or errors (``Credential.__repr__`` hides them).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import quote, unquote
+
+from testbed.wire.errors import S3Error
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+MAX_SKEW_S = 15 * 60
+MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
+
+DEFAULT_ACCESS_KEY = "objectcache"
+DEFAULT_SECRET_KEY = "objectcache-secret"
+
+
+class S3AuthError(S3Error):
+    """An authentication / authorization failure with its S3 error code (403 unless said otherwise)."""
+
+    def __init__(self, code: str, message: str, http_status: int = 403) -> None:
+        super().__init__(code, message, http_status)
+
+
+# --- credentials ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credential:
+    access_key: str
+    secret_key: str = field(repr=False)
+    namespaces: tuple[str, ...] | None = None  # None: admin, every object name
+    buckets: tuple[str, ...] | None = None  # None: every bucket
+
+    @property
+    def is_admin(self) -> bool:
+        return self.namespaces is None
+
+    def allows_bucket(self, bucket: str) -> bool:
+        return self.buckets is None or bucket in self.buckets
+
+    def allows_key(self, key: str) -> bool:
+        if self.namespaces is None:
+            return True
+        return any(key.startswith(ns + "/") for ns in self.namespaces)
+
+    def allows_prefix(self, prefix: str) -> bool:
+        """A listing prefix is allowed if every name it can match lies inside one namespace."""
+        return self.allows_key(prefix) if self.namespaces is not None else True
+
+
+class CredentialStore:
+    """Access key -> ``Credential``.
+
+    Sources: a JSON file ``{"credentials": [{"access_key": ..., "secret_key": ..., "namespaces": [...] or
+    null, "buckets": [...] or null}, ...]}``, the environment (``OBJECTCACHE_ACCESS_KEY`` /
+    ``OBJECTCACHE_SECRET_KEY`` add an admin credential), or the documented default test credential.
+    """
+
+    def __init__(self, credentials: Iterable[Credential]) -> None:
+        self._by_key = {c.access_key: c for c in credentials}
+
+    def get(self, access_key: str) -> Credential | None:
+        return self._by_key.get(access_key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CredentialStore:
+        with open(path) as f:
+            doc = json.load(f)
+        creds = []
+        for item in doc.get("credentials", []):
+            ns = item.get("namespaces")
+            buckets = item.get("buckets")
+            creds.append(
+                Credential(
+                    str(item["access_key"]),
+                    str(item["secret_key"]),
+                    None if ns is None else tuple(str(n) for n in ns),
+                    None if buckets is None else tuple(str(b) for b in buckets),
+                )
+            )
+        return cls(creds)
+
+    @classmethod
+    def default(
+        cls, path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None
+    ) -> CredentialStore:
+        env = os.environ if env is None else env
+        creds: list[Credential] = []
+        if path:
+            creds.extend(cls.from_json(path)._by_key.values())
+        if env.get("OBJECTCACHE_ACCESS_KEY") and env.get("OBJECTCACHE_SECRET_KEY"):
+            creds.append(Credential(env["OBJECTCACHE_ACCESS_KEY"], env["OBJECTCACHE_SECRET_KEY"]))
+        if not creds:
+            creds.append(Credential(DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY))
+        return cls(creds)
+
+
+# --- canonical request ------------------------------------------------------------------------------------
+
+
+def _uri_encode(text: str, safe: str = "-_.~") -> str:
+    return quote(text, safe=safe)
+
+
+def canonical_uri(raw_path: str) -> str:
+    """S3 canonical URI: the path, each byte URI-encoded once ('/' kept), no dot-segment normalization."""
+    return _uri_encode(unquote(raw_path), safe="/-_.~")
+
+
+def canonical_query(query: Iterable[tuple[str, str]], exclude: str | None = None) -> str:
+    pairs = sorted((_uri_encode(k), _uri_encode(v)) for k, v in query if k != exclude)
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def canonical_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]], signed: list[str]) -> str:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    values: dict[str, list[str]] = {}
+    for k, v in items:
+        values.setdefault(k.lower(), []).append(_SPACES.sub(" ", v.strip()))
+    lines = []
+    for name in signed:
+        if name not in values:
+            raise S3AuthError("SignatureDoesNotMatch", f"signed header {name!r} is missing from the request")
+        lines.append(f"{name}:{','.join(values[name])}\n")
+    return "".join(lines)
+
+
+def signing_key(secret_key: str, date: str, region: str, service: str = "s3") -> bytes:
+    k = hmac.new(("AWS4" + secret_key).encode(), date.encode(), hashlib.sha256).digest()
+    k = hmac.new(k, region.encode(), hashlib.sha256).digest()
+    k = hmac.new(k, service.encode(), hashlib.sha256).digest()
+    return hmac.new(k, b"aws4_request", hashlib.sha256).digest()
+
+
+def _hmac_hex(key: bytes, msg: str) -> str:
+    return hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass
+class AuthResult:
+    """A verified request: who signed it and how its payload is to be checked."""
+
+    credential: Credential
+    payload_hash: str  # hex sha256, UNSIGNED-PAYLOAD or a STREAMING-* mode
+    amz_date: str
+    scope: str
+    key: bytes  # the signing key, for chunk signatures
+    seed_signature: str
+
+
+def _parse_time(amz_date: str) -> datetime:
+    try:
+        return datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise S3AuthError("AccessDenied", f"bad X-Amz-Date {amz_date!r}") from None
+
+
+def verify_request(
+    method: str,
+    raw_path: str,
+    query: list[tuple[str, str]],
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    credentials: CredentialStore,
+    now: datetime,
+) -> AuthResult:
+    """Verify the SigV4 signature of a request (header-signed or presigned); raise ``S3AuthError``."""
+    items = list(headers.items() if isinstance(headers, Mapping) else headers)
+    lower = {k.lower(): v for k, v in items}
+    qdict = dict(query)
+    if "authorization" in lower:
+        auth = lower["authorization"]
+        if not auth.startswith(ALGORITHM + " "):
+            raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 signatures are supported")
+        parts = {}
+        for piece in auth[len(ALGORITHM) + 1 :].split(","):
+            name, _, value = piece.strip().partition("=")
+            parts[name] = value
+        try:
+            credential_str, signed_str, signature = (
+                parts["Credential"],
+                parts["SignedHeaders"],
+                parts["Signature"],
+            )
+        except KeyError:
+            raise S3AuthError("AuthorizationHeaderMalformed", "malformed Authorization header", 400) from None
+        amz_date = lower.get("x-amz-date", "")
+        if not amz_date:
+            raise S3AuthError("AccessDenied", "missing x-amz-date header")
+        t = _parse_time(amz_date)
+        if abs((now - t).total_seconds()) > MAX_SKEW_S:
+            raise S3AuthError(
+                "RequestTimeTooSkewed", "the request time differs too much from the server time"
+            )
+        payload_hash = lower.get("x-amz-content-sha256", "")
+        if not payload_hash:
+            raise S3AuthError("InvalidRequest", "missing x-amz-content-sha256 header", 400)
+        exclude = None
+    elif "X-Amz-Signature" in qdict:
+        if qdict.get("X-Amz-Algorithm") != ALGORITHM:
+            raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 presigned URLs are supported")
+        try:
+            credential_str = qdict["X-Amz-Credential"]
+            signed_str = qdict["X-Amz-SignedHeaders"]
+            signature = qdict["X-Amz-Signature"]
+            amz_date = qdict["X-Amz-Date"]
+            expires_s = int(qdict["X-Amz-Expires"])
+        except (KeyError, ValueError):
+            raise S3AuthError("AuthorizationQueryParametersError", "incomplete presigned URL", 400) from None
+        if not 0 < expires_s <= MAX_PRESIGN_EXPIRES_S:
+            raise S3AuthError("AuthorizationQueryParametersError", "X-Amz-Expires out of range", 400)
+        t = _parse_time(amz_date)
+        age_s = (now - t).total_seconds()
+        if age_s > expires_s:
+            raise S3AuthError("AccessDenied", "Request has expired")
+        if age_s < -MAX_SKEW_S:
+            raise S3AuthError("AccessDenied", "Request is not yet valid")
+        payload_hash = qdict.get("X-Amz-Content-Sha256", UNSIGNED_PAYLOAD)
+        exclude = "X-Amz-Signature"
+    else:
+        raise S3AuthError("AccessDenied", "anonymous requests are not allowed; sign with SigV4")
+
+    scope_parts = credential_str.split("/")
+    if len(scope_parts) != 5 or scope_parts[3] != "s3" or scope_parts[4] != "aws4_request":
+        raise S3AuthError("AuthorizationHeaderMalformed", "bad credential scope", 400)
+    access_key, date, region = scope_parts[0], scope_parts[1], scope_parts[2]
+    if not amz_date.startswith(date):
+        raise S3AuthError("AuthorizationHeaderMalformed", "credential date does not match x-amz-date", 400)
+    cred = credentials.get(access_key)
+    if cred is None:
+        raise S3AuthError("InvalidAccessKeyId", "the access key id does not exist in our records")
+    signed = signed_str.split(";")
+    if "host" not in signed:
+        raise S3AuthError("AccessDenied", "the host header must be signed")
+    canonical = "\n".join(
+        [
+            method,
+            canonical_uri(raw_path),
+            canonical_query(query, exclude),
+            canonical_headers(items, signed),
+            signed_str,
+            payload_hash,
+        ]
+    )
+    scope = "/".join(scope_parts[1:])
+    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = signing_key(cred.secret_key, date, region)
+    expected = _hmac_hex(key, to_sign)
+    if not hmac.compare_digest(expected, signature):
+        raise S3AuthError(
+            "SignatureDoesNotMatch",
+            "the request signature we calculated does not match the signature you provided",
+        )
+    return AuthResult(cred, payload_hash, amz_date, scope, key, signature)
+
+
+# --- payload checksums ------------------------------------------------------------------------------------
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def _crt_checksum(name: str):
+    try:
+        from awscrt import checksums  # optional: botocore uses it when installed
+    except ImportError:
+        return None
+    fn = {"crc32c": (checksums.crc32c, 4), "crc64nvme": (checksums.crc64nvme, 8)}[name]
+
+    class _Crt:
+        def __init__(self) -> None:
+            self.value = 0
+
+        def update(self, data) -> None:
+            self.value = fn[0](data, self.value)
+
+        def digest(self) -> bytes:
+            return self.value.to_bytes(fn[1], "big")
+
+    return _Crt()
+
+
+def new_checksum(algorithm: str):
+    """Incremental checksum for an ``x-amz-checksum-<algorithm>`` value (base64 of the big-endian digest)."""
+    algorithm = algorithm.lower()
+    if algorithm == "crc32":
+        return _Crc32()
+    if algorithm == "sha1":
+        return hashlib.sha1()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm in ("crc32c", "crc64nvme"):
+        c = _crt_checksum(algorithm)
+        if c is not None:
+            return c
+    raise S3AuthError(
+        "InvalidRequest", f"checksum algorithm {algorithm!r} is not supported by this server", 400
+    )
+
+
+def checksum_b64(c) -> str:
+    return base64.b64encode(c.digest()).decode()
+
+
+# --- aws-chunked bodies -----------------------------------------------------------------------------------
+
+
+class ChunkedDecoder:
+    """Incremental decoder of ``Content-Encoding: aws-chunked`` bodies.
+
+    ``feed(data)`` returns the payload bytes decoded so far; ``finish()`` checks the stream ended with the
+    zero-length chunk and returns the trailers (e.g. ``x-amz-checksum-crc32``).  With a signed streaming
+    mode each chunk signature is verified (chained from the request's seed signature), and so is the
+    trailer signature of ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER``.
+    """
+
+    MAX_LINE_BYTES = 4096
+
+    def __init__(self, auth: AuthResult | None, mode: str) -> None:
+        self._auth = auth
+        self._signed = mode in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER)
+        self._prev_sig = auth.seed_signature if auth else ""
+        self._buf = bytearray()
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailers -> done
+        self._remaining = 0
+        self._chunk_sig = ""
+        self._chunk_hash = None
+        self.trailers: dict[str, str] = {}
+        self._trailer_lines: list[str] = []
+
+    def _bad(self, msg: str) -> S3AuthError:
+        return S3AuthError(
+            "IncompleteBody" if "end" in msg else "InvalidRequest", f"aws-chunked body: {msg}", 400
+        )
+
+    def _check_chunk_signature(self) -> None:
+        if not self._signed:
+            return
+        a = self._auth
+        to_sign = "\n".join(
+            [
+                "AWS4-HMAC-SHA256-PAYLOAD",
+                a.amz_date,
+                a.scope,
+                self._prev_sig,
+                EMPTY_SHA256,
+                self._chunk_hash.hexdigest(),
+            ]
+        )
+        expected = _hmac_hex(a.key, to_sign)
+        if not hmac.compare_digest(expected, self._chunk_sig):
+            raise S3AuthError("SignatureDoesNotMatch", "aws-chunked chunk signature does not match")
+        self._prev_sig = expected
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        out: list[memoryview] = []
+        self._buf += data
+        pos = 0
+        buf = self._buf
+        while True:
+            if self._state == "data":
+                take = min(self._remaining, len(buf) - pos)
+                if take == 0:
+                    break
+                piece = memoryview(bytes(buf[pos : pos + take]))
+                if self._chunk_hash is not None:
+                    self._chunk_hash.update(piece)
+                out.append(piece)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "crlf"
+                continue
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                if len(buf) - pos > self.MAX_LINE_BYTES:
+                    raise self._bad("line too long")
+                break
+            line = bytes(buf[pos:nl]).decode("latin-1")
+            pos = nl + 2
+            if self._state == "crlf":
+                if line:
+                    raise self._bad("missing CRLF after chunk data")
+                self._check_chunk_signature()
+                self._state = "size"
+            elif self._state == "size":
+                size_str, _, ext = line.partition(";")
+                try:
+                    size = int(size_str, 16)
+                except ValueError:
+                    raise self._bad(f"bad chunk size line {line[:40]!r}") from None
+                if self._signed:
+                    name, _, sig = ext.partition("=")
+                    if name.strip() != "chunk-signature":
+                        raise S3AuthError("SignatureDoesNotMatch", "aws-chunked chunk without signature")
+                    self._chunk_sig = sig.strip()
+                    self._chunk_hash = hashlib.sha256()
+                if size == 0:
+                    self._check_chunk_signature()
+                    self._state = "trailers"
+                else:
+                    self._remaining = size
+                    self._state = "data"
+            elif self._state == "trailers":
+                if line == "":
+                    self._state = "done"
+                    continue
+                name, _, value = line.partition(":")
+                self._trailer_lines.append(line)
+                self.trailers[name.strip().lower()] = value.strip()
+            else:  # done: ignore trailing bytes only if empty
+                if line:
+                    raise self._bad("data after the final chunk")
+        del buf[:pos]
+        return out
+
+    def finish(self) -> dict[str, str]:
+        if self._state == "trailers" and not self._buf:
+            # Some writers end the trailer section without the final blank line.
+            self._state = "done"
+        if self._state != "done":
+            raise self._bad("stream ended before the final chunk")
+        sig = self.trailers.pop("x-amz-trailer-signature", None)
+        if self._signed and self._auth is not None and sig is not None:
+            lines = [ln for ln in self._trailer_lines if not ln.lower().startswith("x-amz-trailer-signature")]
+            trailer_text = "".join(ln.strip() + "\n" for ln in lines)
+            to_sign = "\n".join(
+                [
+                    "AWS4-HMAC-SHA256-TRAILER",
+                    self._auth.amz_date,
+                    self._auth.scope,
+                    self._prev_sig,
+                    hashlib.sha256(trailer_text.encode()).hexdigest(),
+                ]
+            )
+            if not hmac.compare_digest(_hmac_hex(self._auth.key, to_sign), sig):
+                raise S3AuthError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
+        return self.trailers
