@@ -64,7 +64,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
-from scheduler.policies import register_policy
 
 
 def tie_key(flow_id: FlowId) -> tuple:
@@ -108,7 +107,6 @@ def _fresh(flows: Sequence[FlowView], links: Mapping[str, Link]):
     return residual, rates, live
 
 
-@register_policy
 class ShortestRemainingTransferFirst:
     """Strict priority by remaining bytes (ties by flow id); each flow takes what is left on its path."""
 
@@ -218,7 +216,6 @@ def late_key_bytes(u: Urgency, cap_Bps: float) -> float:
     return min(remaining, u.need_first_bytes * (cap_Bps - pace) / (cap_Bps - 2 * pace))
 
 
-@register_policy
 class BandwidthAware:
     """Deadline-aware allocation minimising mean added TTFT (see the module docstring for why)."""
 

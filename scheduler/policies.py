@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from scheduler.bandwidth_aware import BandwidthAware, ShortestRemainingTransferFirst
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 
 
@@ -99,9 +100,7 @@ def register_policy(cls: type) -> type:
 
 
 def get_policy(name: str, **kwargs) -> Policy:
-    # Import for the side effect of registering the other policies.
-    import scheduler.bandwidth_aware  # noqa: F401
-
+    """A new policy object by name; ``kwargs`` go to its constructor (a policy's tunables)."""
     try:
         return _REGISTRY[name](**kwargs)
     except KeyError:
@@ -109,6 +108,10 @@ def get_policy(name: str, **kwargs) -> Policy:
 
 
 def policy_names() -> list[str]:
-    import scheduler.bandwidth_aware  # noqa: F401
-
     return sorted(_REGISTRY)
+
+
+# The priority policies live in their own module (they share its urgency machinery); registered here so that
+# the registry is complete as soon as this module is imported.
+register_policy(ShortestRemainingTransferFirst)
+register_policy(BandwidthAware)
