@@ -24,7 +24,7 @@ from testbed.harness.topology import ClusterTopology, TopologyConfig, TopologyEr
 from testbed.objectstore.launch import stop_process
 from tests.testbed.harness.test_harness import compose
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 START_TOL_S = 0.1  # how far an arrival may be from its planned offset after the common start (2 busy cores)
 
 

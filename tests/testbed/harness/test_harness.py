@@ -24,7 +24,7 @@ from testbed.harness.topology import (
 )
 from testbed.harness.worker import PlannedRequest, emulated_request
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ["model.name=tiny", "model.chunk_tokens=256", "topology=local", "progress=false"]
 
 

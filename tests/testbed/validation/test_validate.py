@@ -13,7 +13,7 @@ import pytest
 from testbed.validation.calibrate import fit
 from testbed.validation.validate import error_stats, per_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def synthetic_probes(a_s: float, c_s: float, B_Bps: float, noise: float = 0.0, seed: int = 0) -> dict:
@@ -135,7 +135,7 @@ def test_gpu_validation_recovers_the_object_path_and_judges_held_out_configs():
     from testbed.validation.ttft import SIM_PATH, simulate_ttft_ms
     from testbed.validation.validate import gpu_validation
 
-    profile = str(Path(__file__).resolve().parents[2] / "sim/profiles/llama-3.1-8b_h100_measured.csv")
+    profile = str(Path(__file__).resolve().parents[3] / "sim/profiles/llama-3.1-8b_h100_measured.csv")
     configs = [(c, n) for c in (4096, 16384, 61440) for n in (128, 4096)]
     raw = {"model": "llama-3.1-8b", "chunk_tokens": 256, "link_Gbps": 100.0, "pinned_h2d_GBps": 55.0,
            "configs": [{"cached_tokens": c, "new_tokens": n, "sources": {}} for c, n in configs]}  # fmt: skip
