@@ -33,6 +33,7 @@ from testbed.objectstore import gather
 from testbed.objectstore.auth import ChunkedDecoder, CredentialStore, S3Error, verify_request
 from testbed.objectstore.server import parse_range
 from testbed.objectstore.store import FilesystemStore, validate_bucket_name, validate_key
+from testbed.wire import frames as wire_frames
 from testbed.wire import kvformat
 from testbed.wire.errors import ObjectCacheError
 from tests.fixtures.servers import signed_request
@@ -242,7 +243,7 @@ def test_fuzz_kv_header_parser(edits, cut, reseal):
 def test_fuzz_gather_frame_parser(data, prefix_frames):
     CASES["frames"] += 1
     valid = b"".join(
-        gather.layer_frame_head(i, 4, [kvformat.slice_checksum(b"abcd")]) + b"abcd"
+        wire_frames.encode_layer_head(i, 4, [kvformat.slice_checksum(b"abcd")]) + b"abcd"
         for i in range(prefix_frames)
     )
     stream = memoryview(valid + data)
@@ -254,8 +255,8 @@ def test_fuzz_gather_frame_parser(data, prefix_frames):
         return chunk
 
     try:
-        for frame in gather.iter_frames(read_exact):
-            gather.verify_frame(frame, ["k"] * len(frame.checksums))
+        for frame in wire_frames.iter_frames(read_exact):
+            wire_frames.verify_frame(frame, ["k"] * len(frame.checksums))
     except (ObjectCacheError, struct.error, MemoryError) as e:
         assert not isinstance(e, MemoryError)
         assert isinstance(e, ObjectCacheError), repr(e)
@@ -414,9 +415,9 @@ def test_fuzz_live_gather(fuzz_server, keys, layer_start, layer_end, extra):
             pos[0] += len(chunk)
             return chunk
 
-        frames = list(gather.iter_frames(read_exact))
+        frames = list(wire_frames.iter_frames(read_exact))
         for f in frames:
-            gather.verify_frame(f, keys)
+            wire_frames.verify_frame(f, keys)
         assert all(k in names for k in keys)
     else:
         _check_reply(r.status, r.getheader("Content-Type", ""), data, r.getheader("x-amz-error-code"))

@@ -16,6 +16,7 @@ from scheduler.keys import KeyScope, chunk_keys, object_key
 from testbed.objectstore import gather
 from testbed.objectstore.pacer import Pacer
 from testbed.objectstore.store import FilesystemStore
+from testbed.wire import frames as wire_frames
 from testbed.wire.errors import (
     ChecksumMismatch,
     ChunkMissing,
@@ -74,9 +75,9 @@ def do_gather(server, bucket, body, **kw):
 
 
 def read_frames(resp, keys):
-    frames = list(gather.iter_frames(resp.read))
+    frames = list(wire_frames.iter_frames(resp.read))
     for f in frames:
-        gather.verify_frame(f, keys)
+        wire_frames.verify_frame(f, keys)
     return frames
 
 
@@ -86,7 +87,7 @@ def test_gather_all_layers_in_order(objectcache_server, objectcache_s3, objectca
     keys = [c[0] for c in chunks]
     resp = do_gather(objectcache_server, objectcache_bucket, {"version": 1, "keys": keys, "layer_start": 0})
     assert resp.status == 200
-    assert resp.getheader("Content-Type") == gather.CONTENT_TYPE
+    assert resp.getheader("Content-Type") == wire_frames.CONTENT_TYPE
     assert resp.getheader("x-oc-num-chunks") == "3"
     slice_bytes = TINY.kv_bytes_per_chunk_layer()
     assert resp.getheader("x-oc-slice-bytes") == str(slice_bytes)
@@ -190,7 +191,7 @@ def test_corruption_in_storage_detected_end_to_end(objectcache_server, objectcac
 
 
 def test_truncated_stream_is_an_error():
-    head = gather.layer_frame_head(0, 4, [1]) + b"abcd"
+    head = wire_frames.encode_layer_head(0, 4, [1]) + b"abcd"
     data = memoryview(head)
     pos = 0
 
@@ -201,11 +202,11 @@ def test_truncated_stream_is_an_error():
         return out
 
     with pytest.raises(Exception, match="without an end frame"):
-        list(gather.iter_frames(read_exact))
-    body = gather.layer_frame_head(0, 4, [1]) + b"abcd" + gather.error_frame("disk on fire")
+        list(wire_frames.iter_frames(read_exact))
+    body = wire_frames.encode_layer_head(0, 4, [1]) + b"abcd" + wire_frames.encode_error_frame("disk on fire")
     data, pos = memoryview(body), 0
     with pytest.raises(Exception, match="disk on fire"):
-        list(gather.iter_frames(read_exact))
+        list(wire_frames.iter_frames(read_exact))
 
 
 def test_parse_gather_body_limits():
@@ -263,7 +264,7 @@ def test_layer0_is_sent_before_later_layers_are_read(tmp_path):
         sink = bytearray()
 
         async def write(data):
-            if bytes(data[:4]) == gather.LAYER_MAGIC:
+            if bytes(data[:4]) == wire_frames.LAYER_MAGIC:
                 events.append(("send", int.from_bytes(bytes(data[4:8]), "little")))
             sink.extend(data)
 
@@ -284,7 +285,7 @@ def test_layer0_is_sent_before_later_layers_are_read(tmp_path):
         pos += n
         return body[pos - n : pos]
 
-    frames = list(gather.iter_frames(read_exact))
+    frames = list(wire_frames.iter_frames(read_exact))
     assert [bytes(f.payload) for f in frames] == [b"".join(c[2][i] for c in chunks) for i in range(4)]
 
 
