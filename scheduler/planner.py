@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.geometry import DEFAULT_CHUNK_TOKENS, ModelSpec
+from scheduler.geometry import DEFAULT_CHUNK_TOKENS
 from scheduler.tiers import TIERS
 
 # Tiers that move bytes (HBM-resident KV needs no transfer).
@@ -38,6 +38,15 @@ class LayerTimeModel(Protocol):
     """What the planner needs from a compute model (``scheduler.compute.ComputeModel`` fits)."""
 
     def layer_time_s(self, cached_tokens: int, new_tokens: int) -> float: ...
+
+
+class KVGeometry(Protocol):
+    """What the planner needs from a model's geometry (``scheduler.geometry.ModelSpec`` fits): the layer
+    count and the KV bytes of ``tokens`` tokens over ``layers`` layers."""
+
+    num_layers: int
+
+    def kv_bytes(self, tokens: int, layers: int | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ def predict_ttft_s(
     prefix_tokens: int,
     context_tokens: int,
     cached_tokens: Mapping[str, int],
-    model: ModelSpec,
+    model: KVGeometry,
     compute: LayerTimeModel,
     bandwidth_Bps: Mapping[str, float],
     overhead_s: Mapping[str, float],
@@ -125,7 +134,7 @@ def predict_ttft_s(
 def plan_fetch(
     context_tokens: int,
     cached_tokens: Mapping[str, int],
-    model: ModelSpec,
+    model: KVGeometry,
     compute: LayerTimeModel,
     bandwidth_Bps: Mapping[str, float],
     overhead_s: Mapping[str, float] | None = None,

@@ -123,9 +123,19 @@ class DramSource(KVSource):
     """Local DRAM: every layer's copy is issued at ``start_load``; ``layerwise`` lets layer l's compute start
     when layer l has arrived, ``whole`` waits for all layers before layer 0 (the non-layerwise baseline)."""
 
-    def __init__(self, tier: DramTier, copier: LayerCopier, *, layerwise: bool = True):
+    tier_name = "dram"
+
+    def __init__(
+        self, tier: DramTier, copier: LayerCopier, *, layerwise: bool = True, link_Bps: float | None = None
+    ):
         self.tier, self.copier, self.layerwise = tier, copier, layerwise
         self.name = "dram_layerwise" if layerwise else "dram"
+        # Host-to-device copies are asynchronous, so the host never sees their rate: configured only.
+        self.link_Bps = link_Bps
+
+    def expected_Bps(self) -> float | None:
+        """The configured host-to-device rate (bytes/s; ``None``: unknown, take the whole cached prefix)."""
+        return self.link_Bps
 
     def lookup(self, keys: Sequence[str]) -> int:
         return self.tier.lookup(keys)

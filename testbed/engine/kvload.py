@@ -60,6 +60,16 @@ class LoadStats:
     wait_s: list[float] = field(default_factory=list)
     # Where the first layer's time went (ms from start_load; object source only): see ObjectCacheSource.
     timings_ms: dict = field(default_factory=dict)
+    # Seconds from start_load until the last layer's bytes were on the host (object source only; None when
+    # not measured or the load failed).
+    transfer_s: float | None = None
+
+    @property
+    def achieved_Bps(self) -> float | None:
+        """Bytes per second the load reached (``bytes_loaded / transfer_s``), ``None`` when not measured."""
+        if not self.transfer_s or self.transfer_s <= 0 or not self.bytes_loaded:
+            return None
+        return self.bytes_loaded / self.transfer_s
 
     @property
     def first_layer_wait_s(self) -> float:
@@ -135,9 +145,21 @@ class LayerCopier:
 
 
 class KVSource:
-    """Base class and the recompute source: holds nothing, so every token is computed."""
+    """Base class and the recompute source: holds nothing, so every token is computed.
+
+    For the fetch-vs-recompute decision (``testbed.engine.plan``) a source says which tier its bytes come
+    from (``tier_name``: ``dram``, ``object``, or ``none``), the rate it expects its next load to reach
+    (``expected_Bps()``, bytes/s, ``None`` when unknown) and the time before a load's first byte
+    (``first_byte_s``, s).
+    """
 
     name = "recompute"
+    tier_name = "none"
+    first_byte_s = 0.0
+
+    def expected_Bps(self) -> float | None:
+        """Rate the next load is expected to reach (bytes/s), ``None`` when unknown."""
+        return None
 
     def lookup(self, keys: Sequence[str]) -> int:
         return 0

@@ -27,6 +27,10 @@ READERS = ("thread", "process")
 # in 56 ms with 4 streams and 74 ms with 2 (results/testbed/h100_streams_auto_raw.json).
 MIN_STREAMS = 4
 
+# Weight of the latest load in the running estimate of the achieved rate (``observed_Bps``): recent loads
+# count most, one odd load does not flip the fetch-vs-recompute decision on its own.
+OBSERVED_WEIGHT = 0.5
+
 
 class ObjectCacheSource(KVSource):
     """The object tier: ``client.load_layers`` runs in background threads, reading each layer's gather payload
@@ -53,9 +57,17 @@ class ObjectCacheSource(KVSource):
     ``stats.timings_ms`` (ms from ``start_load``): ``first_layer`` (one per group) and, for the process
     reader, ``ipc`` (request reached the reader), ``threads_started``, ``request_sent`` / ``response_headers``
     (one per group: the server has checked every object of that gather) and ``last_group_end``.
+
+    Link rate for the fetch-vs-recompute decision (``expected_Bps``): ``link_Bps`` when configured (bytes/s),
+    else ``observed_Bps``, a running average (``OBSERVED_WEIGHT``) of what completed loads achieved
+    (``LoadStats.achieved_Bps``: bytes over the time from ``start_load`` to the last layer's arrival), else
+    unknown.  A load paced to the engine's compute (``compute_per_layer_s``) achieves less than the link can
+    carry, so the observed rate errs towards recomputing only where the compute is that fast anyway.
+    ``first_byte_s``: expected time before a load's first byte (s, configured).
     """
 
     name = "objectcache"
+    tier_name = "object"
 
     def __init__(
         self,
@@ -67,6 +79,8 @@ class ObjectCacheSource(KVSource):
         streams: int = 1,
         reader: str = "thread",
         min_stream_bytes: int = 128 << 20,
+        link_Bps: float | None = None,
+        first_byte_s: float = 0.0,
     ):
         if streams < 1:
             raise ValueError("streams must be >= 1")
@@ -78,6 +92,9 @@ class ObjectCacheSource(KVSource):
         self.streams = streams
         self.min_stream_bytes = min_stream_bytes
         self.reader = reader
+        self.link_Bps = link_Bps
+        self.first_byte_s = first_byte_s
+        self.observed_Bps: float | None = None
         self.spec = copier.spec
         self._buffers: list[torch.Tensor] = []
         self._threads: list[threading.Thread] = []
@@ -100,6 +117,19 @@ class ObjectCacheSource(KVSource):
             prefix_bytes = n_chunks * self.copier.slice_bytes * self.spec.num_layers
             groups = min(groups, max(MIN_STREAMS, prefix_bytes // self.min_stream_bytes))
         return groups
+
+    def expected_Bps(self) -> float | None:
+        """The configured ``link_Bps``, else the observed rate of past loads, else ``None`` (bytes/s)."""
+        return self.link_Bps if self.link_Bps is not None else self.observed_Bps
+
+    def _observe(self, transfer_s: float | None) -> None:
+        """Record a completed load's transfer time (s) in ``stats`` and the running rate estimate."""
+        self.stats.transfer_s = transfer_s
+        rate = self.stats.achieved_Bps
+        if rate is None:
+            return
+        prev = self.observed_Bps
+        self.observed_Bps = rate if prev is None else OBSERVED_WEIGHT * rate + (1 - OBSERVED_WEIGHT) * prev
 
     def names(self, keys: Sequence[str]) -> list[str]:
         return [object_key(self.scope, k) for k in keys]
@@ -149,6 +179,7 @@ class ObjectCacheSource(KVSource):
         self._groups = groups
         self._first_ms: list[float | None] = [None] * groups
         self._delivered = [0] * L
+        self._last_layer_s: float | None = None
         self._lock = threading.Lock()
         self._threads = []
         for g in range(groups):
@@ -206,6 +237,8 @@ class ObjectCacheSource(KVSource):
                             layer, [(self._buffers[layer][:total], 0)], request.kv[layer], self.n
                         )
                         self.stats.bytes_loaded += total
+                        if layer == self.spec.num_layers - 1:
+                            self._last_layer_s = time.perf_counter()
                         self._ready[layer].set()
                 expected += 1
         finally:
@@ -242,10 +275,15 @@ class ObjectCacheSource(KVSource):
     def finish_load(self) -> LoadStats:
         if self.reader == "process":
             self._drain(timeout_s=120.0)
+            end_ms = self.stats.timings_ms.get("last_group_end")
+            if self.n and self._error is None and all(self._ready) and end_ms is not None:
+                self._observe(end_ms / 1e3)
             return self.stats
         self._join()
         if getattr(self, "_first_ms", None):
             self.stats.timings_ms["first_layer"] = list(self._first_ms)
+        if self.n and self._error is None and self._last_layer_s is not None:
+            self._observe(self._last_layer_s - self._t0)
         return self.stats
 
     def abort(self) -> None:

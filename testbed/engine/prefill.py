@@ -4,8 +4,12 @@ One request:
 
 1. *Keys*: the prompt's full chunks get chained keys (``scheduler.keys.chunk_keys``, scoped by the model
    fingerprint and tenant namespace).
-2. *Lookup*: the KV source says how many leading chunks it holds; at least one token is always computed
-   (the last token's logits need a forward pass), so a fully cached prompt recomputes its last chunk.
+2. *Lookup and plan*: the KV source says how many leading chunks it holds; at least one token is always
+   computed (the last token's logits need a forward pass), so a fully cached prompt recomputes its last
+   chunk.  With a compute model (``compute``) the scheduler core decides how much of the held prefix to
+   load and what to recompute (``testbed.engine.plan.decide_fetch``, from the rate the source expects):
+   a prefix whose fetch is predicted slower than recomputing it is recomputed.  Without one, or when the
+   source does not know its rate, the whole held prefix is loaded.
 3. *Load + compute*: ``source.start_load`` starts moving the prefix KV into rows ``[0, cached)`` of the
    per-layer KV tensors; for each layer ``l`` the engine calls ``source.wait_for_layer(l)`` (the compute
    stream waits for layer ``l``'s copy event, the host never synchronises with the GPU) and queues layer
@@ -32,9 +36,11 @@ import torch
 
 from scheduler.geometry import DEFAULT_CHUNK_TOKENS
 from scheduler.keys import KeyScope, chunk_keys
+from scheduler.planner import LayerTimeModel
 from testbed.engine.dram import KVSaver
 from testbed.engine.kvload import KVLoadError, KVSource, LoadRequest, LoadStats
 from testbed.engine.model import LlamaModel
+from testbed.engine.plan import FetchDecision, decide_fetch, take_cached
 from testbed.wire.errors import ObjectCacheError
 
 
@@ -50,6 +56,7 @@ class PrefillResult:
     fallback: str = ""  # why the source was abandoned for recompute ("" if it was not)
     saved_keys: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    plan: FetchDecision | None = None  # what the engine decided to load and recompute (None: no source)
 
     @property
     def new_tokens(self) -> int:
@@ -62,7 +69,13 @@ def _sync(device: torch.device) -> None:
 
 
 class PrefillEngine:
-    """Drives a ``LlamaModel`` layer by layer against a KV source (see the module docstring)."""
+    """Drives a ``LlamaModel`` layer by layer against a KV source (see the module docstring).
+
+    ``compute``: per-layer prefill time of this model on this device (``LayerTimeModel``, e.g. a measured
+    profile: ``testbed.engine.profile.as_compute`` or ``scheduler.compute.ProfileCompute.from_csv``); with
+    it the engine plans fetch vs recompute and, when the caller gives no ``compute_per_layer_s``, tells the
+    source the predicted per-layer compute time.  ``None``: the whole held prefix is always loaded.
+    """
 
     def __init__(
         self,
@@ -71,11 +84,13 @@ class PrefillEngine:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         namespace: str = "default",
         saver: KVSaver | None = None,
+        compute: LayerTimeModel | None = None,
     ):
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.scope = KeyScope(model.spec.fingerprint(), namespace)
         self.saver = saver
+        self.compute = compute
 
     @property
     def device(self) -> torch.device:
@@ -85,14 +100,36 @@ class PrefillEngine:
         ids = token_ids.cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
         return chunk_keys(ids, self.scope, self.chunk_tokens)
 
-    def plan(self, total_tokens: int, keys: list[str], source: KVSource | None, limit: int | None) -> int:
-        """Chunks to take from the source: what it holds, capped so at least one token is computed."""
-        usable = min(len(keys), (total_tokens - 1) // self.chunk_tokens)
+    def plan(
+        self, total_tokens: int, keys: list[str], source: KVSource | None, limit: int | None
+    ) -> FetchDecision:
+        """What to take from the source: of the chunks it holds (capped by ``limit`` chunks and so that at
+        least one token is computed), the prefix the planner predicts fastest (all of it without a compute
+        model or a known rate); the rest is recomputed."""
+        ct = self.chunk_tokens
+        usable = min(len(keys), (total_tokens - 1) // ct)
         if limit is not None:
             usable = min(usable, limit)
-        if source is None or usable == 0:
-            return 0
-        return min(usable, source.lookup(keys[:usable]))
+        held = 0 if source is None or usable == 0 else min(usable, source.lookup(keys[:usable]))
+        tier = source.tier_name if source is not None else "none"
+        # Tokens reachable from each tier or a faster one: a DRAM hit is reachable from the object tier too
+        # (a source of no known tier counts as the slowest).
+        cached = {"dram_cached_tokens": held * ct if tier == "dram" else 0, "object_cached_tokens": held * ct}
+        if self.compute is None or held == 0 or tier not in ("dram", "object"):
+            return take_cached(total_tokens, chunk_tokens=ct, **cached)
+        spec, rate_Bps, first_byte_s = self.model.spec, source.expected_Bps(), source.first_byte_s
+        return decide_fetch(
+            total_tokens,
+            compute=self.compute,
+            num_layers=spec.num_layers,
+            kv_bytes_per_token_layer=spec.kv_bytes_per_token_layer,
+            **cached,
+            dram_Bps=rate_Bps if tier == "dram" else None,
+            object_Bps=rate_Bps if tier == "object" else None,
+            dram_first_byte_s=first_byte_s if tier == "dram" else 0.0,
+            object_first_byte_s=first_byte_s if tier == "object" else 0.0,
+            chunk_tokens=ct,
+        )
 
     @torch.inference_mode()
     def prefill(
@@ -111,7 +148,10 @@ class PrefillEngine:
         ids = ids.to(torch.long)
         t0 = time.perf_counter()
         keys = self.keys(ids)
-        n_chunks = self.plan(len(ids), keys, source, max_cached_chunks)
+        decision = self.plan(len(ids), keys, source, max_cached_chunks)
+        n_chunks = decision.prefix_tokens // self.chunk_tokens
+        if n_chunks and compute_per_layer_s is None and self.compute is not None:
+            compute_per_layer_s = self.compute.layer_time_s(decision.prefix_tokens, decision.recompute_tokens)
         dev_ids = ids.to(self.device, non_blocking=True)
         try:
             result = self._run(dev_ids, keys, source, n_chunks, compute_per_layer_s, t0)
@@ -120,6 +160,7 @@ class PrefillEngine:
             result = self._run(dev_ids, keys, None, 0, None, t0)
             result.fallback = f"{type(exc).__name__}: {exc}"
         result.keys = keys
+        result.plan = decision if source is not None else None
         if save and self.saver is not None:
             result.saved_keys = self.saver.wait_for_save()
         return result

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from scheduler.compute import PROFILE_COLUMNS
+from scheduler.compute import PROFILE_COLUMNS, ProfileCompute, ProfilePoint
 from testbed.engine.model import build_model
 
 K = 1024
@@ -131,6 +131,18 @@ def profile(model, grid, *, warmup: int = 1, repeats: int = 5, seed: int = 0, lo
             f"cached={cached:>6} new={new:>6} prefill={row['prefill_ms']:10.3f} ms  layer={row['layer_ms']:8.4f} ms"
         )
     return rows
+
+
+def as_compute(rows: list[dict], num_layers: int) -> ProfileCompute:
+    """The compute model of measured ``profile`` rows (the same interpolation as a profile table read from
+    CSV): what ``PrefillEngine(compute=...)`` plans fetch vs recompute with.  Needs at least 4 rows."""
+    points = [
+        ProfilePoint(
+            int(r["cached_tokens"]), int(r["new_tokens"]), float(r["prefill_ms"]), float(r["layer_ms"])
+        )
+        for r in rows
+    ]
+    return ProfileCompute(points, num_layers, {"source": "testbed.engine.profile"})
 
 
 def gpu_name(device: torch.device) -> str:
