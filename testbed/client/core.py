@@ -1,26 +1,23 @@
 """The object-tier client: put chunks, check existence, load a cached prefix layer by layer.
 
 ``ObjectCacheClient`` talks S3 to any S3-compatible service and uses ObjectCache's *gather* extension when the
-endpoint has it.  ``load_layers`` reads a prefix by one of three paths (``testbed.client.readpaths``): **gather** (one
-signed ``POST /<bucket>?gather`` streaming framed layers, ObjectCache's server), **ranged** (ranged GETs per
-chunk header and per (chunk, layer) slice: plain S3 such as Ceph RGW, MinIO, AWS) or **whole** (one streamed
-GET per chunk object).
+endpoint has it.  ``load_layers`` reads a prefix by one of three paths: **gather** (one signed
+``POST /<bucket>?gather`` streaming framed layers, ObjectCache's server; ``testbed.client.gather_path``),
+**ranged** (ranged GETs per chunk header and per (chunk, layer) slice: plain S3 such as Ceph RGW, MinIO,
+AWS) or **whole** (one streamed GET per chunk object; both in ``testbed.client.fallback_paths``).
 
 All three return the same bytes: ``load_layers`` yields ``(layer, memoryview)`` pairs in layer order, each as
 soon as that layer is complete and verified; the view holds ``n_chunks * slice_bytes`` bytes, chunk ``i``'s
 slice at ``[i * slice_bytes, (i + 1) * slice_bytes)``.
 
 ``mode="auto"`` tries gather once per endpoint; if the service answers that it does not know the request (RGW
-answers ``501 NotImplemented``), the client remembers that for the endpoint and uses ``fallback_mode``.
+answers ``501 NotImplemented``), the process remembers that for the endpoint (``GATHER_SUPPORT``) and uses
+``fallback_mode``.
 
 Requests are signed with botocore's SigV4 signer; the data path uses ``http.client`` connections of its own
-(``testbed.client.signed``: ``readinto`` into caller memory, no intermediate copies), the control path (PUT, HEAD,
-bucket) uses boto3 (``make_boto3_client``).  Errors are ``testbed.wire.errors`` classes whose messages name the
-object and layer.
-
-Layout: this module (``ObjectCacheClient``, ``make_boto3_client``, the per-endpoint gather-support cache),
-``testbed.client.readpaths`` (the gather / ranged / whole read paths), ``testbed.client.signed`` (SigV4-signed pooled
-connections, raw body reads, S3 error mapping).  Names that moved there stay importable from here.
+(``testbed.client.signed``: ``readinto`` into caller memory, no intermediate copies), the control path (PUT,
+HEAD, bucket) uses boto3 (``make_boto3_client``).  Errors are ``testbed.wire.errors`` classes whose messages
+name the object and layer.
 """
 
 from __future__ import annotations
@@ -35,29 +32,47 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from testbed.client.readpaths import GATHER_CONTENT_TYPE as GATHER_CONTENT_TYPE
-from testbed.client.readpaths import HEADER_PROBE_BYTES as HEADER_PROBE_BYTES
-from testbed.client.readpaths import GatherUnsupported as GatherUnsupported
-from testbed.client.readpaths import ReadPaths
-from testbed.client.readpaths import _LayerBuffers as _LayerBuffers
-from testbed.client.signed import SignedHTTP as SignedHTTP
-from testbed.client.signed import object_path as object_path
-from testbed.wire.errors import ObjectCacheError, StorageUnavailable, from_s3_error
+from testbed.client.fallback_paths import FallbackPaths
+from testbed.client.gather_path import GatherPath
+from testbed.client.signed import SignedHTTP, object_path
+from testbed.wire.errors import GatherUnsupported, ObjectCacheError, StorageUnavailable, from_s3_error
 
 MODES = ("auto", "gather", "ranged", "whole")
 
-# Endpoint URL -> does it speak gather?  Shared by every client in the process: probing costs a round trip.
-_GATHER_SUPPORT: dict[str, bool] = {}
-_GATHER_SUPPORT_LOCK = threading.Lock()
+
+class GatherSupport:
+    """What the process has learned about which endpoints speak gather (thread-safe).  Probing costs a round
+    trip, so every client in the process shares one (``GATHER_SUPPORT``)."""
+
+    def __init__(self) -> None:
+        self._by_endpoint: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, endpoint_url: str) -> bool | None:
+        """True / False once learned, None while unknown."""
+        with self._lock:
+            return self._by_endpoint.get(endpoint_url.rstrip("/"))
+
+    def learn(self, endpoint_url: str, supported: bool) -> None:
+        with self._lock:
+            self._by_endpoint[endpoint_url.rstrip("/")] = supported
+
+    def forget(self, endpoint_url: str | None = None) -> None:
+        """Drop what was learned (of one endpoint, or of all)."""
+        with self._lock:
+            if endpoint_url is None:
+                self._by_endpoint.clear()
+            else:
+                self._by_endpoint.pop(endpoint_url.rstrip("/"), None)
+
+
+GATHER_SUPPORT = GatherSupport()
 
 
 def forget_gather_support(endpoint_url: str | None = None) -> None:
-    """Drop what was learned about gather support (of one endpoint, or of all)."""
-    with _GATHER_SUPPORT_LOCK:
-        if endpoint_url is None:
-            _GATHER_SUPPORT.clear()
-        else:
-            _GATHER_SUPPORT.pop(endpoint_url.rstrip("/"), None)
+    """Drop what the process learned about gather support (of one endpoint, or of all): call it after swapping
+    the service behind a URL."""
+    GATHER_SUPPORT.forget(endpoint_url)
 
 
 def make_boto3_client(
@@ -89,7 +104,7 @@ def make_boto3_client(
     )
 
 
-class ObjectCacheClient(ReadPaths):
+class ObjectCacheClient(GatherPath, FallbackPaths):
     """Client of the object tier (see the module docstring).
 
     ``max_concurrency`` bounds the concurrent requests of the fallback paths and of bulk PUT/HEAD;
@@ -287,9 +302,7 @@ class ObjectCacheClient(ReadPaths):
             return
         mode = self.mode
         if mode == "auto":
-            with _GATHER_SUPPORT_LOCK:
-                known = _GATHER_SUPPORT.get(self.endpoint_url)
-            mode = self.fallback_mode if known is False else "gather"
+            mode = self.fallback_mode if GATHER_SUPPORT.get(self.endpoint_url) is False else "gather"
         if mode == "gather":
             try:
                 stream = self._gather(names, layer_start, layer_end, out, compute_per_layer_s, timings)
@@ -297,13 +310,11 @@ class ObjectCacheClient(ReadPaths):
             except GatherUnsupported:
                 if self.mode == "gather":
                     raise
-                with _GATHER_SUPPORT_LOCK:
-                    _GATHER_SUPPORT[self.endpoint_url] = False
+                GATHER_SUPPORT.learn(self.endpoint_url, False)
                 mode = self.fallback_mode
             else:
                 if self.mode == "auto":
-                    with _GATHER_SUPPORT_LOCK:
-                        _GATHER_SUPPORT[self.endpoint_url] = True
+                    GATHER_SUPPORT.learn(self.endpoint_url, True)
                 self.last_path = "gather"
                 yield first
                 yield from stream

@@ -2,13 +2,15 @@
 
 ``SignedHTTP`` signs requests with botocore's SigV4 signer and sends them over ``http.client`` connections of
 its own (a small keep-alive pool per endpoint), so response bodies are read with ``readinto`` straight into
-the caller's memory, with no intermediate copies.  It is the data path of the object-tier client
-(``testbed.client.core`` / ``testbed.client.readpaths``) and of the S3-proxy store (``testbed.objectstore.s3proxy``); the control path
-(PUT, HEAD, bucket) uses boto3 (``testbed.client.core.make_boto3_client``).
+the caller's memory, with no intermediate copies.  It is the data path of the object-tier client (its read
+paths, ``testbed.client.gather_path`` and ``testbed.client.fallback_paths``) and of the S3-proxy store
+(``testbed.objectstore.s3proxy``); the control path (PUT, HEAD, bucket) uses boto3
+(``testbed.client.core.make_boto3_client``).
 
-``_RawBody`` reads a large response body of known length (a gather stream) straight from the socket with
-``recv_into(MSG_WAITALL)``, bypassing ``http.client``'s buffered reader.  S3 XML error responses become
-``testbed.wire.errors`` classes whose messages name the object (``_error_from_body``).
+``read_exact`` fills a buffer from a response body; ``RawBody`` reads a large response body of known length (a
+gather stream) straight from the socket with ``recv_into(MSG_WAITALL)``, bypassing ``http.client``'s
+buffered reader.  ``error_from_response`` turns an S3 XML error response into the ``testbed.wire.errors``
+class of its code, with a message that names the object.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from testbed.wire.errors import (
 )
 
 
-def _error_from_body(status: int, body: bytes, key: str | None) -> ObjectCacheError:
-    """Map an S3 XML error response to a ``testbed.wire.errors`` instance."""
+def error_from_response(status: int, body: bytes, key: str | None) -> ObjectCacheError:
+    """The ``testbed.wire.errors`` instance for an S3 error response (HTTP ``status``, XML ``body``); the
+    message names the object (the body's ``<Key>``, else ``key``).  ``http_status_seen`` and ``s3_code_seen``
+    record what the service answered."""
     text = body.decode("utf-8", "replace")
     code = _xml_field(text, "Code") or {404: "NoSuchKey", 403: "AccessDenied", 503: "ServiceUnavailable"}.get(
         status, f"HTTP{status}"
@@ -61,7 +65,7 @@ def object_path(bucket: str, name: str) -> str:
     return f"/{quote(bucket, safe='')}/{quote(name, safe='/-_.~')}"
 
 
-def _read_exact(resp: http.client.HTTPResponse, view: memoryview, what: str) -> None:
+def read_exact(resp: http.client.HTTPResponse, view: memoryview, what: str) -> None:
     """Fill ``view`` from the response body, raising ``TruncatedStream`` if the body ends early."""
     got, n = 0, len(view)
     while got < n:
@@ -71,7 +75,7 @@ def _read_exact(resp: http.client.HTTPResponse, view: memoryview, what: str) -> 
         got += k
 
 
-class _RawBody:
+class RawBody:
     """Reads a response body of known length straight from the connection's socket, bypassing
     ``http.client``'s buffered reader: large ``recv_into(MSG_WAITALL)`` calls into the caller's buffer, so
     one blocking system call (GIL released) fills most of a layer.  The bytes the buffered reader already
@@ -267,7 +271,7 @@ class SignedHTTP:
                 body = resp.read()
                 if resp.status == 416:
                     raise CorruptObject(f"{what}: object {name!r} is shorter than its header says", key=name)
-                raise _error_from_body(resp.status, body, name)
+                raise error_from_response(resp.status, body, name)
             if resp.status == 200 and start != 0:
                 raise ProtocolError(f"{what}: {self.endpoint_url} ignored the Range header", key=name)
             length = resp.getheader("Content-Length")
@@ -275,7 +279,7 @@ class SignedHTTP:
                 raise CorruptObject(
                     f"{what}: object {name!r} returned {length} bytes, expected {len(view)}", key=name
                 )
-            _read_exact(resp, view, f"{what} ({name!r})")
+            read_exact(resp, view, f"{what} ({name!r})")
             if resp.status == 200:
                 resp.read()  # a 200 for a prefix range: drain the rest of the object
         except (OSError, http.client.HTTPException) as e:

@@ -132,6 +132,10 @@ class ProtocolError(ObjectCacheError):
     http_status = 500
 
 
+class GatherUnsupported(ObjectCacheError):
+    """The endpoint does not implement the gather extension (a plain S3 service)."""
+
+
 _BY_S3_CODE: dict[str, type[ObjectCacheError]] = {
     "NoSuchKey": ChunkMissing,
     "NoSuchBucket": BucketMissing,

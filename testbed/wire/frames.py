@@ -45,7 +45,9 @@ LAYER_MAGIC = b"OCLF"
 ERROR_MAGIC = b"OCER"
 END_MAGIC = b"OCEN"
 
-SHORT_HEAD = struct.Struct("<4sI")  # magic, then layer (layer frame) / message_bytes (error) / layers_sent (end)
+SHORT_HEAD = struct.Struct(
+    "<4sI"
+)  # magic, then layer (layer frame) / message_bytes (error) / layers_sent (end)
 LAYER_HEAD = struct.Struct("<4sIIQ")  # magic, layer, n_slices, slice_bytes
 LAYER_HEAD_REST = struct.Struct("<IQ")  # what follows the short head of a layer frame: n_slices, slice_bytes
 CHECKSUM_BYTES = 8  # one u64 xxh3_64 per slice
@@ -131,14 +133,20 @@ class FrameDecoder:
     then reads exactly ``payload_bytes`` from the same source into its own buffer before asking for the next
     frame; for the end frame it checks the layer count and returns None; an error frame raises
     ``TruncatedStream`` with the server's message.  ``max_slices`` bounds the checksum array a frame may
-    claim (a client passes the slice count it asked for).
+    claim (a client passes the slice count it asked for); ``first_layer``, where known, lets errors before the
+    first layer frame name the layer.
     """
 
-    def __init__(self, readinto: Callable[[memoryview], int], max_slices: int = DEFAULT_MAX_SLICES) -> None:
+    def __init__(
+        self,
+        readinto: Callable[[memoryview], int],
+        max_slices: int = DEFAULT_MAX_SLICES,
+        first_layer: int | None = None,
+    ) -> None:
         self._readinto = readinto
         self.max_slices = max_slices
         self.layers_read = 0
-        self.next_layer: int | None = None  # after the first layer frame: the layer expected next
+        self.next_layer = first_layer  # the layer whose frame comes next, where known
         self._short = memoryview(bytearray(SHORT_HEAD.size))
         self._rest = memoryview(bytearray(LAYER_HEAD_REST.size))
         self._sums = memoryview(bytearray(0))

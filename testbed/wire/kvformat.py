@@ -230,6 +230,16 @@ def parse_header(buf) -> ChunkHeader:
     )
 
 
+def declared_header_bytes(buf) -> int:
+    """The ``header_bytes`` field of an object's first bytes (at least 12): how many bytes hold the whole
+    header, so a reader that fetched ``HEADER_PROBE_BYTES`` knows whether it has all of it.  Raises
+    ``CorruptObject`` if the bytes do not start a KV chunk object."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes < 12 or bytes(view[:4]) != MAGIC:
+        raise CorruptObject(f"not a KV chunk object (magic {bytes(view[:4])!r})")
+    return int.from_bytes(view[8:12], "little")
+
+
 def verify_slice(header: ChunkHeader, layer: int, data, key: str = "?") -> None:
     """Raise ``ChecksumMismatch`` naming ``key`` and ``layer`` unless ``data`` is that layer's stored bytes."""
     if memoryview(data).nbytes != header.slice_bytes:

@@ -19,9 +19,11 @@ from scheduler.geometry import ModelSpec, get_model
 from scheduler.keys import KeyScope, chunk_keys, object_key
 from testbed.client import core as client_mod
 from testbed.client.core import ObjectCacheClient
+from testbed.wire import frames
 from testbed.wire.errors import (
     ChecksumMismatch,
     ChunkMissing,
+    GatherUnsupported,
     GeometryMismatch,
     InvalidRequest,
     ObjectCacheError,
@@ -124,10 +126,10 @@ def test_auto_learns_that_rgw_has_no_gather(rgw, rgw_bucket, chunks):
         c.put_chunks([(n, b) for n, b, _ in chunks[:2]])
         list(c.load_layers([chunks[0][0]], layer_end=1))
         assert c.last_path == "ranged"
-        assert client_mod._GATHER_SUPPORT[rgw.endpoint_url] is False
+        assert client_mod.GATHER_SUPPORT.get(rgw.endpoint_url) is False
     with (
         rgw_client(rgw, rgw_bucket, mode="gather") as c,
-        pytest.raises(client_mod.GatherUnsupported, match="no gather"),
+        pytest.raises(GatherUnsupported, match="no gather"),
     ):
         list(c.load_layers([chunks[0][0]]))
 
@@ -190,9 +192,9 @@ def test_gather_verifies_large_payloads_piecewise(
 ):
     """With one slice per verification piece (pool-verified while the next piece arrives), good bytes pass
     and a damaged slice in the middle of a layer is still reported with its chunk key and layer."""
-    import testbed.client.readpaths as fetch_mod  # the gather read path lives there
+    from testbed.client import gather_path
 
-    monkeypatch.setattr(fetch_mod, "_VERIFY_PIECE_BYTES", 1)
+    monkeypatch.setattr(gather_path, "VERIFY_PIECE_BYTES", 1)
     chunks = make_chunks(4, "piecewise", seed=8)
     name, blob, _ = chunks[2]
     bad = bytearray(blob)
@@ -303,7 +305,7 @@ def _frames(chunks, layers, corrupt_layer=None, end=True, error=None, claim_end=
     elif end:
         body += struct.pack("<4sI", b"OCEN", len(layers))
     headers = {
-        "Content-Type": client_mod.GATHER_CONTENT_TYPE,
+        "Content-Type": frames.CONTENT_TYPE,
         "x-oc-num-chunks": str(len(chunks)),
         "x-oc-slice-bytes": str(sb),
         "x-oc-layer-start": str(layers[0]),
@@ -352,7 +354,7 @@ def test_gather_unsupported_answers_are_recognised(replay):
     replay.reply = (501, {"Content-Type": "application/xml"}, b"<Error><Code>NotImplemented</Code></Error>")
     with (
         ObjectCacheClient(f"http://127.0.0.1:{replay.server_port}", "bkt", "a", "b", mode="gather") as c,
-        pytest.raises(client_mod.GatherUnsupported),
+        pytest.raises(GatherUnsupported),
     ):
         list(c.load_layers(["a/b/c"]))
     replay.reply = (
@@ -370,9 +372,9 @@ def test_gather_unsupported_answers_are_recognised(replay):
 def test_layer_buffers_allocate_each_layer_on_first_use():
     """Without ``out`` the client reads each layer into its own buffer, made when the layer is reached: a
     whole request allocated (and zeroed) up front held the GIL for tens of ms and stalled other readers."""
-    from testbed.client.core import _LayerBuffers
+    from testbed.client.buffers import LayerBuffers
 
-    bufs = _LayerBuffers(4, 1 << 20)
+    bufs = LayerBuffers(4, 1 << 20)
     assert len(bufs) == 4 and not bufs._views
     v1 = bufs[1]
     assert len(v1) == 1 << 20 and v1.nbytes == 1 << 20 and not v1.readonly
