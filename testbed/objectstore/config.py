@@ -15,7 +15,7 @@ from testbed.objectstore import gather as gather_mod
 from testbed.objectstore.pacer import DEFAULT_PIECE_BYTES
 
 MiB = 1 << 20
-_BATCH_BYTES = 4 * MiB
+BATCH_BYTES = 4 * MiB  # body reads, part assembly and range sends go in batches of about this size
 
 # The first paragraph of ``testbed.objectstore.server``'s docstring: the ``--help`` description.
 DESCRIPTION = "The ObjectCache S3 server: an S3 API subset plus layer-major gather, on aiohttp."
@@ -32,7 +32,7 @@ class ServerConfig:
     credentials_file: str | None = None
     region: str = "us-east-1"
     policy: str = "equal"
-    egress_gbps: float | None = None  # None: unpaced
+    egress_Gbps: float | None = None  # None: unpaced
     piece_bytes: int = DEFAULT_PIECE_BYTES
     max_object_bytes: int = 5 * 1024 * MiB
     max_request_body_bytes: int = MiB  # XML / JSON bodies
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         credentials_file=a.credentials,
         region=a.region,
         policy=a.policy,
-        egress_gbps=a.egress_gbps,
+        egress_Gbps=a.egress_gbps,
         piece_bytes=a.piece_kib * 1024,
         max_object_bytes=a.max_object_mib * MiB,
         max_gather_keys=a.max_gather_keys,

@@ -2,10 +2,12 @@
 
 Buckets (ListBuckets, CreateBucket, HeadBucket, DeleteBucket, GetBucketLocation, ListObjects v1/v2,
 DeleteObjects) and objects (PutObject with ``If-None-Match: *``, GetObject / HeadObject with conditional
-headers and a single ``bytes=`` range, DeleteObject).  They are methods of ``ObjectOps``, which ``S3Server``
-(``testbed.objectstore.server``) inherits; they use its plumbing (``self.run``, ``self.read_body``, ``self._xml``,
-``self._sink``, ``self.store``, ``self.config``, ``self.metrics``).  Blocking store calls run in the server's
-thread pool; payload bytes go out with ``sendfile`` where the store has file descriptors.
+headers and a single ``bytes=`` range, DeleteObject).  Each is an async function of the request's
+``RequestContext`` (``testbed.objectstore.context``), mapped to its method and sub-resource by
+``testbed.objectstore.routes``.  Blocking store calls run in the server's thread pool
+(``ctx.run``); payload bytes go out with ``sendfile`` where the store has file descriptors.
+The request-header helpers (``user_metadata``, ``if_none_match_star``, ``check_conditions``,
+``parse_range``) are shared with the multipart operations.
 """
 
 from __future__ import annotations
@@ -13,18 +15,15 @@ from __future__ import annotations
 import base64
 import re
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from aiohttp import web
 
-from testbed.objectstore.config import _BATCH_BYTES
-from testbed.objectstore.store import validate_key
+from testbed.objectstore.config import BATCH_BYTES
+from testbed.objectstore.context import RequestContext, xml_response
+from testbed.objectstore.store import ObjectHandle, Store, validate_key
 from testbed.wire import s3xml
 from testbed.wire.errors import CorruptObject, ObjectCacheError, S3Error
-
-if TYPE_CHECKING:
-    from testbed.objectstore.server import Ctx
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -52,285 +51,306 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class ObjectOps:
-    """Bucket and object operations of ``S3Server`` (a mixin: the state and plumbing are the server's)."""
+# --- buckets ------------------------------------------------------------------------------------------
 
-    # --- buckets ------------------------------------------------------------------------------------------
 
-    async def list_buckets(self, ctx: Ctx) -> web.Response:
-        buckets = [b for b in await self.run(self.store.list_buckets) if ctx.cred.allows_bucket(b.name)]
-        items = "".join(
-            f"<Bucket>{s3xml.el('Name', b.name)}{s3xml.el('CreationDate', s3xml.iso8601(b.created_s))}</Bucket>"
-            for b in buckets
-        )
-        return self._xml(s3xml.doc("ListAllMyBucketsResult", s3xml.owner() + f"<Buckets>{items}</Buckets>"))
+async def list_buckets(ctx: RequestContext) -> web.Response:
+    buckets = [b for b in await ctx.run(ctx.services.store.list_buckets) if ctx.cred.allows_bucket(b.name)]
+    items = "".join(
+        f"<Bucket>{s3xml.el('Name', b.name)}{s3xml.el('CreationDate', s3xml.iso8601(b.created_s))}</Bucket>"
+        for b in buckets
+    )
+    return xml_response(s3xml.doc("ListAllMyBucketsResult", s3xml.owner() + f"<Buckets>{items}</Buckets>"))
 
-    async def create_bucket(self, ctx: Ctx) -> web.Response:
-        await self.read_body(ctx, self.config.max_request_body_bytes)
-        await self.run(self.store.create_bucket, ctx.bucket)
-        # us-east-1 semantics: re-creating your own bucket succeeds, so ensure_bucket() is idempotent.
-        return web.Response(status=200, headers={"Location": f"/{ctx.bucket}"})
 
-    async def head_bucket(self, ctx: Ctx) -> web.Response:
-        if not await self.run(self.store.bucket_exists, ctx.bucket):
-            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-        return web.Response(status=200, headers={"x-amz-bucket-region": self.config.region})
+async def create_bucket(ctx: RequestContext) -> web.Response:
+    await ctx.read_body(ctx.services.config.max_request_body_bytes)
+    await ctx.run(ctx.services.store.create_bucket, ctx.bucket)
+    # us-east-1 semantics: re-creating your own bucket succeeds, so ensure_bucket() is idempotent.
+    return web.Response(status=200, headers={"Location": f"/{ctx.bucket}"})
 
-    async def delete_bucket(self, ctx: Ctx) -> web.Response:
-        if not ctx.cred.is_admin:
-            raise S3Error("AccessDenied", "only an admin credential may delete buckets", 403)
-        await self.run(self.store.delete_bucket, ctx.bucket)
-        return web.Response(status=204)
 
-    async def bucket_location(self, ctx: Ctx) -> web.Response:
-        if not await self.run(self.store.bucket_exists, ctx.bucket):
-            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-        region = "" if self.config.region == "us-east-1" else self.config.region
-        return self._xml(s3xml.doc("LocationConstraint", s3xml.escape(region)))
+async def head_bucket(ctx: RequestContext) -> web.Response:
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    return web.Response(status=200, headers={"x-amz-bucket-region": ctx.services.config.region})
 
-    def _list_entries(self, bucket: str, prefix: str, delimiter: str, start_after: str, max_keys: int):
-        """Up to ``max_keys`` entries after ``start_after``: ("obj", ObjectInfo) or ("cp", prefix); the
-        cursor to continue from; and whether more entries follow."""
-        entries: list[tuple[str, object]] = []
-        cursor = start_after
-        while len(entries) < max_keys:
-            page = self.store.list_objects(bucket, prefix, cursor, min(1000, max_keys - len(entries) + 1))
-            if not page.objects:
-                return entries, cursor, False
-            restart = False
-            for obj in page.objects:
-                if len(entries) == max_keys:
-                    return entries, cursor, True
-                rest = obj.key[len(prefix) :]
-                i = rest.find(delimiter) if delimiter else -1
-                if i >= 0:
-                    cp = prefix + rest[: i + len(delimiter)]
-                    entries.append(("cp", cp))
-                    cursor = cp + "\U0010ffff"  # skip every key under this common prefix
-                    restart = True
-                    break
-                entries.append(("obj", obj))
-                cursor = obj.key
-            if not restart and not page.is_truncated:
-                return entries, cursor, False
-        more = self.store.list_objects(bucket, prefix, cursor, 1).objects
-        return entries, cursor, bool(more)
 
-    async def list_objects(self, ctx: Ctx) -> web.Response:
-        q = ctx.query
-        v2 = q.get("list-type") == "2"
-        prefix = q.get("prefix", "")
-        delimiter = q.get("delimiter", "")
-        if not ctx.cred.allows_prefix(prefix):
-            raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
+async def delete_bucket(ctx: RequestContext) -> web.Response:
+    if not ctx.cred.is_admin:
+        raise S3Error("AccessDenied", "only an admin credential may delete buckets", 403)
+    await ctx.run(ctx.services.store.delete_bucket, ctx.bucket)
+    return web.Response(status=204)
+
+
+async def bucket_location(ctx: RequestContext) -> web.Response:
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    region = "" if ctx.services.config.region == "us-east-1" else ctx.services.config.region
+    return xml_response(s3xml.doc("LocationConstraint", s3xml.escape(region)))
+
+
+def list_entries(store: Store, bucket: str, prefix: str, delimiter: str, start_after: str, max_keys: int):
+    """Up to ``max_keys`` entries after ``start_after``: ("obj", ObjectInfo) or ("cp", prefix); the
+    cursor to continue from; and whether more entries follow."""
+    entries: list[tuple[str, object]] = []
+    cursor = start_after
+    while len(entries) < max_keys:
+        page = store.list_objects(bucket, prefix, cursor, min(1000, max_keys - len(entries) + 1))
+        if not page.objects:
+            return entries, cursor, False
+        restart = False
+        for obj in page.objects:
+            if len(entries) == max_keys:
+                return entries, cursor, True
+            rest = obj.key[len(prefix) :]
+            i = rest.find(delimiter) if delimiter else -1
+            if i >= 0:
+                cp = prefix + rest[: i + len(delimiter)]
+                entries.append(("cp", cp))
+                cursor = cp + "\U0010ffff"  # skip every key under this common prefix
+                restart = True
+                break
+            entries.append(("obj", obj))
+            cursor = obj.key
+        if not restart and not page.is_truncated:
+            return entries, cursor, False
+    more = store.list_objects(bucket, prefix, cursor, 1).objects
+    return entries, cursor, bool(more)
+
+
+async def list_objects(ctx: RequestContext) -> web.Response:
+    q = ctx.query
+    v2 = q.get("list-type") == "2"
+    prefix = q.get("prefix", "")
+    delimiter = q.get("delimiter", "")
+    if not ctx.cred.allows_prefix(prefix):
+        raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
+    try:
+        max_keys = max(0, min(1000, int(q.get("max-keys", "1000"))))
+    except ValueError:
+        raise S3Error("InvalidArgument", "max-keys must be an integer", 400) from None
+    token = q.get("continuation-token")
+    if v2 and token is not None:
         try:
-            max_keys = max(0, min(1000, int(q.get("max-keys", "1000"))))
-        except ValueError:
-            raise S3Error("InvalidArgument", "max-keys must be an integer", 400) from None
-        token = q.get("continuation-token")
-        if v2 and token is not None:
-            try:
-                start = base64.urlsafe_b64decode(token.encode()).decode("utf-8", "surrogatepass")
-            except (ValueError, UnicodeDecodeError):
-                raise S3Error("InvalidArgument", "bad continuation token", 400) from None
-        else:
-            start = q.get("start-after", "") if v2 else q.get("marker", "")
-        if not await self.run(self.store.bucket_exists, ctx.bucket):
-            raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-        entries, cursor, truncated = await self.run(
-            self._list_entries, ctx.bucket, prefix, delimiter, start, max_keys
-        )
-        url = q.get("encoding-type") == "url"
+            start = base64.urlsafe_b64decode(token.encode()).decode("utf-8", "surrogatepass")
+        except (ValueError, UnicodeDecodeError):
+            raise S3Error("InvalidArgument", "bad continuation token", 400) from None
+    else:
+        start = q.get("start-after", "") if v2 else q.get("marker", "")
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    entries, cursor, truncated = await ctx.run(
+        list_entries, ctx.services.store, ctx.bucket, prefix, delimiter, start, max_keys
+    )
+    url = q.get("encoding-type") == "url"
 
-        def enc(s: str) -> str:
-            return quote(s, safe="/") if url else s
+    def enc(s: str) -> str:
+        return quote(s, safe="/") if url else s
 
-        parts = [s3xml.el("Name", ctx.bucket), s3xml.el("Prefix", enc(prefix)), s3xml.el("MaxKeys", max_keys)]
-        if delimiter:
-            parts.append(s3xml.el("Delimiter", enc(delimiter)))
-        if url:
-            parts.append(s3xml.el("EncodingType", "url"))
-        parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
-        if v2:
-            parts.append(s3xml.el("KeyCount", len(entries)))
-            if token is not None:
-                parts.append(s3xml.el("ContinuationToken", token))
-            if "start-after" in q:
-                parts.append(s3xml.el("StartAfter", enc(q["start-after"])))
-            if truncated:
-                nxt = base64.urlsafe_b64encode(cursor.encode("utf-8", "surrogatepass")).decode()
-                parts.append(s3xml.el("NextContinuationToken", nxt))
-        else:
-            parts.append(s3xml.el("Marker", enc(q.get("marker", ""))))
-            if truncated and delimiter and entries:
-                last = entries[-1]
-                parts.append(s3xml.el("NextMarker", enc(last[1] if last[0] == "cp" else last[1].key)))
-        for kind, item in entries:
-            if kind == "obj":
-                parts.append(
-                    "<Contents>"
-                    + s3xml.el("Key", enc(item.key))
-                    + s3xml.el("LastModified", s3xml.iso8601(item.last_modified_s))
-                    + s3xml.el("ETag", f'"{item.etag}"')
-                    + s3xml.el("Size", item.size_bytes)
-                    + s3xml.el("StorageClass", "STANDARD")
-                    + "</Contents>"
-                )
-            else:
-                parts.append(f"<CommonPrefixes>{s3xml.el('Prefix', enc(item))}</CommonPrefixes>")
-        return self._xml(s3xml.doc("ListBucketResult", "".join(parts)))
-
-    async def delete_objects(self, ctx: Ctx) -> web.Response:
-        body, _, _ = await self.read_body(ctx, self.config.max_request_body_bytes)
-        try:
-            keys, quiet = s3xml.parse_delete_objects(body)
-        except Exception:
-            raise S3Error("MalformedXML", "the XML you provided was not well-formed", 400) from None
-        if len(keys) > 1000:
-            raise S3Error("MalformedXML", "at most 1000 keys per DeleteObjects request", 400)
-        out = []
-        for key in keys:
-            try:
-                validate_key(key)
-                if not ctx.cred.allows_key(key):
-                    raise S3Error("AccessDenied", "key outside the credential's namespaces", 403)
-                await self.run(self.store.delete_object, ctx.bucket, key)
-                if not quiet:
-                    out.append(f"<Deleted>{s3xml.el('Key', key)}</Deleted>")
-            except ObjectCacheError as e:
-                code = getattr(e, "s3_code", "InternalError")
-                out.append(
-                    f"<Error>{s3xml.el('Key', key)}{s3xml.el('Code', code)}{s3xml.el('Message', str(e))}</Error>"
-                )
-        return self._xml(s3xml.doc("DeleteResult", "".join(out)))
-
-    # --- objects ------------------------------------------------------------------------------------------
-
-    def _user_metadata(self, request: web.Request) -> dict[str, str]:
-        meta = {}
-        for k, v in request.headers.items():
-            lk = k.lower()
-            if lk.startswith("x-amz-meta-"):
-                meta[lk[len("x-amz-meta-") :]] = v
-        if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
-            raise S3Error("MetadataTooLarge", "user metadata exceeds 2 KiB", 400)
-        return meta
-
-    def _if_none_match_star(self, request: web.Request) -> bool:
-        value = request.headers.get("If-None-Match")
-        if value is None:
-            return False
-        if value.strip() != "*":
-            raise S3Error("NotImplemented", "only 'If-None-Match: *' is supported on writes", 501)
-        return True
-
-    async def put_object(self, ctx: Ctx) -> web.Response:
-        request = ctx.request
-        conditional = self._if_none_match_star(request)
-        if conditional and await self._exists(ctx.bucket, ctx.key):
-            # Fail fast: the final check is the atomic one in commit.
-            raise S3Error(
-                "PreconditionFailed",
-                f"object {ctx.key!r} already exists (If-None-Match: *)",
-                412,
-                key=ctx.key,
+    parts = [s3xml.el("Name", ctx.bucket), s3xml.el("Prefix", enc(prefix)), s3xml.el("MaxKeys", max_keys)]
+    if delimiter:
+        parts.append(s3xml.el("Delimiter", enc(delimiter)))
+    if url:
+        parts.append(s3xml.el("EncodingType", "url"))
+    parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
+    if v2:
+        parts.append(s3xml.el("KeyCount", len(entries)))
+        if token is not None:
+            parts.append(s3xml.el("ContinuationToken", token))
+        if "start-after" in q:
+            parts.append(s3xml.el("StartAfter", enc(q["start-after"])))
+        if truncated:
+            nxt = base64.urlsafe_b64encode(cursor.encode("utf-8", "surrogatepass")).decode()
+            parts.append(s3xml.el("NextContinuationToken", nxt))
+    else:
+        parts.append(s3xml.el("Marker", enc(q.get("marker", ""))))
+        if truncated and delimiter and entries:
+            last = entries[-1]
+            parts.append(s3xml.el("NextMarker", enc(last[1] if last[0] == "cp" else last[1].key)))
+    for kind, item in entries:
+        if kind == "obj":
+            parts.append(
+                "<Contents>"
+                + s3xml.el("Key", enc(item.key))
+                + s3xml.el("LastModified", s3xml.iso8601(item.last_modified_s))
+                + s3xml.el("ETag", f'"{item.etag}"')
+                + s3xml.el("Size", item.size_bytes)
+                + s3xml.el("StorageClass", "STANDARD")
+                + "</Contents>"
             )
-        content_type = request.headers.get("Content-Type", "application/octet-stream")
-        writer = await self.run(
-            lambda: self.store.begin_write(ctx.bucket, ctx.key, content_type, self._user_metadata(request))
-        )
-        try:
-            _, _, sums = await self.read_body(ctx, self.config.max_object_bytes, sink=writer.write)
-            info = await self.run(writer.commit, conditional)
-        except BaseException:
-            await self.run(writer.abort)
-            raise
-        return web.Response(status=200, headers={"ETag": f'"{info.etag}"', **sums})
+        else:
+            parts.append(f"<CommonPrefixes>{s3xml.el('Prefix', enc(item))}</CommonPrefixes>")
+    return xml_response(s3xml.doc("ListBucketResult", "".join(parts)))
 
-    async def _exists(self, bucket: str, key: str) -> bool:
+
+async def delete_objects(ctx: RequestContext) -> web.Response:
+    body = (await ctx.read_body(ctx.services.config.max_request_body_bytes)).data
+    try:
+        keys, quiet = s3xml.parse_delete_objects(body)
+    except Exception:
+        raise S3Error("MalformedXML", "the XML you provided was not well-formed", 400) from None
+    if len(keys) > 1000:
+        raise S3Error("MalformedXML", "at most 1000 keys per DeleteObjects request", 400)
+    out = []
+    for key in keys:
         try:
-            await self.run(self.store.head_object, bucket, key)
-            return True
+            validate_key(key)
+            if not ctx.cred.allows_key(key):
+                raise S3Error("AccessDenied", "key outside the credential's namespaces", 403)
+            await ctx.run(ctx.services.store.delete_object, ctx.bucket, key)
+            if not quiet:
+                out.append(f"<Deleted>{s3xml.el('Key', key)}</Deleted>")
         except ObjectCacheError as e:
-            if getattr(e, "s3_code", "") == "NoSuchKey":
-                return False
-            raise
+            code = getattr(e, "s3_code", "InternalError")
+            out.append(
+                f"<Error>{s3xml.el('Key', key)}{s3xml.el('Code', code)}{s3xml.el('Message', str(e))}</Error>"
+            )
+    return xml_response(s3xml.doc("DeleteResult", "".join(out)))
 
-    def _check_conditions(self, request: web.Request, etag: str, mtime_s: float) -> int | None:
-        h = request.headers
-        quoted = f'"{etag}"'
-        if "If-Match" in h and h["If-Match"].strip() not in (quoted, etag, "*"):
-            return 412
-        if "If-None-Match" in h and h["If-None-Match"].strip() in (quoted, etag, "*"):
-            return 304
-        for name, cond in (("If-Unmodified-Since", 412), ("If-Modified-Since", 304)):
-            if name in h and not ("If-Match" in h if cond == 412 else "If-None-Match" in h):
-                try:
-                    t = parsedate_to_datetime(h[name]).timestamp()
-                except (TypeError, ValueError):
-                    continue
-                if (cond == 412 and int(mtime_s) > t) or (cond == 304 and int(mtime_s) <= t):
-                    return cond
-        return None
 
-    async def get_object(self, ctx: Ctx) -> web.StreamResponse:
-        request = ctx.request
-        try:
-            handle = await self.run(self.store.open_object, ctx.bucket, ctx.key)
-        except CorruptObject as e:  # the store's own framing is broken: stop serving it
-            await self.run(self.store.quarantine, ctx.bucket, ctx.key, str(e))
-            raise
-        try:
-            info = handle.info
-            request["size"] = info.size_bytes
-            headers = {
-                "ETag": f'"{info.etag}"',
-                "Last-Modified": s3xml.http_date(info.last_modified_s),
-                "Accept-Ranges": "bytes",
-                "Content-Type": info.content_type,
-            }
-            for k, v in info.metadata.items():
-                headers[f"x-amz-meta-{k}"] = v
-            cond = self._check_conditions(request, info.etag, info.last_modified_s)
-            if cond == 412:
-                raise S3Error("PreconditionFailed", "at least one of the preconditions did not hold", 412)
-            if cond == 304:
-                return web.Response(status=304, headers={"ETag": headers["ETag"]})
-            rng = None
-            if "Range" in request.headers:
-                rng = parse_range(request.headers["Range"], info.size_bytes)
-            if rng is None:
-                start, count, status = 0, info.size_bytes, 200
-            else:
-                start, count, status = rng[0], rng[1] - rng[0] + 1, 206
-                headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size_bytes}"
-            resp = web.StreamResponse(status=status, headers=headers)
-            resp.content_length = count
-            await resp.prepare(request)
-            if request.method == "GET" and count:
-                await self._send_range(request, resp, handle, start, count)
-                self.metrics.bytes_served["GetObject"] += count
-            await resp.write_eof()
-            return resp
-        finally:
-            handle.close()
+# --- objects ------------------------------------------------------------------------------------------
 
-    async def _send_range(self, request, resp, handle, start: int, count: int) -> None:
-        sink = self._sink(request, resp)
-        fd = handle.fileno()
-        if fd is not None and sink.can_sendfile:
-            await sink.send([(fd, start, count)])
-            return
-        off = 0
-        while off < count:
-            n = min(_BATCH_BYTES, count - off)
-            buf = bytearray(n)
-            got = await self.run(handle.read_into, start + off, memoryview(buf))
-            if got != n:
-                raise S3Error("InternalError", "short read from the store", 500)
-            await sink.send([buf])
-            off += n
 
-    async def delete_object(self, ctx: Ctx) -> web.Response:
-        await self.run(self.store.delete_object, ctx.bucket, ctx.key)
-        return web.Response(status=204)
+def user_metadata(request: web.Request) -> dict[str, str]:
+    meta = {}
+    for k, v in request.headers.items():
+        lk = k.lower()
+        if lk.startswith("x-amz-meta-"):
+            meta[lk[len("x-amz-meta-") :]] = v
+    if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
+        raise S3Error("MetadataTooLarge", "user metadata exceeds 2 KiB", 400)
+    return meta
+
+
+def if_none_match_star(request: web.Request) -> bool:
+    value = request.headers.get("If-None-Match")
+    if value is None:
+        return False
+    if value.strip() != "*":
+        raise S3Error("NotImplemented", "only 'If-None-Match: *' is supported on writes", 501)
+    return True
+
+
+async def copy_object(ctx: RequestContext) -> web.Response:
+    """A PUT with ``x-amz-copy-source``: not implemented (it must not be taken for a PutObject)."""
+    raise S3Error("NotImplemented", "CopyObject is not implemented", 501)
+
+
+async def put_object(ctx: RequestContext) -> web.Response:
+    request = ctx.request
+    conditional = if_none_match_star(request)
+    if conditional and await object_exists(ctx):
+        # Fail fast: the final check is the atomic one in commit.
+        raise S3Error(
+            "PreconditionFailed",
+            f"object {ctx.key!r} already exists (If-None-Match: *)",
+            412,
+            key=ctx.key,
+        )
+    content_type = request.headers.get("Content-Type", "application/octet-stream")
+    writer = await ctx.run(
+        lambda: ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, user_metadata(request))
+    )
+    try:
+        sums = (await ctx.read_body(ctx.services.config.max_object_bytes, sink=writer.write)).checksums
+        info = await ctx.run(writer.commit, conditional)
+    except BaseException:
+        await ctx.run(writer.abort)
+        raise
+    return web.Response(status=200, headers={"ETag": f'"{info.etag}"', **sums})
+
+
+async def object_exists(ctx: RequestContext) -> bool:
+    try:
+        await ctx.run(ctx.services.store.head_object, ctx.bucket, ctx.key)
+        return True
+    except ObjectCacheError as e:
+        if getattr(e, "s3_code", "") == "NoSuchKey":
+            return False
+        raise
+
+
+def check_conditions(request: web.Request, etag: str, mtime_s: float) -> int | None:
+    h = request.headers
+    quoted = f'"{etag}"'
+    if "If-Match" in h and h["If-Match"].strip() not in (quoted, etag, "*"):
+        return 412
+    if "If-None-Match" in h and h["If-None-Match"].strip() in (quoted, etag, "*"):
+        return 304
+    for name, cond in (("If-Unmodified-Since", 412), ("If-Modified-Since", 304)):
+        if name in h and not ("If-Match" in h if cond == 412 else "If-None-Match" in h):
+            try:
+                t = parsedate_to_datetime(h[name]).timestamp()
+            except (TypeError, ValueError):
+                continue
+            if (cond == 412 and int(mtime_s) > t) or (cond == 304 and int(mtime_s) <= t):
+                return cond
+    return None
+
+
+async def get_object(ctx: RequestContext) -> web.StreamResponse:
+    request = ctx.request
+    try:
+        handle = await ctx.run(ctx.services.store.open_object, ctx.bucket, ctx.key)
+    except CorruptObject as e:  # the store's own framing is broken: stop serving it
+        await ctx.run(ctx.services.store.quarantine, ctx.bucket, ctx.key, str(e))
+        raise
+    try:
+        info = handle.info
+        request["size"] = info.size_bytes
+        headers = {
+            "ETag": f'"{info.etag}"',
+            "Last-Modified": s3xml.http_date(info.last_modified_s),
+            "Accept-Ranges": "bytes",
+            "Content-Type": info.content_type,
+        }
+        for k, v in info.metadata.items():
+            headers[f"x-amz-meta-{k}"] = v
+        cond = check_conditions(request, info.etag, info.last_modified_s)
+        if cond == 412:
+            raise S3Error("PreconditionFailed", "at least one of the preconditions did not hold", 412)
+        if cond == 304:
+            return web.Response(status=304, headers={"ETag": headers["ETag"]})
+        rng = None
+        if "Range" in request.headers:
+            rng = parse_range(request.headers["Range"], info.size_bytes)
+        if rng is None:
+            start, count, status = 0, info.size_bytes, 200
+        else:
+            start, count, status = rng[0], rng[1] - rng[0] + 1, 206
+            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size_bytes}"
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = count
+        await resp.prepare(request)
+        if request.method == "GET" and count:
+            await _send_range(ctx, resp, handle, start, count)
+            ctx.services.metrics.add_bytes_served("GetObject", count)
+        await resp.write_eof()
+        return resp
+    finally:
+        handle.close()
+
+
+async def _send_range(
+    ctx: RequestContext, resp: web.StreamResponse, handle: ObjectHandle, start: int, count: int
+) -> None:
+    sink = ctx.sink(resp)
+    fd = handle.fileno()
+    if fd is not None and sink.can_sendfile:
+        await sink.send([(fd, start, count)])
+        return
+    off = 0
+    while off < count:
+        n = min(BATCH_BYTES, count - off)
+        buf = bytearray(n)
+        got = await ctx.run(handle.read_into, start + off, memoryview(buf))
+        if got != n:
+            raise S3Error("InternalError", "short read from the store", 500)
+        await sink.send([buf])
+        off += n
+
+
+async def delete_object(ctx: RequestContext) -> web.Response:
+    await ctx.run(ctx.services.store.delete_object, ctx.bucket, ctx.key)
+    return web.Response(status=204)

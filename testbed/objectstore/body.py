@@ -1,0 +1,183 @@
+"""Request bodies: read, decode and verify what a client uploads.
+
+A body is checked against everything the request declares about it: the signed SHA-256
+(``x-amz-content-sha256`` as 64 hex digits), ``aws-chunked`` framing with its chunk signatures and trailer
+(``testbed.objectstore.auth.ChunkedDecoder``), ``x-amz-checksum-*`` headers or trailers, ``Content-MD5``, and
+the declared length (``Content-Length``, or ``x-amz-decoded-content-length`` for ``aws-chunked``).  Hashing
+runs in the I/O thread pool in batches of ``BATCH_BYTES`` while the next batch arrives from the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from testbed.objectstore.auth import (
+    STREAMING_SIGNED,
+    STREAMING_SIGNED_TRAILER,
+    STREAMING_UNSIGNED_TRAILER,
+    AuthResult,
+    ChunkedDecoder,
+    checksum_b64,
+    new_checksum,
+)
+from testbed.objectstore.config import BATCH_BYTES
+from testbed.wire.errors import S3Error
+
+# Bodies up to this size are hashed in the event loop: cheaper than a hop to the busy thread pool.
+INLINE_HASH_BYTES = 64 * 1024
+CHECKSUM_ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class ReceivedBody:
+    """A verified request body: its bytes (empty when it went to a sink), its decoded size, and the
+    ``x-amz-checksum-*`` values it was verified against (to echo in the response)."""
+
+    data: bytes
+    size_bytes: int
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+class BodyChecks:
+    """What one request's headers promise about its body, and the hashers that check it.
+
+    Construct from the headers and the verified signature (raises the S3 error for an unusable
+    declaration), ``update`` with every decoded batch, then ``verify`` with the decoded size and the
+    ``aws-chunked`` trailers."""
+
+    def __init__(self, headers: Mapping[str, str], auth: AuthResult, max_bytes: int, method: str) -> None:
+        self.headers = headers
+        mode = self.mode = auth.payload_hash
+        self.chunked = mode in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER) or (
+            "aws-chunked" in headers.get("Content-Encoding", "")
+        )
+        if self.chunked and mode.startswith("STREAMING-AWS4-ECDSA"):
+            raise S3Error("NotImplemented", "SigV4a streaming payloads are not supported", 501)
+        declared = headers.get("x-amz-decoded-content-length" if self.chunked else "Content-Length")
+        self.declared_bytes: int | None = None
+        if declared is not None:
+            try:
+                self.declared_bytes = int(declared)
+            except ValueError:
+                raise S3Error("InvalidArgument", "bad content length", 400) from None
+            if self.declared_bytes > max_bytes:
+                raise S3Error(
+                    "EntityTooLarge",
+                    f"body of {self.declared_bytes} bytes exceeds the limit of {max_bytes}",
+                    413,
+                )
+        elif method == "PUT" and "chunked" not in headers.get("Transfer-Encoding", ""):
+            raise S3Error("MissingContentLength", "you must provide the Content-Length header", 411)
+        self.sha = hashlib.sha256() if _HEX64.match(mode) else None
+        self.md5 = hashlib.md5() if "Content-MD5" in headers else None
+        # algorithm -> (hasher, expected base64 value; None: expected in the trailer)
+        self.checks: dict[str, tuple[object, str | None]] = {}
+        for alg in CHECKSUM_ALGORITHMS:
+            value = headers.get(f"x-amz-checksum-{alg}")
+            if value is not None:
+                self.checks[alg] = (new_checksum(alg), value)
+        trailer = headers.get("x-amz-trailer", "").strip().lower()
+        if trailer:
+            if not trailer.startswith("x-amz-checksum-"):
+                raise S3Error("InvalidRequest", f"unsupported trailer {trailer!r}", 400)
+            alg = trailer[len("x-amz-checksum-") :]
+            self.checks.setdefault(alg, (new_checksum(alg), None))
+        self.hashers = [h for h in (self.sha, self.md5) if h is not None] + [
+            h for h, _ in self.checks.values()
+        ]
+
+    def decoder(self, auth: AuthResult) -> ChunkedDecoder | None:
+        return ChunkedDecoder(auth, self.mode) if self.chunked else None
+
+    def update(self, batch: bytes) -> None:
+        for h in self.hashers:
+            h.update(batch)
+
+    def verify(self, size_bytes: int, trailers: Mapping[str, str]) -> dict[str, str]:
+        """Check the received body; return the verified ``x-amz-checksum-*`` values (base64)."""
+        if self.declared_bytes is not None and size_bytes != self.declared_bytes:
+            raise S3Error(
+                "IncompleteBody", f"received {size_bytes} bytes, expected {self.declared_bytes}", 400
+            )
+        if self.sha is not None and self.sha.hexdigest() != self.mode:
+            raise S3Error("XAmzContentSHA256Mismatch", "the payload does not match x-amz-content-sha256", 400)
+        if (
+            self.md5 is not None
+            and base64.b64encode(self.md5.digest()).decode() != self.headers["Content-MD5"].strip()
+        ):
+            raise S3Error("BadDigest", "the Content-MD5 you specified did not match what we received", 400)
+        results = {}
+        for alg, (hasher, expected) in self.checks.items():
+            expected = expected if expected is not None else trailers.get(f"x-amz-checksum-{alg}")
+            if expected is None:
+                raise S3Error(
+                    "InvalidRequest", f"trailer x-amz-checksum-{alg} was announced but not sent", 400
+                )
+            got = checksum_b64(hasher)
+            if got != expected.strip():
+                raise S3Error(
+                    "BadDigest", f"the {alg.upper()} you specified did not match the calculated checksum", 400
+                )
+            results[f"x-amz-checksum-{alg}"] = got
+        return results
+
+
+async def read_body(
+    request: web.Request,
+    auth: AuthResult,
+    max_bytes: int,
+    executor: Executor,
+    sink: Callable[[bytes], None] | None = None,
+) -> ReceivedBody:
+    """Read, decode and verify ``request``'s body (at most ``max_bytes`` decoded bytes).
+
+    Without ``sink`` the bytes are returned; with it they go to ``sink(batch)`` in batches of about
+    ``BATCH_BYTES``, called from an ``executor`` thread (hashing there, GIL released for large buffers,
+    overlaps the next network reads)."""
+    checks = BodyChecks(request.headers, auth, max_bytes, request.method)
+    decoder = checks.decoder(auth)
+
+    def consume(batch: bytes) -> None:
+        checks.update(batch)
+        if sink is not None:
+            sink(batch)
+
+    loop = asyncio.get_running_loop()
+    kept = bytearray()
+    chunks: list[bytes] = []
+    pending = None
+    size = 0
+    async for data in request.content.iter_any():
+        for piece in decoder.feed(data) if decoder else (data,):
+            size += len(piece)
+            if size > max_bytes:
+                raise S3Error("EntityTooLarge", f"body exceeds the limit of {max_bytes} bytes", 413)
+            kept += piece
+        if len(kept) >= BATCH_BYTES:
+            batch = bytes(kept)
+            kept.clear()
+            if sink is None:
+                chunks.append(batch)
+            if pending is not None:
+                await pending
+            pending = loop.run_in_executor(executor, consume, batch)
+    trailers = decoder.finish() if decoder else {}
+    batch = bytes(kept)
+    if sink is None:
+        chunks.append(batch)
+    if pending is not None:
+        await pending
+    if sink is None and len(batch) <= INLINE_HASH_BYTES:
+        consume(batch)  # a small body (a gather request): cheaper than a hop to the busy thread pool
+    else:
+        await loop.run_in_executor(executor, consume, batch)
+    return ReceivedBody(b"".join(chunks), size, checks.verify(size, trailers))
