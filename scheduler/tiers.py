@@ -213,6 +213,19 @@ class TierCache:
         if size_bytes > self.capacity_bytes:
             self.counters.rejections += 1
             raise MemoryError(f"tier {self.name}: chunk of {size_bytes} bytes exceeds capacity")
+        evicted = self.make_room(size_bytes)
+        e = Entry(key, size_bytes, namespace, now_s + ttl_s)
+        self.entries[key] = e
+        self.used_bytes += size_bytes
+        self.queue.inserted(e)
+        self.counters.insertions += 1
+        return evicted
+
+    def make_room(self, size_bytes: int) -> list[Entry]:
+        """Evict by the policy until ``size_bytes`` more fit; returns the evicted entries.  Raises
+        ``MemoryError`` (counted as a rejection) when only pinned keys are left to evict; the keys evicted
+        before that stay evicted.  ``put`` calls it; a store whose entries live elsewhere (the testbed's
+        DRAM tier keeps the bytes in host buffers) calls it to free space before it writes."""
         evicted: list[Entry] = []
         while self.used_bytes + size_bytes > self.capacity_bytes:
             victim = self.queue.pick_victim(self.entries)
@@ -222,11 +235,6 @@ class TierCache:
             evicted.append(self.entries[victim])
             self._drop(victim)
             self.counters.evictions += 1
-        e = Entry(key, size_bytes, namespace, now_s + ttl_s)
-        self.entries[key] = e
-        self.used_bytes += size_bytes
-        self.queue.inserted(e)
-        self.counters.insertions += 1
         return evicted
 
     def remove(self, key: str) -> bool:

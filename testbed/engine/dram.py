@@ -1,6 +1,7 @@
 """The host-DRAM KV tier, its KV source and the save path that fills it.
 
-``DramTier``: one pinned host pool per layer, a chunk in the same slot of every pool, LRU eviction by chunk.
+``DramTier``: one pinned host pool per layer, a chunk in the same slot of every pool; which chunks are evicted
+(LRU or S3-FIFO, pins, TTLs) is decided by the scheduler core (``scheduler.tiers.TierCache``).
 ``DramSource``: loads a prefix from the tier with whole or layerwise host-to-device copies (``LayerCopier``,
 ``testbed.engine.kvload``).
 
@@ -12,15 +13,18 @@ them to a background thread that writes chunk objects (``testbed.wire.kvformat``
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from scheduler.geometry import DEFAULT_CHUNK_TOKENS, ModelSpec
-from scheduler.keys import KeyScope, longest_prefix, object_key
+from scheduler.keys import KeyScope, object_key
+from scheduler.tiers import TierCache
 from testbed.engine.kvload import KVLoadError, KVSource, LayerCopier, LoadRequest, LoadStats, pinned_empty
 
 
@@ -30,44 +34,90 @@ class DramTier:
     A chunk occupies the same slot index in every layer's pool, so a chunk's layer ``l`` is
     ``pool[l][slot*slice_bytes : (slot+1)*slice_bytes]`` in the chunk object's slice layout.  Chunks saved
     together get consecutive slots, so a prefix usually loads with one host-to-device copy per layer.
-    Eviction is LRU by chunk (a later chunk of a chain is useless without the earlier ones, but lookups stop
-    at the first hole, so evicting a middle chunk only shortens the usable prefix).
+
+    Which chunks stay is decided by the scheduler core: a ``scheduler.tiers.TierCache`` (the code the
+    simulator's DRAM tier runs) holds the keys, sizes (``chunk_bytes``), pins and expiry times, and picks the
+    victims; this class keeps the bytes and the key -> slot map in step with it.  ``policy``: ``lru`` or
+    ``s3fifo``.  ``ttl_s``: seconds a chunk of a namespace stays usable after it was saved
+    (``default_ttl_s`` for namespaces not listed).  ``clock``: seconds, monotonic; the tier reads it and
+    passes the time to the core (which never reads a clock).  Pinned chunks (``pin``: a load is reading
+    them) are never evicted.  A later chunk of a chain is useless without the earlier ones, but lookups stop
+    at the first hole, so evicting a middle chunk only shortens the usable prefix.
     """
 
     def __init__(
-        self, spec: ModelSpec, capacity_chunks: int, *, chunk_tokens=DEFAULT_CHUNK_TOKENS, device="cpu"
+        self,
+        spec: ModelSpec,
+        capacity_chunks: int,
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        device="cpu",
+        policy: str = "lru",
+        ttl_s: Mapping[str, float] | None = None,
+        default_ttl_s: float = math.inf,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.spec, self.chunk_tokens, self.capacity_chunks = spec, chunk_tokens, capacity_chunks
         self.device = torch.device(device)
         self.slice_bytes = spec.kv_bytes_per_chunk_layer(chunk_tokens)
+        self.chunk_bytes = self.slice_bytes * spec.num_layers
         self.pools = [
             pinned_empty(capacity_chunks * self.slice_bytes, self.device) for _ in range(spec.num_layers)
         ]
-        self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU order
+        self.cache = TierCache("dram", capacity_chunks * self.chunk_bytes, policy)
+        self.ttl_s = dict(ttl_s or {})
+        self.default_ttl_s = default_ttl_s
+        self.clock = clock
+        self.slots: dict[str, int] = {}  # key -> slot of every committed chunk (the keys of ``cache``)
         self._free = list(range(capacity_chunks))
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
-        return key in self.slots
+        """Held and not expired."""
+        with self._lock:
+            return self.cache.peek(key, self.clock())
 
     def __len__(self) -> int:
         return len(self.slots)
 
+    def _forget(self, keys) -> None:
+        """The core dropped ``keys`` (evicted or expired): free their slots.  Caller holds the lock."""
+        for key in keys:
+            slot = self.slots.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+
     def lookup(self, keys: Sequence[str]) -> int:
+        """Leading ``keys`` held (unexpired); counts hits and the first miss, refreshes their recency."""
         with self._lock:
-            n = longest_prefix(keys, self.slots.__contains__)
-            for k in keys[:n]:
-                self.slots.move_to_end(k)
+            now_s = self.clock()
+            n = 0
+            for key in keys:
+                hit = self.cache.get(key, now_s)
+                if key in self.slots and key not in self.cache.entries:
+                    self._forget([key])  # expired: the core dropped it
+                if not hit:
+                    break
+                n += 1
             return n
 
     def allocate(self, n: int) -> list[int]:
-        """``n`` free slots, consecutive when possible, evicting least-recently-used chunks if needed."""
+        """``n`` free slots, consecutive when possible, dropping expired chunks and then evicting the core's
+        victims if needed.  ``MemoryError`` if the unpinned chunks cannot make room."""
+        if n <= 0:
+            return []
         with self._lock:
-            while len(self._free) < n and self.slots:
-                _, slot = self.slots.popitem(last=False)
-                self._free.append(slot)
-            if len(self._free) < n:
+            now_s = self.clock()
+            self._forget(self.cache.expire(now_s))
+            in_flight = self.capacity_chunks - len(self._free) - len(self.slots)  # allocated, not committed
+            if n > self.capacity_chunks - in_flight:
                 raise MemoryError(f"DRAM tier holds {self.capacity_chunks} chunks; {n} requested")
+            try:
+                evicted = self.cache.make_room((in_flight + n) * self.chunk_bytes)
+            except MemoryError:
+                self._forget([k for k in self.slots if k not in self.cache.entries])
+                raise
+            self._forget(e.key for e in evicted)
             self._free.sort()
             for i in range(len(self._free) - n + 1):  # first run of n consecutive free slots
                 if self._free[i + n - 1] - self._free[i] == n - 1:
@@ -77,17 +127,57 @@ class DramTier:
             picked, self._free = self._free[:n], self._free[n:]
             return picked
 
-    def commit(self, keys: Sequence[str], slots: Sequence[int]) -> None:
+    def commit(self, keys: Sequence[str], slots: Sequence[int], namespace: str = "default") -> None:
+        """Register chunks written into allocated ``slots``; a key already held keeps its old copy (same
+        content: keys are content-addressed) and has its expiry refreshed."""
+        ttl_s = self.ttl_s.get(namespace, self.default_ttl_s)
         with self._lock:
+            now_s = self.clock()
             for k, s in zip(keys, slots):
                 if k in self.slots:  # already held (raced with another save): keep one copy
                     self._free.append(s)
+                    self.cache.put_entry(k, self.chunk_bytes, namespace, now_s, ttl_s)
                 else:
+                    # Never evicts: the slot was reserved by allocate.
+                    self._forget(
+                        e.key for e in self.cache.put_entry(k, self.chunk_bytes, namespace, now_s, ttl_s)
+                    )
                     self.slots[k] = s
+
+    def refresh(self, keys: Sequence[str], namespace: str = "default") -> None:
+        """Saved again (a prefill produced chunks the tier already holds): a use for the eviction policy and
+        a new expiry, as the simulator's write-back does; keys not held are ignored."""
+        ttl_s = self.ttl_s.get(namespace, self.default_ttl_s)
+        with self._lock:
+            now_s = self.clock()
+            for k in keys:
+                if k in self.slots:
+                    self.cache.put_entry(k, self.chunk_bytes, namespace, now_s, ttl_s)
 
     def release(self, slots: Sequence[int]) -> None:
         with self._lock:
             self._free.extend(slots)
+
+    def pin(self, keys: Sequence[str]) -> None:
+        """Keep ``keys`` from eviction (and from expiry) until ``unpin``; keys not held are ignored."""
+        with self._lock:
+            for k in keys:
+                if k in self.cache.entries:
+                    self.cache.pin(k)
+
+    def unpin(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for k in keys:
+                e = self.cache.entries.get(k)
+                if e is not None and e.pins > 0:
+                    self.cache.unpin(k)
+
+    def expire(self) -> list[str]:
+        """Drop the expired, unpinned chunks now (``allocate`` does it too); returns their keys."""
+        with self._lock:
+            gone = self.cache.expire(self.clock())
+            self._forget(gone)
+            return gone
 
     def slot_view(self, layer: int, slot: int, count: int = 1) -> torch.Tensor:
         lo = slot * self.slice_bytes
@@ -104,14 +194,16 @@ class DramTier:
                 out.append((i, s, 1))
         return out
 
-    def put(self, keys: Sequence[str], layers: Sequence[bytes | memoryview]) -> None:
+    def put(
+        self, keys: Sequence[str], layers: Sequence[bytes | memoryview], namespace: str = "default"
+    ) -> None:
         """Insert chunks from per-layer chunk-major payloads (``layers[l]`` = n slices back to back)."""
         slots = self.allocate(len(keys))
         for layer, payload in enumerate(layers):
             src = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             for i, s in enumerate(slots):
                 self.slot_view(layer, s).copy_(src[i * self.slice_bytes : (i + 1) * self.slice_bytes])
-        self.commit(keys, slots)
+        self.commit(keys, slots, namespace)
 
     def chunk_layers(self, key: str) -> list[memoryview]:
         """One memoryview per layer of a held chunk (the chunk object's payload, layer by layer)."""
@@ -151,6 +243,9 @@ class DramSource(KVSource):
             runs = self.tier.runs(request.keys)
         except KeyError as exc:
             raise KVLoadError(f"DRAM tier lost chunk {exc.args[0]}") from None
+        # Pinned while the copies may still read their slots (the save path allocates slots meanwhile).
+        self._pinned = list(request.keys)
+        self.tier.pin(self._pinned)
         for layer in range(self.tier.spec.num_layers):
             pieces = [(self.tier.slot_view(layer, slot, count), first) for first, slot, count in runs]
             self.copier.copy_layer(layer, pieces, request.kv[layer], self.n)
@@ -165,8 +260,30 @@ class DramSource(KVSource):
             self.copier.wait(self._last)  # one copy stream: the last event covers every layer
         self.stats.wait_s.append(0.0)
 
+    def finish_load(self) -> LoadStats:
+        self._unpin()
+        return self.stats
+
     def abort(self) -> None:
         self.copier.events.clear()
+        self._unpin()
+
+    def _unpin(self) -> None:
+        self.tier.unpin(getattr(self, "_pinned", []))
+        self._pinned = []
+
+
+@dataclass
+class SaveJob:
+    """One prefill's chunks to save: ``keys`` (not yet held) are chunks ``chunks`` (indices into the prompt)
+    of ``kv``, written into DRAM slots ``slots``; ``runs``: (index into ``keys``, first slot, count) runs of
+    consecutive slots."""
+
+    keys: list[str]
+    chunks: list[int]
+    slots: list[int]
+    runs: list[tuple[int, int, int]]
+    kv: list[torch.Tensor]
 
 
 class KVSaver:
@@ -185,16 +302,24 @@ class KVSaver:
         self.dtype = dtype
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="objectcache-save")
         self.pending: list[Future] = []
-        self._job: tuple | None = None
+        self._job: SaveJob | None = None
+        # New chunks not saved because the DRAM tier could not make room (full of pinned chunks).
+        self.skipped_chunks = 0
         self._staging: torch.Tensor | None = None
 
     def begin(self, keys: Sequence[str], first_chunk: int, kv: list[torch.Tensor]) -> None:
-        """Prepare to save chunks ``first_chunk .. first_chunk+len(keys)-1`` of ``kv`` (skipping held ones)."""
+        """Prepare to save chunks ``first_chunk .. first_chunk+len(keys)-1`` of ``kv``; the ones the tier
+        already holds are not written again, only refreshed (a use and a new expiry)."""
         todo = [first_chunk + i for i, k in enumerate(keys) if k not in self.tier]
+        self.tier.refresh([k for k in keys if k in self.tier], self._namespace())
         self._job = None
         if not todo:
             return
-        slots = self.tier.allocate(len(todo))
+        try:
+            slots = self.tier.allocate(len(todo))
+        except MemoryError:  # the prefill's answer does not depend on saving: skip, count it
+            self.skipped_chunks += len(todo)
+            return
         runs: list[tuple[int, int, int]] = []  # (index into todo, first slot, count)
         for j, s in enumerate(slots):
             if runs and runs[-1][1] + runs[-1][2] == s:
@@ -202,7 +327,11 @@ class KVSaver:
             else:
                 runs.append((j, s, 1))
         keys_todo = [keys[c - first_chunk] for c in todo]
-        self._job = (keys_todo, todo, slots, runs, kv)
+        self._job = SaveJob(keys_todo, todo, slots, runs, kv)
+
+    def _namespace(self) -> str:
+        """The namespace the DRAM tier's TTL is looked up by."""
+        return self.scope.namespace if self.scope is not None else "default"
 
     def _chunk_major(self, kv_layer: torch.Tensor, chunks: list[int]) -> torch.Tensor:
         """``[m, 2, ct, H, D]`` view/copy of the given chunks of one layer's token-major KV."""
@@ -221,7 +350,7 @@ class KVSaver:
         one permute into a device staging buffer, then one copy per run of consecutive DRAM slots."""
         if self._job is None:
             return
-        _, chunks, _, runs, kv = self._job
+        chunks, runs, kv = self._job.chunks, self._job.runs, self._job.kv
         sb, dt = self.slice_bytes, kv[layer].dtype
         if not self.cuda:
             cm = self._chunk_major(kv[layer], chunks)
@@ -246,29 +375,38 @@ class KVSaver:
         """Finish the DRAM copies, register the chunks, start the object-tier upload; returns saved keys."""
         if self._job is None:
             return []
-        keys, _, slots, _, _ = self._job
+        keys, slots = self._job.keys, self._job.slots
         self._job = None
         if self.cuda:
             self.stream.synchronize()
-        self.tier.commit(keys, slots)
+        self.tier.commit(keys, slots, self._namespace())
         if self.client is not None:
+            # Pinned until encoded: an evicted slot could be reused by the next save before the upload reads it.
+            self.tier.pin(keys)
             self.pending.append(self._uploads.submit(self._upload, keys))
         return keys
 
     def _upload(self, keys: list[str], batch_chunks: int = 16) -> int:
         from testbed.wire.kvformat import encode_chunk
 
-        written = 0
-        for i in range(0, len(keys), batch_chunks):  # bounded memory: a batch of encoded objects at a time
-            items = [
-                (
-                    object_key(self.scope, k),
-                    encode_chunk(self.spec, self.tier.chunk_layers(k), self.chunk_tokens),
-                )
-                for k in keys[i : i + batch_chunks]
-                if k in self.tier  # evicted before we got to it: nothing to upload from
-            ]
-            written += self.client.put_chunks(items) if items else 0
+        written, unpinned = 0, 0
+        try:
+            for i in range(0, len(keys), batch_chunks):  # bounded memory: a batch of objects at a time
+                batch = keys[i : i + batch_chunks]
+                items = [
+                    (
+                        object_key(self.scope, k),
+                        encode_chunk(self.spec, self.tier.chunk_layers(k), self.chunk_tokens),
+                    )
+                    for k in batch
+                    if k
+                    in self.tier.slots  # pinned since the save, so still held unless the tier was cleared
+                ]
+                self.tier.unpin(batch)
+                unpinned = i + len(batch)
+                written += self.client.put_chunks(items) if items else 0
+        finally:
+            self.tier.unpin(keys[unpinned:])
         return written
 
     def flush(self, timeout_s: float | None = None) -> int:
