@@ -151,3 +151,20 @@ def test_uploads_to_an_absent_object_tier_are_counted_as_failed():
     assert m.complete_writes(1.0) == []
     assert (m.writes_completed, m.writes_failed) == (0, 1)
     assert m.tier_of("a", 1.0) == "dram"
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_make_room_evicts_the_victims_put_would_and_stops_at_pinned_keys(policy):
+    """``make_room`` is ``put``'s eviction on its own, for a store that keeps the bytes elsewhere."""
+    a, b = TierCache("dram", 300, policy), TierCache("dram", 300, policy)
+    for t in (a, b):
+        for k in "xyz":
+            t.put(k, 100, "ns", 0.0)
+        t.get("x", 0.0)
+    assert [e.key for e in a.make_room(200)] == b.put("w", 200, "ns", 0.0)[:2]
+    assert a.used_bytes == 100 and a.make_room(200) == []
+    (last,) = a.entries
+    a.pin(last)
+    with pytest.raises(MemoryError):
+        a.make_room(201)
+    assert last in a.entries and a.counters.rejections == 1
