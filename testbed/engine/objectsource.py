@@ -17,7 +17,17 @@ import torch
 
 from scheduler.keys import KeyScope, longest_prefix, object_key
 from testbed.engine.kvload import KVLoadError, KVSource, LayerCopier, LoadRequest, LoadStats, pinned_empty
-from testbed.engine.reader import ReaderProcess, SharedSegment, decode_error
+from testbed.engine.reader import (
+    CancelCommand,
+    GatherGroup,
+    LayerReady,
+    LoadCommand,
+    LoadDone,
+    LoadFailed,
+    ReaderProcess,
+    SharedSegment,
+    decode_error,
+)
 from testbed.wire.errors import ObjectCacheError, StorageUnavailable
 
 READERS = ("thread", "process")
@@ -290,7 +300,7 @@ class ObjectCacheSource(KVSource):
         if self.reader == "process":
             if self._in_flight and self._proc is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    self._proc.send(("cancel", self._req_id))
+                    self._proc.send(CancelCommand(self._req_id))
             self._drain(timeout_s=30.0)
             self.copier.events.clear()
             return
@@ -349,49 +359,59 @@ class ObjectCacheSource(KVSource):
         names = self.names(request.keys)
         groups = self.stream_count(n)
         bounds = [round(g * n / groups) for g in range(groups + 1)]
-        spans = [(names[lo:hi], lo * sb, (hi - lo) * sb) for lo, hi in zip(bounds, bounds[1:])]
+        spans = [GatherGroup(names[lo:hi], lo * sb, (hi - lo) * sb) for lo, hi in zip(bounds, bounds[1:])]
         self._req_id += 1
         self._ready = [False] * self.spec.num_layers
         self._error: BaseException | None = None
         self._kv = request.kv
         self._t0 = time.monotonic()
         seg = self._segment
-        msg = ("load", self._req_id, kwargs, seg.path, self._seg_gen, seg.size_bytes, self._stride, spans)
+        cmd = LoadCommand(
+            req_id=self._req_id,
+            client_kwargs=kwargs,
+            segment_path=seg.path,
+            segment_generation=self._seg_gen,
+            segment_bytes=seg.size_bytes,
+            layer_stride_bytes=self._stride,
+            groups=spans,
+            num_layers=self.spec.num_layers,
+            compute_per_layer_s=request.compute_per_layer_s,
+            sent_monotonic_s=self._t0,
+        )
         try:
-            self._proc.send(msg + (self.spec.num_layers, request.compute_per_layer_s, self._t0))
+            self._proc.send(cmd)
         except (OSError, ValueError) as exc:
             self._proc.close()
             raise StorageUnavailable(f"object tier reader process is gone: {exc!r}") from exc
         self._in_flight = True
 
-    def _handle(self, msg) -> None:
-        kind, rid = msg[0], msg[1]
-        if rid != self._req_id:
+    def _handle(self, msg: LayerReady | LoadFailed | LoadDone) -> None:
+        if msg.req_id != self._req_id:
             return  # a late message of an aborted request
-        if kind == "L":
-            layer = msg[2]
+        if isinstance(msg, LayerReady):
+            layer = msg.layer
             total = self.n * self.copier.slice_bytes
             lo = layer * self._stride
             self.copier.copy_layer(layer, [(self._seg_tensor[lo : lo + total], 0)], self._kv[layer], self.n)
             self.stats.bytes_loaded += total
             self._ready[layer] = True
-        elif kind == "E":
+        elif isinstance(msg, LoadFailed):
             if self._error is None:
-                self._error = decode_error(msg[2], KVLoadError)
-        elif kind == "D":
+                self._error = decode_error(msg.error, KVLoadError)
+        elif isinstance(msg, LoadDone):
             self._in_flight = False
-            t = msg[2]
+            t = msg.timings
 
             def ms(x):
                 return None if x is None else (x - self._t0) * 1e3
 
             self.stats.timings_ms = {
-                "ipc": ms(t.get("recv_s")),
-                "threads_started": ms(t.get("threads_started_s")),
-                "request_sent": [ms(x) for x in t.get("sent_s", [])],
-                "response_headers": [ms(x) for x in t.get("response_s", [])],
-                "first_layer": [ms(x) for x in t.get("first_layer_s", [])],
-                "last_group_end": max((ms(x) for x in t.get("end_s", []) if x is not None), default=None),
+                "ipc": ms(t.recv_s),
+                "threads_started": ms(t.threads_started_s),
+                "request_sent": [ms(x) for x in t.sent_s],
+                "response_headers": [ms(x) for x in t.response_s],
+                "first_layer": [ms(x) for x in t.first_layer_s],
+                "last_group_end": max((ms(x) for x in t.end_s if x is not None), default=None),
             }
 
     def _reader_died(self, exc: BaseException, layer: int | None = None) -> None:

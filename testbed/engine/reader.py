@@ -11,14 +11,13 @@ Shared segment: an anonymous ``memfd`` (not ``/dev/shm``, which containers often
 ``num_layers * layer_stride_bytes``; layer ``l``'s gather payload (chunk-major, ``n * slice_bytes``) is at
 ``[l * layer_stride_bytes, ...)``.  The child maps it through ``/proc/<engine pid>/fd/<fd>``.
 
-Messages (``multiprocessing`` pipes, pickled tuples):
+Messages (``multiprocessing`` pipes, pickled dataclasses of this module):
 
-* engine -> reader: ``("load", req_id, client_kwargs, seg_path, seg_gen, seg_bytes, layer_stride_bytes,
-  groups, num_layers, compute_per_layer_s, sent_monotonic_s)`` with ``groups`` = [(object names, byte offset
-  of the group inside a layer)], one gather stream each; ``("cancel", req_id)``; ``("stop",)``.
-* reader -> engine: ``("L", req_id, layer)`` when every group has delivered (and verified) ``layer``;
-  ``("E", req_id, encoded error)`` once, for the first failure; ``("D", req_id, timings)`` when the request
-  is over (after ``E`` too).  The engine blocks in ``Connection.recv`` (an ``os.read``: no GIL held while
+* engine -> reader: ``LoadCommand`` (one request: the client's settings, the segment, and its
+  ``GatherGroup``s, one gather stream each); ``CancelCommand``; ``StopCommand``.
+* reader -> engine: ``LayerReady`` when every group has delivered (and verified) a layer; ``LoadFailed``
+  once, for the first failure; ``LoadDone`` (with ``ReaderTimings``) when the request is over (after
+  ``LoadFailed`` too).  The engine blocks in ``Connection.recv`` (an ``os.read``: no GIL held while
   waiting).
 
 Errors cross the process boundary as (module, class name, message, attributes) and are rebuilt as the same
@@ -37,6 +36,7 @@ import multiprocessing
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 
 # Modules whose exception classes cross the process boundary as themselves (``GatherUnsupported`` lives in
 # ``testbed.client.readpaths``, ``KVLoadError`` in ``testbed.engine.kvload``).
@@ -45,6 +45,90 @@ ALLOWED_ERROR_MODULES = (
     "testbed.client.readpaths",
     "testbed.engine.kvload",
 )
+
+
+@dataclass(frozen=True)
+class GatherGroup:
+    """One gather stream of a request: ``object_names`` (consecutive chunks of the prefix) land at
+    ``offset_bytes`` inside every layer's region of the segment, ``layer_bytes`` per layer."""
+
+    object_names: list[str]
+    offset_bytes: int
+    layer_bytes: int
+
+
+@dataclass(frozen=True)
+class LoadCommand:
+    """Engine -> reader: load one request's layers into the shared segment.
+
+    ``client_kwargs``: ``ObjectCacheClient(**client_kwargs)`` (the reader keeps one client per setting).
+    ``segment_path`` / ``segment_generation`` / ``segment_bytes``: the segment to map (a new generation is
+    a new segment); layer ``l`` starts at ``l * layer_stride_bytes``.  ``compute_per_layer_s``: passed to
+    the client for pacing (s, ``None``: unpaced).  ``sent_monotonic_s``: ``time.monotonic()`` when sent.
+    """
+
+    req_id: int
+    client_kwargs: dict
+    segment_path: str
+    segment_generation: int
+    segment_bytes: int
+    layer_stride_bytes: int
+    groups: list[GatherGroup]
+    num_layers: int
+    compute_per_layer_s: float | None
+    sent_monotonic_s: float
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    """Engine -> reader: stop request ``req_id`` (each gather stream closes at its next layer)."""
+
+    req_id: int
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """Engine -> reader: exit."""
+
+
+@dataclass(frozen=True)
+class LayerReady:
+    """Reader -> engine: every group of request ``req_id`` has delivered and verified ``layer``."""
+
+    req_id: int
+    layer: int
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """Reader -> engine: the first failure of request ``req_id`` (``encode_error``'s tuple)."""
+
+    req_id: int
+    error: tuple[str, str, str, dict]
+
+
+@dataclass
+class ReaderTimings:
+    """``time.monotonic()`` stamps (s) of one request in the reader (``None``: did not happen).
+    ``engine_sent_s``: the engine sent the command; ``recv_s``: the reader received it;
+    ``threads_started_s``: its gather threads were started; per group: ``sent_s`` (request sent),
+    ``response_s`` (response headers: the server has checked every object), ``first_layer_s``, ``end_s``."""
+
+    engine_sent_s: float
+    recv_s: float
+    threads_started_s: float | None = None
+    sent_s: list[float | None] = field(default_factory=list)
+    response_s: list[float | None] = field(default_factory=list)
+    first_layer_s: list[float | None] = field(default_factory=list)
+    end_s: list[float | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadDone:
+    """Reader -> engine: request ``req_id`` is over (also after ``LoadFailed``)."""
+
+    req_id: int
+    timings: ReaderTimings
 
 
 class SharedSegment:
@@ -100,45 +184,35 @@ def reader_main(cmd, sig) -> None:
                 msg = cmd.recv()
             except (EOFError, OSError):
                 break
-            if msg[0] == "stop":
+            if isinstance(msg, StopCommand):
                 break
-            if msg[0] == "cancel":
-                ev = cancels.get(msg[1])
+            if isinstance(msg, CancelCommand):
+                ev = cancels.get(msg.req_id)
                 if ev is not None:
                     ev.set()
                 continue
-            # ("load", ...): one request at a time (the engine waits for "D" before the next one).
-            recv_s = time.monotonic()
-            _, req_id, kwargs, path, gen, size, stride, groups, num_layers, cpl, sent_s = msg
+            # A LoadCommand: one request at a time (the engine waits for LoadDone before the next one).
+            timings = ReaderTimings(engine_sent_s=msg.sent_monotonic_s, recv_s=time.monotonic())
             if worker is not None:
                 worker.join()
-            key = tuple(sorted(kwargs.items()))
+            key = tuple(sorted(msg.client_kwargs.items()))
             if key not in clients:
                 from testbed.client.core import ObjectCacheClient
 
-                clients[key] = ObjectCacheClient(**kwargs)
-            if (path, gen) not in maps:
+                clients[key] = ObjectCacheClient(**msg.client_kwargs)
+            seg = (msg.segment_path, msg.segment_generation)
+            if seg not in maps:
                 for old in maps.values():
                     with contextlib.suppress(BufferError):
                         old.close()
                 maps.clear()
-                with open(path, "r+b") as f:
-                    maps[(path, gen)] = mmap.mmap(f.fileno(), size)
-            cancels = {req_id: threading.Event()}
+                with open(msg.segment_path, "r+b") as f:
+                    maps[seg] = mmap.mmap(f.fileno(), msg.segment_bytes)
+            cancels = {msg.req_id: threading.Event()}
             worker = threading.Thread(
                 target=_serve_load,
-                args=(
-                    sig,
-                    send_lock,
-                    clients[key],
-                    maps[(path, gen)],
-                    req_id,
-                    stride,
-                    groups,
-                    num_layers,
-                    cpl,
-                ),
-                kwargs={"cancel": cancels[req_id], "times": {"engine_sent_s": sent_s, "recv_s": recv_s}},
+                args=(sig, send_lock, clients[key], maps[seg], msg),
+                kwargs={"cancel": cancels[msg.req_id], "timings": timings},
                 daemon=True,
             )
             worker.start()
@@ -150,9 +224,10 @@ def reader_main(cmd, sig) -> None:
 
 
 def _serve_load(
-    sig, send_lock, client, mm, req_id, stride, groups, num_layers, cpl, *, cancel, times
+    sig, send_lock, client, mm, cmd: LoadCommand, *, cancel: threading.Event, timings: ReaderTimings
 ) -> None:
     """Run one request's gather streams (one thread per group) and report layers, the first error, the end."""
+    req_id, stride, groups, num_layers = cmd.req_id, cmd.layer_stride_bytes, cmd.groups, cmd.num_layers
     buf = memoryview(mm)
     delivered = [0] * num_layers
     lock = threading.Lock()
@@ -170,9 +245,11 @@ def _serve_load(
         outs: list[memoryview] = []
         try:
             expected = 0
-            nbytes = group_bytes[g]
+            nbytes = groups[g].layer_bytes
             outs = [buf[i * stride + offset : i * stride + offset + nbytes] for i in range(num_layers)]
-            stream = client.load_layers(names, out=outs, compute_per_layer_s=cpl, timings=stamps[g])
+            stream = client.load_layers(
+                names, out=outs, compute_per_layer_s=cmd.compute_per_layer_s, timings=stamps[g]
+            )
             for layer, view in stream:
                 if cancel.is_set():
                     return
@@ -189,7 +266,7 @@ def _serve_load(
                     delivered[layer] += 1
                     done = delivered[layer] == len(groups)
                 if done:
-                    send(("L", req_id, layer))
+                    send(LayerReady(req_id, layer))
                 expected += 1
             if expected != num_layers:
                 raise RuntimeError(f"object tier stream ended after {expected} of {num_layers} layers")
@@ -199,7 +276,7 @@ def _serve_load(
                 first = not error
                 error.append(exc)
             if first:
-                send(("E", req_id, encode_error(exc)))
+                send(LoadFailed(req_id, encode_error(exc)))
         finally:
             if stream is not None:
                 stream.close()
@@ -207,23 +284,21 @@ def _serve_load(
                 v.release()
             end_s[g] = time.monotonic()
 
-    group_bytes = [int(n) for _, _, n in groups]
     threads = [
-        threading.Thread(target=run, args=(g, list(names), off), daemon=True)
-        for g, (names, off, _) in enumerate(groups)
+        threading.Thread(target=run, args=(g, list(grp.object_names), grp.offset_bytes), daemon=True)
+        for g, grp in enumerate(groups)
     ]
-    times["threads_started_s"] = time.monotonic()
+    timings.threads_started_s = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     with contextlib.suppress(BufferError):
         buf.release()
-    times.update(first_layer_s=first_layer_s, end_s=end_s)
-    times.update(
-        sent_s=[st.get("sent_s") for st in stamps], response_s=[st.get("response_s") for st in stamps]
-    )
-    send(("D", req_id, times))
+    timings.first_layer_s, timings.end_s = first_layer_s, end_s
+    timings.sent_s = [st.get("sent_s") for st in stamps]
+    timings.response_s = [st.get("response_s") for st in stamps]
+    send(LoadDone(req_id, timings))
 
 
 def _address(view) -> int:
@@ -270,7 +345,7 @@ class ReaderProcess:
         if self.proc is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            self.cmd.send(("stop",))
+            self.cmd.send(StopCommand())
         self.proc.join(timeout=5)
         if self.proc.is_alive():
             self.proc.kill()

@@ -19,7 +19,18 @@ from scheduler.keys import KeyScope
 from testbed.engine.dram import DramSource, DramTier
 from testbed.engine.kvload import KVLoadError, LayerCopier, LoadRequest
 from testbed.engine.objectsource import ObjectCacheSource
-from testbed.engine.reader import decode_error, encode_error
+from testbed.engine.reader import (
+    CancelCommand,
+    GatherGroup,
+    LayerReady,
+    LoadCommand,
+    LoadDone,
+    LoadFailed,
+    ReaderTimings,
+    StopCommand,
+    decode_error,
+    encode_error,
+)
 from testbed.wire import kvformat
 from testbed.wire.errors import ChecksumMismatch, ChunkMissing, S3Error, StorageUnavailable
 
@@ -222,6 +233,33 @@ def test_reader_errors_cross_the_process_boundary_as_the_same_class(exc):
     back = decode_error(pickle.loads(pickle.dumps(encode_error(exc))), KVLoadError)
     assert type(back) is type(exc) and str(back) == str(exc)
     assert vars(back) == vars(exc)
+
+
+def test_reader_messages_are_named_picklable_dataclasses():
+    import pickle
+
+    cmd = LoadCommand(
+        req_id=3,
+        client_kwargs={"endpoint": "http://127.0.0.1:1"},
+        segment_path="/proc/1/fd/5",
+        segment_generation=2,
+        segment_bytes=1 << 20,
+        layer_stride_bytes=1 << 18,
+        groups=[GatherGroup(["a", "b"], 0, 8192), GatherGroup(["c"], 8192, 4096)],
+        num_layers=4,
+        compute_per_layer_s=1.5e-3,
+        sent_monotonic_s=12.5,
+    )
+    done = LoadDone(3, ReaderTimings(engine_sent_s=12.5, recv_s=12.6, end_s=[13.0, None]))
+    for msg in (
+        cmd,
+        CancelCommand(3),
+        StopCommand(),
+        LayerReady(3, 1),
+        LoadFailed(3, encode_error(KeyError("k"))),
+        done,
+    ):
+        assert pickle.loads(pickle.dumps(msg)) == msg
 
 
 def test_unknown_reader_errors_become_load_errors():
