@@ -12,7 +12,8 @@ Two implementations:
 * ``RooflineCompute``: analytic, from ``ModelSpec`` and the GPU's peak FLOP/s and HBM bandwidth (the
   fallback for models without a profile).
 
-Profile table format (``sim/profiles/<model>_<gpu>.csv``, written by the testbed's GPU profiler)::
+Profile table format (``<model>_<gpu>.csv`` in a directory the caller passes, written by the testbed's GPU
+profiler)::
 
     # model: llama-3.1-8b
     # gpu: H100-SXM-80GB
@@ -313,23 +314,26 @@ class RooflineCompute:
         )
 
 
-def profile_dir() -> Path:
-    """Where the shipped profiles live (package data of ``sim``), found without importing ``sim``."""
-    return Path(__file__).resolve().parent.parent / "sim" / "profiles"
-
-
-def available_profiles(directory: str | Path | None = None) -> list[Path]:
-    d = Path(directory) if directory is not None else profile_dir()
+def available_profiles(directory: str | Path) -> list[Path]:
+    """The profile tables (``*.csv``) in ``directory``, sorted; none if it does not exist."""
+    d = Path(directory)
     return sorted(d.glob("*.csv")) if d.is_dir() else []
 
 
 def get_compute(
-    model: ModelSpec, gpu: str = "h100", profile: str | Path | None = None, **roofline_opts
+    model: ModelSpec,
+    gpu: str = "h100",
+    profile: str | Path | None = None,
+    *,
+    profile_dir: str | Path | None = None,
+    **roofline_opts,
 ) -> ComputeModel:
-    """A profile for ``<model>_<gpu>.csv`` when one exists (or ``profile`` names one), else the roofline."""
+    """The compute model of ``model`` on ``gpu``: the table ``profile`` if given, else ``<model>_<gpu>.csv``
+    in ``profile_dir`` (the caller's directory of profiles) if there is one, else the roofline
+    (``roofline_opts``).  The core names no directory of its own: paths come in as arguments."""
     if profile:
         return ProfileCompute.from_csv(profile, model.num_layers)
-    candidates: Iterable[Path] = available_profiles()
+    candidates: Iterable[Path] = available_profiles(profile_dir) if profile_dir is not None else ()
     for p in candidates:
         if p.stem.lower() == f"{model.name}_{gpu}".lower():
             return ProfileCompute.from_csv(p, model.num_layers)

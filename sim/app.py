@@ -24,30 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.config import GROUPS, config_hash, to_dataclass
 from sim.experiments import REGISTRY, Context, ExperimentResult, job_count
-from sim.runner import Setup
-
-HASHED_KEYS = (*GROUPS, "experiment", "seed")
-
-
-def setup_from_cfg(cfg) -> tuple[Setup, object]:
-    parts = {g: to_dataclass(cls, cfg.get(g)) for g, cls in GROUPS.items()}
-    setup = Setup(
-        model=parts["model"],
-        gpu=parts["gpu"],
-        network=parts["network"],
-        storage=parts["storage"],
-        policy=parts["policy"],
-    )
-    return setup, parts["workload"]
-
-
-def cfg_hash(cfg) -> str:
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(cfg, resolve=True)
-    return config_hash({k: data.get(k) for k in HASHED_KEYS})
+from sim.setup import Setup, cfg_hash, setup_from_cfg
 
 
 def _registry():

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from sim.config import PolicyConfig, WorkloadConfig
-from sim.runner import Setup, SimRequest, simulate
+from sim.runner import SimRequest, simulate
+from sim.setup import Setup
 from sim.workloads import synthetic
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,9 +24,11 @@ import pandas as pd
 from scheduler.fluid import RequestSpec
 from scheduler.records import RequestRecord
 from sim.config import PolicyConfig, WorkloadConfig
+from sim.draws import MixedDraw, draw_mixed, sub_seed
 from sim.metrics import summarize, to_frame
 from sim.paths import OBJECT_LINKS, PATHS
-from sim.runner import Setup, SimRequest, SimStats, setup_compute, simulate
+from sim.runner import SimRequest, SimStats, simulate
+from sim.setup import Setup, overhead_time_s, setup_compute
 
 
 @dataclass
@@ -46,11 +47,6 @@ class ExperimentResult:
     requests: pd.DataFrame
     summary: pd.DataFrame
     headline: dict = field(default_factory=dict)
-
-
-def sub_seed(seed: int, *parts) -> int:
-    """Deterministic per-point seed (crc32 of the parts; Python's ``hash`` is salted per process)."""
-    return (seed * 1_000_003 + zlib.crc32(repr(parts).encode())) % (2**32)
 
 
 def with_policy(setup: Setup, name: str, **overrides) -> Setup:
@@ -163,24 +159,13 @@ def context_headline(df: pd.DataFrame, p: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------------
 # 2. shared_bandwidth
-def draw_mixed(rng: np.random.Generator, n: int, p: dict) -> list[tuple[float, int, int]]:
-    """n (arrival_s, cached_tokens, new_tokens) with contexts drawn from the configured choices."""
-    arrivals = (
-        np.sort(rng.uniform(0.0, float(p["arrival_window_s"]), size=n))
-        if p["arrival_window_s"] > 0
-        else [0.0] * n
-    )
-    cached = rng.choice(np.asarray(p["prefix_choices"], dtype=int), size=n)
-    new = rng.choice(np.asarray(p["new_choices"], dtype=int), size=n)
-    return [(float(a), int(c), int(w)) for a, c, w in zip(arrivals, cached, new)]
-
-
-def fluid_specs(setup: Setup, draws: list[tuple[float, int, int]], ids: list[str]) -> list[RequestSpec]:
+def fluid_specs(setup: Setup, draws: list[MixedDraw], ids: list[str]) -> list[RequestSpec]:
     """The fluid-model view of gathers (what the SimPy gather path feeds the network), for the bound."""
     m, comp, st, net = setup.spec, setup_compute(setup), setup.storage, setup.network
     specs = []
-    for rid, (a, c, n) in zip(ids, draws):
-        extra = getattr(comp, "overhead_time_s", lambda *_: 0.0)(c, n)
+    for rid, d in zip(ids, draws):
+        a, c, n = d.arrival_s, d.cached_tokens, d.new_tokens
+        extra = overhead_time_s(comp, c, n)
         specs.append(
             RequestSpec(
                 rid,
@@ -210,10 +195,15 @@ def shared_bandwidth(ctx: Context, p: dict) -> ExperimentResult:
                 ids = [f"n{n}-r{rep}-{i}" for i in range(int(n))]
                 setup = dataclasses.replace(ctx.setup, net_Gbps=float(cap))
                 specs = fluid_specs(setup, draws, ids)
-                ideal = {s.request_id: s.ideal_ttft_s + s.arrival_s - a for s, (a, _, _) in zip(specs, draws)}
+                ideal = {
+                    s.request_id: s.ideal_ttft_s + s.arrival_s - d.arrival_s for s, d in zip(specs, draws)
+                }
                 point = {"concurrency": int(n), "link_Gbps": float(cap), "repeat": rep}
                 for pol in p["policies"]:
-                    reqs = [SimRequest(rid, a, c, w, "gather") for rid, (a, c, w) in zip(ids, draws)]
+                    reqs = [
+                        SimRequest(rid, d.arrival_s, d.cached_tokens, d.new_tokens, "gather")
+                        for rid, d in zip(ids, draws)
+                    ]
                     recs = _run_one(
                         ctx, exp, with_policy(setup, pol, net_Gbps=float(cap)), reqs, f"rep{rep}", int(n)
                     )

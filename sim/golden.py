@@ -14,7 +14,8 @@ import pandas as pd
 
 from sim.config import PolicyConfig
 from sim.metrics import to_frame
-from sim.runner import Setup, SimRequest, simulate
+from sim.runner import SimRequest, simulate
+from sim.setup import Setup
 
 GOLDEN = Path(__file__).resolve().parent.parent / "results" / "golden" / "determinism.csv"
 COLUMNS = [

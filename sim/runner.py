@@ -1,6 +1,7 @@
 """Run a list of requests through one simulated node and turn the outcomes into ``RequestRecord`` rows.
 
-A *setup* fixes the hardware and software (model, compute model, links, object server, policy); a list of
+A *setup* (``sim.setup.Setup``) fixes the hardware and software (model, compute model, links, object
+server, policy); a list of
 ``SimRequest`` fixes the load (arrival, cached and new tokens, storage path).  ``simulate`` runs them in one
 SimPy environment (they share the links and the server's slots) and returns one ``RequestRecord`` per
 request, with ``baseline_ttft_s`` = the same request alone on local DRAM layerwise, so ``added_ttft_s`` is the
@@ -9,21 +10,15 @@ TTFT the path and the contention add over the best local baseline.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import simpy
 
-from scheduler.compute import get_compute
-from scheduler.flows import Link
-from scheduler.fluid import RequestSpec, run_fluid
-from scheduler.geometry import ModelSpec, get_model
 from scheduler.policies import get_policy
 from scheduler.records import RequestRecord
-from scheduler.units import gbps_to_Bps
-from sim.config import GpuConfig, ModelConfig, NetworkConfig, PolicyConfig, StorageConfig
 from sim.network import FluidNetwork
 from sim.paths import Node, serve
+from sim.setup import Setup, dram_layerwise_ttft_s, setup_compute
 
 
 @dataclass
@@ -43,76 +38,6 @@ class SimRequest:
     @property
     def context_tokens(self) -> int:
         return self.cached_tokens + self.new_tokens
-
-
-@dataclass
-class Setup:
-    """Everything but the load.  ``net_Gbps`` overrides the storage network's line rate (a shared cap)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    gpu: GpuConfig = field(default_factory=GpuConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    net_Gbps: float | None = None
-
-    @property
-    def spec(self) -> ModelSpec:
-        return get_model(self.model.name)
-
-    @property
-    def link_Gbps(self) -> float:
-        return self.network.link_Gbps if self.net_Gbps is None else self.net_Gbps
-
-    def links(self) -> dict[str, Link]:
-        net_Bps = gbps_to_Bps(self.link_Gbps) * self.network.efficiency
-        return {
-            "server": Link("server", gbps_to_Bps(self.storage.server_Gbps)),
-            "net": Link("net", net_Bps),
-            "pcie": Link("pcie", self.gpu.pcie_Bps),
-        }
-
-
-@functools.lru_cache(maxsize=16)
-def compute_model(
-    model_name: str, gpu_name: str, profile: str, peak_tflops: float, hbm_TBps: float, mfu: float
-):
-    return get_compute(
-        get_model(model_name),
-        gpu_name,
-        profile or None,
-        peak_flops=peak_tflops * 1e12,
-        hbm_Bps=hbm_TBps * 1e12,
-        mfu=mfu,
-    )
-
-
-def setup_compute(setup: Setup):
-    g = setup.gpu
-    return compute_model(setup.model.name, g.name, g.profile, g.peak_tflops, g.hbm_TBps, g.mfu)
-
-
-def dram_layerwise_ttft_s(setup: Setup, cached_tokens: int, new_tokens: int) -> float:
-    """TTFT of one request alone on local DRAM layerwise: the baseline of ``added_ttft_s``."""
-    return _dram_layerwise_cached(
-        setup.model.name, setup.gpu.name, setup.gpu.profile, setup.gpu.peak_tflops, setup.gpu.hbm_TBps,
-        setup.gpu.mfu, setup.gpu.pcie_Bps, int(cached_tokens), int(new_tokens),
-    )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=65536)
-def _dram_layerwise_cached(model_name, gpu_name, profile, tflops, hbm, mfu, pcie_Bps, cached, new) -> float:
-    m = get_model(model_name)
-    comp = compute_model(model_name, gpu_name, profile, tflops, hbm, mfu)
-    if cached <= 0:
-        return comp.prefill_time_s(0, new)
-    c = comp.layer_time_s(cached, new)
-    extra = getattr(comp, "overhead_time_s", lambda *_: 0.0)(cached, new)
-    spec = RequestSpec(
-        "baseline", 0.0, float(m.kv_bytes_per_token_layer * cached), m.num_layers, c, ("pcie",), 0.0, extra
-    )
-    (res,) = run_fluid([spec], {"pcie": Link("pcie", pcie_Bps)}, get_policy("equal"))
-    return res.ttft_s
 
 
 class CountingEnvironment(simpy.Environment):

@@ -34,9 +34,11 @@ import pandas as pd
 from scheduler.planner import plan_fetch
 from scheduler.tiers import TierManager
 from scheduler.units import GiB
-from sim.experiments import Context, ExperimentResult, register, sub_seed
+from sim.draws import sub_seed
+from sim.experiments import Context, ExperimentResult, register
 from sim.metrics import summarize, to_frame
-from sim.runner import SimRequest, setup_compute, simulate
+from sim.runner import SimRequest, simulate
+from sim.setup import setup_compute
 from sim.workloads import TraceRequest, make_workload
 
 

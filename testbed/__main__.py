@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hydra
 
-from testbed.harness.runner import register_testbed_configs, run_from_cfg
+from testbed.harness.experiments import register_testbed_configs, run_from_cfg
 
 register_testbed_configs()
 

@@ -243,14 +243,19 @@ def set_pacer(
     region: str = "us-east-1",
     timeout_s: float = 10.0,
     busy_wait_s: float = 30.0,
+    policy_kwargs: dict | None = None,
 ) -> dict:
-    """Set the server's pacer (``egress_Gbps`` 0: unpaced) through its admin operation; return the new
+    """Set the server's pacer (``egress_Gbps`` 0: unpaced; ``policy_kwargs``: the policy's keyword arguments,
+    sent as the body key ``policy_kwargs`` when there are any) through its admin operation; return the new
     settings.  While streams of an earlier run are still open (409) it retries for up to ``busy_wait_s``."""
     from testbed.client.signed import SignedHTTP
 
     url = url.rstrip("/")
     path = "/?objectcache-pacer"
-    body = json.dumps({"policy": policy, "egress_gbps": float(egress_Gbps or 0.0)}).encode()
+    doc: dict = {"policy": policy, "egress_gbps": float(egress_Gbps or 0.0)}
+    if policy_kwargs:
+        doc["policy_kwargs"] = dict(policy_kwargs)
+    body = json.dumps(doc).encode()
     signer = SignedHTTP(
         url, access_key, secret_key, region, timeout_s=timeout_s
     )  # the client's SigV4 signing

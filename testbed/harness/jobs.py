@@ -18,13 +18,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from testbed.objectstore.launch import stop_process
-
-if TYPE_CHECKING:
-    from testbed.harness.topology import Topology
 
 LOG_TAIL_CHARS = 3000
 
@@ -67,20 +65,32 @@ class WorkerJob:
 
 
 class ProcessJob(WorkerJob):
-    """A worker process started by this harness on ``topology``'s host ``host`` (``popen_on_host``)."""
+    """A worker process started by this harness on host ``host``.
 
-    def __init__(self, topology: Topology, host: int, action: str, plan: dict, timeout_s: float) -> None:
+    The topology passes what it knows: ``work_dir`` (where the plan, the output and the log go),
+    ``worker_argv`` (the worker command for some arguments) and ``popen`` (starts an argv on the host with
+    its output going to a log file)."""
+
+    def __init__(
+        self,
+        host: int,
+        action: str,
+        plan: dict,
+        work_dir: Path,
+        worker_argv: Callable[..., list[str]],
+        popen: Callable[[list[str], Path], subprocess.Popen],
+    ) -> None:
         self.host, self.action = host, action
-        self.dir = topology.work_dir / f"{action}-h{host}-{time.monotonic_ns()}"
+        self.dir = work_dir / f"{action}-h{host}-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         (self.dir / "plan.json").write_text(json.dumps(plan))
         self.out, self.log = self.dir / "out.json", self.dir / "log.txt"
         self.go_file, self.ready_file = self.dir / "go", self.dir / "ready"
-        argv = topology.worker_argv(action, "--plan", str(self.dir / "plan.json"), "--out", str(self.out))
+        argv = worker_argv(action, "--plan", str(self.dir / "plan.json"), "--out", str(self.out))
         if action == "run":
             argv += ["--go-file", str(self.go_file), "--ready-file", str(self.ready_file)]
         self.t0 = time.monotonic()
-        self.proc = topology.popen_on_host(host, argv, self.log)
+        self.proc = popen(argv, self.log)
 
     def log_tail(self) -> str:
         try:

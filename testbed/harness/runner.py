@@ -1,80 +1,56 @@
-"""The testbed harness: run the simulator's experiments on the real object tier and write the same table.
+"""The testbed harness: run a batch of requests on the real object tier and turn the rows into records.
 
-``python -m testbed`` (Hydra, ``configs/testbed.yaml``) composes the simulator's config groups (model, gpu,
-network, storage, workload, policy, experiment) plus ``topology`` and ``compute_mode``, builds the topology
-(``testbed.harness.topology``), and for each run of the experiment:
+A ``Harness`` holds everything a testbed run needs besides the requests: the simulator's ``Setup`` (model,
+GPU compute model, network, storage, policy), the ``Topology``, the compute mode, seed and config hash.  For
+one batch (``run_batch``, under a ``RunSpec``) it:
 
-1. writes a *plan* per GPU host (``testbed.harness.worker``): the requests, their prompts (block ids), cached and new
-   tokens, and the emulated per-layer compute time from the configured compute model (the same
+1. writes a *plan* per GPU host (``testbed.harness.plan``): the requests, their prompts (block ids), cached
+   and new tokens, and the emulated compute per layer from the configured compute model (the same
    ``scheduler.compute`` model the simulator uses);
 2. warm-up: one worker PUTs every chunk the requests will read (idempotent), populating the object tier;
 3. starts one worker per host (``Topology.start_worker``: a process here, or an agent's on a cluster node),
    waits until all are ready, then releases them at a common wall-clock start (on a cluster converted to
    each node's clock with the offset measured just before);
-4. collects the rows and turns them into ``scheduler.records.RequestRecord`` rows (``source="testbed"``,
-   ``compute_mode`` recorded), written to ``<results_dir>/<experiment>/requests.csv`` with a
-   ``summary.csv`` from ``sim.metrics.summarize`` (the one metrics function of both sides).
+4. collects the rows; ``records`` turns them into ``scheduler.records.RequestRecord`` rows
+   (``source="testbed"``, ``compute_mode`` recorded).
 
-Experiments (``configs/experiment/testbed_*.yaml``, key ``runs``):
-
-* ``context_sweep``: one request at a time (a closed loop of one client), every cached x new pair.
-* ``shared_bandwidth``: N concurrent requests with mixed contexts arriving within ``arrival_window_s``; for
-  each policy the storage server's pacer enforces the policy on an egress of ``cap x network.efficiency``
-  (``cap`` from ``caps_Gbps``): restarted with it (local, netns) or set through its admin operation
-  (cluster).
-* ``workload``: the simulator's workload generators (``sim.workloads.make_workload``: synthetic sessions or a
-  Mooncake trace), open loop (Poisson) or closed loop; a request's cached prefix is its longest run of
-  blocks seen in earlier requests (the warm-up stores them).
+The experiments built on it (``python -m testbed``) are in ``testbed.harness.experiments``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
 
 from scheduler.records import RequestRecord
 from sim.config import WorkloadConfig
-from sim.runner import Setup, dram_layerwise_ttft_s, setup_compute
+from sim.setup import Setup, cfg_hash, dram_layerwise_ttft_s, overhead_time_s, setup_compute, setup_from_cfg
 from testbed import REPO_ROOT
 from testbed.harness.jobs import WorkerFailed, WorkerJob
-from testbed.harness.topology import Topology, TopologyConfig
-
-BLOCK_TOKENS = 256  # prompt blocks of the sweep experiments (one chunk each)
-
-
-@dataclass
-class Req:
-    """One request of a run: the prompt (block ids of ``block_tokens`` tokens) and how much of it is cached."""
-
-    request_id: str
-    arrival_s: float
-    cached_tokens: int
-    new_tokens: int
-    block_ids: list[int]
-    client: int | None = None
-    think_s: float = 0.0
+from testbed.harness.requests import BLOCK_TOKENS, Req
+from testbed.harness.topology import Topology, TopologyConfig, make_topology
 
 
 @dataclass
 class RunSpec:
-    """What one batch of concurrent requests runs under."""
+    """What one batch of concurrent requests runs under: the server's pacer policy (with its keyword
+    arguments) on an egress of ``egress_Gbps`` (0: unpaced), recorded with the link rate and concurrency."""
 
     experiment: str
     policy: str = "equal"
-    pacer_Gbps: float = 0.0
+    egress_Gbps: float = 0.0
     link_Gbps: float = 0.0
     concurrency: int = 1
     note: str = ""
+    policy_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -96,11 +72,12 @@ class Harness:
     _storage_key: tuple | None = None
 
     # --- storage ------------------------------------------------------------------------------------------
-    def storage_url(self, policy: str, pacer_Gbps: float) -> str:
+    def storage_url(self, policy: str, egress_Gbps: float, policy_kwargs: dict | None = None) -> str:
         """Start (or keep) the server with this pacer setting; objects persist only within one server."""
-        key = (policy, round(pacer_Gbps, 6))
+        kwargs = dict(policy_kwargs or {})
+        key = (policy, round(egress_Gbps, 6), json.dumps(kwargs, sort_keys=True))
         if self._storage_key != key or self.topology.storage is None:
-            self.topology.start_storage(policy=policy, pacer_Gbps=pacer_Gbps)
+            self.topology.start_storage(policy=policy, egress_Gbps=egress_Gbps, policy_kwargs=kwargs)
             self._storage_key = key
         return self.topology.storage.url
 
@@ -111,9 +88,9 @@ class Harness:
 
     # --- plans ------------------------------------------------------------------------------------------------
     def plan(self, url: str, reqs: list[Req]) -> dict:
+        """The worker plan (``testbed.harness.plan``) of ``reqs`` against the server at ``url``."""
         spec = self.setup.spec
         comp = setup_compute(self.setup)
-        over = getattr(comp, "overhead_time_s", lambda *_: 0.0)
         ak, sk = self.credentials()
         return {
             "endpoint": url,
@@ -129,8 +106,8 @@ class Harness:
             "requests": [
                 {
                     **dataclasses.asdict(r),
-                    "layer_time_s": comp.layer_time_s(r.cached_tokens, r.new_tokens),
-                    "overhead_s": over(r.cached_tokens, r.new_tokens),
+                    "compute_per_layer_s": comp.layer_time_s(r.cached_tokens, r.new_tokens),
+                    "overhead_s": overhead_time_s(comp, r.cached_tokens, r.new_tokens),
                 }
                 for r in reqs
             ],
@@ -152,7 +129,7 @@ class Harness:
     def run_batch(self, run: RunSpec, reqs: list[Req]) -> list[dict]:
         """Warm up, then run ``reqs`` spread over the topology's hosts (open-loop requests round-robin, a
         closed-loop client's chain on one host); rows in request order."""
-        url = self.storage_url(run.policy, run.pacer_Gbps)
+        url = self.storage_url(run.policy, run.egress_Gbps, run.policy_kwargs)
         self.run_worker_action("warmup", self.plan(url, reqs))
         hosts = self.topology.hosts
         shares = {}
@@ -202,6 +179,7 @@ class Harness:
 
     # --- records -------------------------------------------------------------------------------------------
     def records(self, run: RunSpec, reqs: list[Req], rows: list[dict]) -> list[RequestRecord]:
+        """One ``RequestRecord`` per request of ``reqs`` from the worker rows of ``run_batch``."""
         by_id = {r["request_id"]: r for r in rows}
         out = []
         for q in reqs:
@@ -236,210 +214,19 @@ class Harness:
         return out
 
 
-# --- request builders --------------------------------------------------------------------------------------
-
-
-_prompt_ids = iter(range(1, 1 << 62, 1 << 20))
-
-
-def fresh_prompt(tokens: int, block_tokens: int = BLOCK_TOKENS) -> list[int]:
-    """Block ids of a prompt no other request shares (its own block-id range)."""
-    base = next(_prompt_ids)
-    return list(range(base, base + -(-tokens // block_tokens)))
-
-
-def sweep_requests(prefix_tokens, new_tokens, repeats: int = 1, gap_s: float = 0.05) -> list[Req]:
-    """One closed-loop client: every (cached, new) pair in turn, ``gap_s`` apart (no overlap)."""
-    reqs = []
-    for rep in range(int(repeats)):
-        for c in prefix_tokens:
-            for n in new_tokens:
-                blocks = fresh_prompt(int(c) + int(n))
-                reqs.append(
-                    Req(f"sweep-{c}+{n}-r{rep}", 0.0, int(c), int(n), blocks, client=0, think_s=gap_s)
-                )
-    return reqs
-
-
-def mixed_requests(rng: np.random.Generator, n: int, p: dict, tag: str) -> list[Req]:
-    """The simulator's shared-bandwidth draw (``sim.experiments.draw_mixed``) as testbed requests."""
-    from sim.experiments import draw_mixed
-
-    out = []
-    for i, (a, c, w) in enumerate(draw_mixed(rng, n, p)):
-        out.append(Req(f"{tag}-{i}", float(a), int(c), int(w), fresh_prompt(int(c) + int(w))))
-    return out
-
-
-def workload_requests(
-    h: Harness, wl: WorkloadConfig, rng: np.random.Generator, limit: int | None = None
-) -> list[Req]:
-    """The simulator's workload (synthetic or trace) with object-tier hits from earlier requests' blocks."""
-    from sim.workloads import make_workload
-
-    trace = make_workload(wl, rng)
-    if limit:
-        trace = trace[: int(limit)]
-    ct = h.setup.model.chunk_tokens
-    bt = int(wl.block_tokens)
-    seen: set[tuple[int, ...]] = set()
-    out = []
-    for r in trace:
-        hit = 0
-        for i in range(len(r.hash_ids)):
-            if tuple(r.hash_ids[: i + 1]) in seen:
-                hit = i + 1
-            else:
-                break
-        for i in range(len(r.hash_ids)):
-            seen.add(tuple(r.hash_ids[: i + 1]))
-        total = min(int(r.input_length), len(r.hash_ids) * bt)
-        cached = min(hit * bt, total - 1) // ct * ct
-        out.append(
-            Req(
-                r.request_id,
-                float(r.arrival_s),
-                cached,
-                total - cached,
-                list(r.hash_ids),
-                r.client,
-                r.think_s,
-            )
-        )
-    return out
-
-
-# --- experiments ---------------------------------------------------------------------------------------------
-
-
-def exp_context_sweep(h: Harness, p: dict) -> list[RequestRecord]:
-    reqs = sweep_requests(p["prefix_tokens"], p["new_tokens"], p.get("repeats", 1), p.get("gap_s", 0.05))
-    link = float(h.topology.cfg.storage_Gbps or h.setup.link_Gbps)
-    run = RunSpec("context_sweep", h.setup.policy.name, 0.0, link, 1, "sweep")
-    return h.records(run, reqs, h.run_batch(run, reqs))
-
-
-def exp_shared_bandwidth(h: Harness, p: dict, progress=None) -> list[RequestRecord]:
-    from sim.experiments import sub_seed
-
-    records: list[RequestRecord] = []
-    for n in p["concurrency"]:
-        for cap in p["caps_Gbps"]:
-            for rep in range(int(p.get("repeats", 1))):
-                rng = np.random.default_rng(sub_seed(h.seed, "shared_bandwidth", n, rep))
-                base = mixed_requests(rng, int(n), p, f"n{n}-c{cap}-r{rep}")
-                for pol in p["policies"]:
-                    # Fresh prompts per policy so no run reads another's objects from a warm page cache.
-                    reqs = [
-                        dataclasses.replace(r, block_ids=fresh_prompt(r.cached_tokens + r.new_tokens))
-                        for r in base
-                    ]
-                    pacer = float(cap) * h.setup.network.efficiency
-                    run = RunSpec("shared_bandwidth", pol, pacer, float(cap), int(n), f"rep{rep}")
-                    records += h.records(run, reqs, h.run_batch(run, reqs))
-                    if progress:
-                        progress(1)
-    return records
-
-
-def exp_workload(h: Harness, p: dict) -> list[RequestRecord]:
-    wl = h.workload
-    # The workload's prompts are chains of its own blocks (512 tokens in Mooncake traces).
-    h = dataclasses.replace(h, block_tokens=int(wl.block_tokens))
-    reqs = workload_requests(h, wl, np.random.default_rng(h.seed), p.get("num_requests"))
-    link = float(h.topology.cfg.storage_Gbps or h.setup.link_Gbps)
-    run = RunSpec("workload", h.setup.policy.name, float(p.get("pacer_Gbps", 0.0)), link, len(reqs), wl.name)
-    return h.records(run, reqs, h.run_batch(run, reqs))
-
-
-EXPERIMENTS = {
-    "context_sweep": exp_context_sweep,
-    "shared_bandwidth": exp_shared_bandwidth,
-    "workload": exp_workload,
-}
-
-
-def write_table(records: list[RequestRecord], root: Path, name: str, meta: dict) -> pd.DataFrame:
-    from sim.metrics import summarize, to_frame
-
-    df = to_frame(records)
-    d = root / name
-    d.mkdir(parents=True, exist_ok=True)
-    df.to_csv(d / "requests.csv", index=False)
-    ok = df[np.isfinite(df.ttft_s)]
-    if len(ok):
-        summarize(ok).to_csv(d / "summary.csv", index=False)
-    (d / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return df
-
-
-def machine() -> str:
-    import os
-
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"
-
-
-def register_testbed_configs() -> None:
-    """The simulator's group schemas plus ``base_topology`` (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    from sim.config import register_configs
-
-    register_configs()
-    ConfigStore.instance().store(group="topology", name="base_topology", node=TopologyConfig)
-
-
-def run_from_cfg(cfg) -> dict[str, pd.DataFrame]:
-    """What ``python -m testbed`` does with a composed config."""
+@contextlib.contextmanager
+def build_harness(cfg) -> Iterator[Harness]:
+    """A ``Harness`` on the topology of a composed testbed config (torn down on exit)."""
     from omegaconf import OmegaConf
-
-    from sim.app import cfg_hash, setup_from_cfg
-    from testbed.harness.topology import make_topology
 
     setup, workload = setup_from_cfg(cfg)
     setup = resolve_profile(setup)
     topo_cfg = TopologyConfig(**OmegaConf.to_container(cfg.topology, resolve=True))
-    runs = list(cfg.experiment.runs)
-    params = {n: OmegaConf.to_container(cfg.experiment.params[n], resolve=True) for n in runs}
-    for n in runs:
-        if n not in EXPERIMENTS:
-            raise KeyError(f"unknown testbed experiment {n!r}; known: {sorted(EXPERIMENTS)}")
-    root = Path(cfg.get("results_dir", "results/testbed"))
-    out: dict[str, pd.DataFrame] = {}
-    bar = None
-    if cfg.get("progress", True):
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(runs), desc="testbed", unit="experiment", file=sys.stderr)
     with make_topology(topo_cfg) as topo:
-        h = Harness(
+        yield Harness(
             setup, topo, str(cfg.get("compute_mode", "emulated")), int(cfg.seed), cfg_hash(cfg), workload,
             bucket=topo_cfg.bucket, access_key=topo_cfg.access_key, secret_key=topo_cfg.secret_key,
         )  # fmt: skip
-        for n in runs:
-            t0 = time.perf_counter()
-            recs = EXPERIMENTS[n](h, params[n])
-            meta = {
-                "command": " ".join(sys.argv),
-                "machine": machine(),
-                "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "wall_s": time.perf_counter() - t0,
-                "topology": topo.describe(),
-                "compute_mode": h.compute_mode,
-                "params": params[n],
-                "log": h.log,
-            }
-            out[n] = write_table(
-                recs, root, f"{cfg.experiment.name}_{n}" if len(runs) > 1 else cfg.experiment.name, meta
-            )
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    for n, df in out.items():
-        ok = df[np.isfinite(df.ttft_s)]
-        print(f"{n}: {len(ok)}/{len(df)} requests, TTFT mean {ok.ttft_s.mean() * 1e3:.1f} ms")
-    return out
 
 
 def resolve_profile(setup: Setup) -> Setup:
@@ -448,3 +235,8 @@ def resolve_profile(setup: Setup) -> Setup:
     if prof and not Path(prof).is_absolute():
         setup = dataclasses.replace(setup, gpu=dataclasses.replace(setup.gpu, profile=str(REPO_ROOT / prof)))
     return setup
+
+
+def machine() -> str:
+    """This machine in one line (host, architecture, CPUs, Python), for results files."""
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"

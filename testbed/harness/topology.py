@@ -153,9 +153,14 @@ class Topology:
         return ["nice", "-n", str(int(self.cfg.nice))] if self.cfg.nice else []
 
     def start_storage(
-        self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None
+        self,
+        policy: str = "equal",
+        egress_Gbps: float = 0.0,
+        extra: list[str] | None = None,
+        policy_kwargs: dict | None = None,
     ) -> str:
-        """(Re)start the ObjectCache server on the storage host; return its URL."""
+        """(Re)start the ObjectCache server on the storage host with its pacer running ``policy`` (keyword
+        arguments ``policy_kwargs``) on an egress of ``egress_Gbps`` (0: unpaced); return its URL."""
         if self.storage is not None:
             self.storage.stop()
         data = self.work_dir / f"store-{time.monotonic_ns()}"
@@ -171,8 +176,10 @@ class Topology:
         ]
         cmd += ["--port", "0", "--data-dir", str(data), "--ready-file", str(ready), "--no-fsync"]
         cmd += ["--policy", policy, "--log-level", "WARNING"]
-        if pacer_Gbps and pacer_Gbps > 0:
-            cmd += ["--egress-gbps", f"{pacer_Gbps:.6f}"]
+        if policy_kwargs:
+            cmd += ["--policy-kwargs", json.dumps(policy_kwargs, sort_keys=True)]
+        if egress_Gbps and egress_Gbps > 0:
+            cmd += ["--egress-gbps", f"{egress_Gbps:.6f}"]
         cmd += list(self.cfg.server_args) + list(extra or [])
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -205,7 +212,14 @@ class Topology:
 
     def start_worker(self, host: int, action: str, plan: dict, timeout_s: float) -> WorkerJob:
         """Start ``python -m testbed.harness.worker <action>`` with ``plan`` on GPU host ``host``."""
-        return ProcessJob(self, host, action, plan, timeout_s)
+        return ProcessJob(
+            host,
+            action,
+            plan,
+            self.work_dir,
+            self.worker_argv,
+            lambda argv, log: self.popen_on_host(host, argv, log),
+        )
 
     def clock(self) -> float:
         """The coordinator's wall clock (s): common start times are given on it."""
@@ -410,9 +424,14 @@ class ClusterTopology(Topology):
         return float(self.cfg.start_lead_s)
 
     def start_storage(
-        self, policy: str = "equal", pacer_Gbps: float = 0.0, extra: list[str] | None = None
+        self,
+        policy: str = "equal",
+        egress_Gbps: float = 0.0,
+        extra: list[str] | None = None,
+        policy_kwargs: dict | None = None,
     ) -> str:
-        """Set the running server's pacer (``pacer_Gbps`` 0: unpaced) and return its URL."""
+        """Set the running server's pacer (``egress_Gbps`` 0: unpaced; ``policy_kwargs`` the policy's keyword
+        arguments) and return its URL."""
         from testbed.objectstore.auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 
         if extra:
@@ -421,13 +440,21 @@ class ClusterTopology(Topology):
         try:
             if self.cfg.pacer_control:
                 ak, sk = self.cfg.access_key or DEFAULT_ACCESS_KEY, self.cfg.secret_key or DEFAULT_SECRET_KEY
-                self.pacer = _settings(set_pacer(url, policy, pacer_Gbps, ak, sk, timeout_s=timeout_s))
+                settings = set_pacer(
+                    url, policy, egress_Gbps, ak, sk, policy_kwargs=policy_kwargs, timeout_s=timeout_s
+                )
+                self.pacer = _settings(settings)
             else:  # the operator's settings stay; record what they are
                 self.pacer = _settings(storage_health(url, timeout_s))
         except StorageControlError as e:
             raise TopologyError(str(e)) from None
         self.pacer_log.append(
-            {"requested": {"policy": policy, "egress_gbps": pacer_Gbps}, "server": self.pacer}
+            {
+                "requested": _settings(
+                    {"policy": policy, "egress_gbps": egress_Gbps, "policy_kwargs": policy_kwargs}
+                ),
+                "server": self.pacer,
+            }
         )
         return url
 
@@ -488,7 +515,11 @@ def _agent_token(cfg: TopologyConfig) -> str:
 
 
 def _settings(doc: dict) -> dict:
-    return {k: doc.get(k) for k in ("policy", "egress_gbps")}
+    """The pacer settings of a health or pacer-control document (``policy_kwargs`` only when there are any)."""
+    out = {k: doc.get(k) for k in ("policy", "egress_gbps")}
+    if doc.get("policy_kwargs"):
+        out["policy_kwargs"] = dict(doc["policy_kwargs"])
+    return out
 
 
 def make_topology(cfg: TopologyConfig) -> Topology:

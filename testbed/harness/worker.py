@@ -1,26 +1,19 @@
 """The GPU-client side of the testbed: run a plan of requests against the object tier and time each one.
 
-A *plan* (JSON, written by the harness) names the endpoint, the model geometry, the compute mode and the
-requests (arrival offset, cached and new tokens, the prompt's blocks, the emulated per-layer compute time).
-``python -m testbed.harness.worker warmup --plan P`` writes every chunk object the plan's requests will read (the
-warm-up that populates the object tier); ``python -m testbed.harness.worker probe --plan P --out O`` runs the calibration probes
-(``testbed.validation.calibrate``); ``python -m testbed.harness.worker run --plan P --out O`` waits for the
-start barrier, issues the requests (open loop: each at its arrival offset; closed loop: one thread per
-client, ``think_s`` between requests) and writes one row per request to ``O``.  On a cluster this is the
-command each GPU node runs; in the ``local`` and ``netns`` topologies the harness starts it.
+``python -m testbed.harness.worker warmup --plan P`` writes every chunk object the plan's requests will read
+(the warm-up that populates the object tier); ``... probe --plan P --out O`` runs the calibration probes
+(``testbed.harness.probes``); ``... run --plan P --out O`` waits for the start barrier, issues the requests
+(open loop: each at its arrival offset; closed loop: one thread per client, ``think_s`` between requests)
+and writes one row per request to ``O``.  On a cluster this is the command each GPU node runs (through its
+agent); in the ``local`` and ``netns`` topologies the harness starts it.  The plan's format:
+``testbed.harness.plan``.
 
 Compute modes (``compute_mode``, recorded in every row):
 
-* ``emulated``: the engine's structure without a GPU.  A reader thread consumes the client's layer stream
-  (``ObjectCacheClient.load_layers``) and timestamps each layer; the request thread "computes" layer ``l``
-  from ``max(arrival of layer l, end of layer l-1)`` for ``layer_time_s`` (sleeping to an absolute deadline,
-  so sleep overshoot does not accumulate), then ``overhead_s`` (embedding, LM head).  This is exactly the
-  simulator's layer model, with real bytes on a real network.
+* ``emulated``: the engine's structure without a GPU (``testbed.harness.emulate``): real bytes on a real
+  network, the simulator's layer model for the GPU.
 * ``cpu`` / ``gpu``: the torch layerwise engine (``testbed.engine.prefill.PrefillEngine`` with
   ``testbed.engine.objectsource.ObjectCacheSource``) on the CPU or on CUDA, random weights.
-
-Token ids are derived from block ids (``block_tokens``), so two requests that share leading blocks share
-chunk keys, exactly like the workload generators' ``hash_ids``.
 """
 
 from __future__ import annotations
@@ -32,218 +25,19 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from scheduler.geometry import ModelSpec
-from scheduler.keys import KeyScope, chunk_keys, object_key
-
-NAMESPACE = "testbed"
-
-
-# --- prompts and chunk objects ---------------------------------------------------------------------------------
-
-
-def block_token_ids(block_ids: list[int], block_tokens: int, vocab_size: int) -> np.ndarray:
-    """Deterministic token ids of a prompt made of ``block_ids`` (each ``block_tokens`` tokens)."""
-    out = np.empty(len(block_ids) * block_tokens, dtype=np.int64)
-    for i, b in enumerate(block_ids):
-        rng = np.random.default_rng(0x5EED0000 + int(b))
-        out[i * block_tokens : (i + 1) * block_tokens] = rng.integers(1, vocab_size, size=block_tokens)
-    return out
-
-
-def prompt_keys(spec: ModelSpec, block_ids: list[int], block_tokens: int, chunk_tokens: int) -> list[str]:
-    scope = KeyScope(spec.fingerprint(), NAMESPACE)
-    return chunk_keys(block_token_ids(block_ids, block_tokens, spec.vocab_size), scope, chunk_tokens)
-
-
-def object_names(spec: ModelSpec, keys: list[str]) -> list[str]:
-    scope = KeyScope(spec.fingerprint(), NAMESPACE)
-    return [object_key(scope, k) for k in keys]
-
-
-def synthetic_chunk(spec: ModelSpec, chunk_tokens: int, name: str) -> bytes:
-    """A chunk object with deterministic, finite KV values (small normals in the model's dtype)."""
-    from testbed.wire import kvformat
-
-    rng = np.random.default_rng(int(name[-16:], 16))
-    n = spec.kv_bytes_per_chunk_layer(chunk_tokens) // spec.dtype_bytes
-    layers = []
-    for _ in range(spec.num_layers):
-        x = (rng.standard_normal(n, dtype=np.float32) * 0.1).astype(np.float32)
-        if spec.dtype_bytes == 4:
-            layers.append(x.tobytes())
-        elif spec.dtype_bytes == 2:  # bf16: the high half of each float32
-            layers.append((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
-        else:
-            layers.append(x.view(np.uint8)[: n * spec.dtype_bytes].tobytes())
-    return kvformat.encode_chunk(spec, layers, chunk_tokens)
-
-
-# --- the plan ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PlannedRequest:
-    request_id: str
-    arrival_s: float
-    cached_tokens: int
-    new_tokens: int
-    block_ids: list[int]
-    layer_time_s: float
-    overhead_s: float
-    client: int | None = None
-    think_s: float = 0.0
-
-
-def load_plan(path: str | Path) -> dict:
-    plan = json.loads(Path(path).read_text())
-    plan["spec"] = ModelSpec(**plan["model"])
-    plan["requests"] = [PlannedRequest(**r) for r in plan["requests"]]
-    return plan
-
-
-def make_client(plan: dict, concurrency: int = 16):
-    from testbed.client.core import ObjectCacheClient
-
-    return ObjectCacheClient(
-        plan["endpoint"],
-        plan["bucket"],
-        plan["access_key"],
-        plan["secret_key"],
-        mode=plan.get("client_mode", "auto"),
-        max_concurrency=max(4, concurrency),
-        timeout_s=float(plan.get("timeout_s", 60.0)),
-    )
-
-
-def request_names(plan: dict, req: PlannedRequest) -> list[str]:
-    spec, ct = plan["spec"], int(plan["chunk_tokens"])
-    keys = prompt_keys(spec, req.block_ids, int(plan["block_tokens"]), ct)
-    n = req.cached_tokens // ct
-    if len(keys) < n:
-        raise ValueError(f"{req.request_id}: prompt has {len(keys)} full chunks, plan caches {n}")
-    return object_names(spec, keys[:n])
-
-
-def warmup(plan: dict) -> int:
-    """PUT every chunk a request of the plan reads (idempotent); returns the number written."""
-    names: dict[str, None] = {}
-    for req in plan["requests"]:
-        for n in request_names(plan, req):
-            names.setdefault(n, None)
-    client = make_client(plan)
-    try:
-        client.ensure_bucket()
-        todo = [n for n, present in zip(names, client.exists(list(names))) if not present]
-        written = 0
-        for i in range(0, len(todo), 16):
-            batch = todo[i : i + 16]
-            items = [(n, synthetic_chunk(plan["spec"], int(plan["chunk_tokens"]), n)) for n in batch]
-            written += client.put_chunks(items)
-        return written
-    finally:
-        client.close()
-
-
-# --- one request ---------------------------------------------------------------------------------------------
-
-
-def emulated_request(client, names: list[str], req: PlannedRequest, num_layers: int, t0: float) -> dict:
-    """Gather the prefix layer by layer while emulating the GPU (see the module docstring).
-
-    ``t0`` is the request's arrival (``time.perf_counter``); every time in the row is relative to it.
-    """
-    ready = [math.nan] * num_layers
-    arrived = threading.Condition()
-    state = {"n": 0, "error": None, "bytes": 0}
-
-    timings: dict = {}
-
-    def reader() -> None:
-        try:
-            for layer, view in client.load_layers(
-                names, compute_per_layer_s=req.layer_time_s, timings=timings
-            ):
-                now = time.perf_counter()
-                with arrived:
-                    ready[layer] = now
-                    state["n"] = layer + 1
-                    state["bytes"] += memoryview(view).nbytes
-                    arrived.notify_all()
-        except BaseException as exc:  # surfaced in the request thread
-            with arrived:
-                state["error"] = exc
-                arrived.notify_all()
-        finally:
-            with arrived:
-                state["done"] = True
-                arrived.notify_all()
-
-    th = threading.Thread(target=reader, name=f"load-{req.request_id}", daemon=True)
-    if names:
-        th.start()
-    busy = t0
-    stall = 0.0
-    first_wait = 0.0
-    for layer in range(num_layers):
-        if names:
-            with arrived:
-                while state["n"] <= layer and state["error"] is None and not state.get("done"):
-                    arrived.wait()
-                if state["n"] <= layer:
-                    raise RuntimeError(f"{req.request_id}: layer {layer} never arrived: {state['error']!r}")
-            begin = max(ready[layer], busy)
-        else:
-            begin = busy
-        if layer == 0:
-            first_wait = begin - t0
-        else:
-            stall += begin - busy
-        busy = begin + req.layer_time_s
-        _sleep_until(busy)
-    end = busy + req.overhead_s
-    _sleep_until(end)
-    ttft = time.perf_counter() - t0
-    if names:
-        th.join()
-    _trace_request(req.request_id, t0, ready[0], ttft, timings)
-    return {
-        "ttft_s": ttft,
-        "first_layer_wait_s": first_wait,
-        "stall_s": stall,
-        "bytes_fetched": int(state["bytes"]),
-        "compute_s": num_layers * req.layer_time_s + req.overhead_s,
-        "ready_s": [r - t0 for r in ready],
-        "path": client.last_path or "gather" if names else "recompute",
-    }
-
-
-def _trace_request(request_id: str, t0: float, ready0: float, ttft: float, timings: dict) -> None:
-    """Debugging aid: ``OC_WORKER_TRACE=<dir>`` appends one JSON line per request to
-    ``<dir>/worker-<pid>.jsonl`` with absolute stamps (``time.perf_counter``, the same clock as
-    ``time.monotonic`` on Linux: arrival ``t0``, request
-    ``sent_s``, headers in ``response_s``, layer 0 in ``ready0``) and the server's ``stream_id``; joined with
-    ``OC_PACER_TRACE`` (same clock, ``t_abs``) it shows where a slow request lost its time."""
-    trace_dir = os.environ.get("OC_WORKER_TRACE")
-    if not trace_dir:
-        return
-    row = {"id": request_id, "t0": t0, "ready0": ready0, "ttft": ttft, **timings}
-    with open(os.path.join(trace_dir, f"worker-{os.getpid()}.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _sleep_until(deadline: float) -> None:
-    # Sleep to an absolute deadline (no spinning: with many concurrent requests on few cores a spin-wait
-    # steals CPU and the GIL from the readers); the overshoot (~0.1 ms) does not accumulate over layers.
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            return
-        time.sleep(left)
+from testbed.harness.emulate import emulated_request, sleep_until
+from testbed.harness.plan import (
+    NAMESPACE,
+    PlannedRequest,
+    block_token_ids,
+    load_plan,
+    make_client,
+    request_names,
+    warmup,
+)
 
 
 class EngineRunner:
@@ -332,11 +126,11 @@ def run_plan(plan: dict, go_file: str | None = None, ready_file: str | None = No
             rows.append(out)
 
     def open_loop(req: PlannedRequest) -> None:
-        _sleep_until(start + req.arrival_s)
+        sleep_until(start + req.arrival_s)
         one(req)
 
     def closed_loop(chain: list[PlannedRequest]) -> None:
-        _sleep_until(start + min(r.arrival_s for r in chain))
+        sleep_until(start + min(r.arrival_s for r in chain))
         for req in chain:
             if req.think_s > 0:
                 time.sleep(req.think_s)
@@ -393,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         n = warmup(plan)
         print(f"warmup: {n} chunk objects written to {plan['endpoint']}", file=sys.stderr)
         return 0
-    if a.action == "probe":  # calibration probes (testbed.validation.calibrate), on this host
-        from testbed.validation.calibrate import run_probes
+    if a.action == "probe":  # calibration probes, on this host
+        from testbed.harness.probes import run_probes
 
         res = run_probes(plan, repeats=int(plan.get("probe_repeats", 5)))
         Path(a.out).write_text(json.dumps(res))

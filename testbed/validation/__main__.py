@@ -1,5 +1,7 @@
 """``python -m testbed.validation [hydra overrides]``: run the sim-vs-testbed validation."""
 
+import sys
+
 from testbed.validation.validate import main
 
-raise SystemExit(main())
+sys.exit(main())

@@ -1,10 +1,9 @@
 """Calibration: fit the simulator's link efficiency and per-request overhead from single-transfer probes.
 
 The simulator models an object-tier request as a fixed cost (``storage.request_overhead_s + ttfb_s +
-network.rtt_s``) followed by a fluid transfer at ``link_Gbps * efficiency``.  The probes measure exactly
-those two numbers on the real path (topology, server, client), bottom-up:
-
-Every probe reads objects it has not read before (a fresh prompt per repetition), as a real request does.
+network.rtt_s``) followed by a fluid transfer at ``link_Gbps * efficiency``.  The probes
+(``testbed.harness.probes``, run by a worker on a client host) measure exactly those two numbers on the real
+path (topology, server, client), bottom-up; every probe reads objects it has not read before:
 
 1. *single GET*: one whole-object GET of one chunk (latency);
 2. *N concurrent GETs*: N whole-object GETs at once (the aggregate goodput of plain S3 requests);
@@ -25,98 +24,14 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from scheduler.units import gbps_to_Bps
-from testbed import REPO_ROOT
-
-PROBE_TOTAL_MIB = (0.5, 2, 8, 32, 64)  # gather sizes of the probes (rounded to whole chunks)
-
-
-def probe_sizes(chunk_bytes: int) -> list[int]:
-    return sorted({max(1, round(t * 2**20 / chunk_bytes)) for t in PROBE_TOTAL_MIB})
-
-
-def probe_requests(chunk_tokens: int, chunk_bytes: int, repeats: int = 5) -> list:
-    """Probe prompts: ``repeats`` fresh prefixes per size (every probe gathers objects for the first time,
-    as a real request does), plus one to warm the connection."""
-    from testbed.harness.runner import Req, fresh_prompt
-
-    reqs = [Req("probe-warm-0", 0.0, chunk_tokens, 1, fresh_prompt(chunk_tokens + 1))]
-    for k in probe_sizes(chunk_bytes):
-        for i in range(repeats):
-            reqs.append(Req(f"probe-{k}-{i}", 0.0, k * chunk_tokens, 1, fresh_prompt(k * chunk_tokens + 1)))
-    return reqs
-
-
-def run_probes(plan: dict, repeats: int = 5, concurrent: int = 8) -> dict:
-    """Executed by ``python -m testbed.harness.worker probe`` on a client host; the plan's requests are the probes."""
-    from testbed.harness.worker import _sleep_until, make_client, request_names
-
-    spec = plan["spec"]
-    reqs = plan["requests"]
-    names = {r.request_id: request_names(plan, r) for r in reqs}
-    slice_bytes = spec.kv_bytes_per_chunk_layer(int(plan["chunk_tokens"]))
-    out: dict = {"slice_bytes": slice_bytes, "num_layers": spec.num_layers}
-    client = make_client(plan, concurrency=concurrent + 2)
-    try:
-        for _ in client.load_layers(names["probe-warm-0"]):  # connection and code paths warm
-            pass
-        s3 = client._s3
-        s3.get_object(Bucket=plan["bucket"], Key=names["probe-warm-0"][0])["Body"].read()
-        chunk_bytes = None
-        lat = []
-        firsts = [n[0] for rid, n in names.items() if rid != "probe-warm-0"]
-        for name in firsts[:repeats]:
-            t0 = time.perf_counter()
-            body = s3.get_object(Bucket=plan["bucket"], Key=name)["Body"].read()
-            lat.append(time.perf_counter() - t0)
-            chunk_bytes = len(body)
-        out["single_get"] = {"bytes": chunk_bytes, "latency_s": lat}
-        pool_names = [n for r in reqs if r.request_id != "probe-warm-0" for n in names[r.request_id]]
-        times = []
-        with ThreadPoolExecutor(concurrent) as pool:
-            for i in range(repeats):
-                many = pool_names[i * concurrent : (i + 1) * concurrent]
-                if len(many) < concurrent:
-                    break
-                t0 = time.perf_counter()
-                list(pool.map(lambda n: s3.get_object(Bucket=plan["bucket"], Key=n)["Body"].read(), many))
-                times.append(time.perf_counter() - t0)
-        out["concurrent_gets"] = {"n": concurrent, "bytes_each": chunk_bytes, "wall_s": times}
-        gathers = []
-        for r in reqs:
-            if r.request_id == "probe-warm-0":
-                continue
-            ns = names[r.request_id]
-            t0 = time.perf_counter()
-            first = None
-            total = 0
-            for layer, view in client.load_layers(ns):
-                if layer == 0:
-                    first = time.perf_counter() - t0
-                total += memoryview(view).nbytes
-            last = time.perf_counter() - t0
-            gathers.append({"chunks": len(ns), "layer_bytes": total // spec.num_layers, "total_bytes": total,
-                            "first_layer_s": first, "last_byte_s": last})  # fmt: skip
-        out["gather"] = gathers
-        layer_s = 1.5e-3
-        errs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            busy = t0
-            for _ in range(spec.num_layers):
-                busy += layer_s
-                _sleep_until(busy)
-            errs.append((time.perf_counter() - t0 - spec.num_layers * layer_s) / spec.num_layers)
-        out["compute"] = {"layer_s": layer_s, "overshoot_per_layer_s": errs}
-    finally:
-        client.close()
-    return out
+from testbed.harness.experiments import compose_testbed, wants_help
+from testbed.harness.probes import probe_requests
+from testbed.harness.runner import build_harness
 
 
 def fit(probes: dict, link_Gbps: float, rtt_s: float = 0.0) -> dict:
@@ -188,15 +103,13 @@ def calibrate(h, repeats: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m testbed.validation.calibrate [hydra overrides]``: probes on the configured topology."""
-    from hydra import compose, initialize_config_dir
-
-    from testbed.harness.runner import register_testbed_configs
-    from testbed.validation.validate import build_harness
-
-    register_testbed_configs()
     overrides = list(sys.argv[1:] if argv is None else argv)
-    with initialize_config_dir(str(REPO_ROOT / "configs"), version_base="1.3"):
-        cfg = compose("testbed", overrides=overrides)
+    if wants_help(overrides):
+        print(
+            f"usage: python -m testbed.validation.calibrate [hydra overrides of configs/testbed.yaml]\n\n{__doc__}"
+        )
+        return 0
+    cfg = compose_testbed(overrides)
     with build_harness(cfg) as h:
         res = calibrate(h)
     res["command"] = "python -m testbed.validation.calibrate " + " ".join(overrides)

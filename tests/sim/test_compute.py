@@ -6,13 +6,14 @@ import pytest
 
 from scheduler.compute import ProfileCompute, RooflineCompute, get_compute, read_profile
 from scheduler.geometry import get_model
+from sim.setup import PROFILE_DIR
 
 LLAMA = get_model("llama-3.1-8b")
 
 
 @pytest.fixture(scope="module")
 def profile():
-    comp = get_compute(LLAMA, "h100")
+    comp = get_compute(LLAMA, "h100", profile_dir=PROFILE_DIR)
     assert isinstance(comp, ProfileCompute), "the shipped Llama-3.1-8B H100 profile was not found"
     return comp
 
@@ -60,7 +61,9 @@ def test_roofline_is_within_a_factor_of_the_measured_full_prefills(profile):
         assert 0.5 < ratio < 2.0, (new, ratio)
     # Compute grows with work; a model without a profile gets the roofline.
     assert roof.layer_time_s(0, 8192) > roof.layer_time_s(0, 4096) > 0
-    assert isinstance(get_compute(get_model("llama-3.1-70b"), "h100"), RooflineCompute)
+    assert isinstance(
+        get_compute(get_model("llama-3.1-70b"), "h100", profile_dir=PROFILE_DIR), RooflineCompute
+    )
 
 
 def test_read_profile_parses_meta_and_rejects_bad_tables(tmp_path):
@@ -85,9 +88,7 @@ def test_read_profile_parses_meta_and_rejects_bad_tables(tmp_path):
 
 def test_the_profilers_measured_table_loads_and_is_exact():
     """The testbed profiler's table (extra columns, noisy small-token cells) is read and kept as measured."""
-    from scheduler.compute import profile_dir
-
-    comp = ProfileCompute.from_csv(profile_dir() / "llama-3.1-8b_h100_measured.csv", LLAMA.num_layers)
+    comp = ProfileCompute.from_csv(PROFILE_DIR / "llama-3.1-8b_h100_measured.csv", LLAMA.num_layers)
     for p in comp.points:
         assert comp.prefill_time_s(p.cached_tokens, p.new_tokens) == pytest.approx(
             p.prefill_ms / 1e3, rel=1e-9

@@ -9,7 +9,8 @@ import pytest
 from scheduler.units import gbps_to_Bps
 from sim.config import PolicyConfig
 from sim.paths import PATHS
-from sim.runner import Setup, SimRequest, dram_layerwise_ttft_s, setup_compute, simulate
+from sim.runner import SimRequest, simulate
+from sim.setup import Setup, dram_layerwise_ttft_s, setup_compute
 
 
 def _ttft(setup, path, cached, new, **kw):

@@ -19,7 +19,8 @@ import pytest
 from testbed.harness.agent import signed_headers
 from testbed.harness.coordinator import AgentClient, AgentError
 from testbed.harness.jobs import WorkerFailed
-from testbed.harness.runner import Req, RunSpec, fresh_prompt
+from testbed.harness.requests import Req, fresh_prompt
+from testbed.harness.runner import RunSpec
 from testbed.harness.topology import ClusterTopology, TopologyConfig, TopologyError
 from testbed.objectstore.launch import stop_process
 from tests.testbed.harness.test_harness import compose
@@ -121,17 +122,17 @@ def health(srv) -> dict:
 
 
 def test_two_agents_run_a_batch_and_the_policy_switch_reaches_the_server(cluster):
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     srv = cluster[0]
     with build_harness(cluster_cfg(cluster)) as h:
         assert isinstance(h.topology, ClusterTopology) and h.topology.hosts == 2
-        for policy, pacer_Gbps in (("equal", 0.5), ("bandwidth_aware", 0.8)):
+        for policy, egress_Gbps in (("equal", 0.5), ("bandwidth_aware", 0.8)):
             reqs = open_loop(4)
-            run = RunSpec("shared_bandwidth", policy, pacer_Gbps, 1.0, len(reqs))
+            run = RunSpec("shared_bandwidth", policy, egress_Gbps, 1.0, len(reqs))
             rows = h.run_batch(run, reqs)
             # The server enforces what this run asked for (set through the admin operation, not a restart).
-            assert (health(srv)["policy"], health(srv)["egress_gbps"]) == (policy, pytest.approx(pacer_Gbps))
+            assert (health(srv)["policy"], health(srv)["egress_gbps"]) == (policy, pytest.approx(egress_Gbps))
             check_rows(h, reqs, rows)
             recs = h.records(run, reqs, rows)
             assert [r.policy for r in recs] == [policy] * 4 and all(r.note.endswith("cluster") for r in recs)
@@ -147,7 +148,7 @@ def test_two_agents_run_a_batch_and_the_policy_switch_reaches_the_server(cluster
 def test_the_common_start_is_converted_to_each_agents_clock(cluster):
     """The coordinator's clock runs 3 s ahead of the agents': the measured offsets say so, and the workers
     still start together at the common start (converted per agent); past the bound it is an error."""
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     with build_harness(cluster_cfg(cluster, "topology.max_clock_offset_s=10")) as h:
         h.topology.clock = lambda: time.time() + 3.0
@@ -164,7 +165,7 @@ def test_the_common_start_is_converted_to_each_agents_clock(cluster):
 
 
 def test_a_failing_worker_shows_its_log_tail(cluster):
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     with build_harness(cluster_cfg(cluster)) as h:
         plan = h.plan(cluster[0].url, open_loop(1))
@@ -210,7 +211,7 @@ def test_wrong_token_unsigned_and_oversized_requests_are_refused(cluster):
 
 
 def test_one_action_at_a_time(cluster):
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     srv, urls, token_file = cluster
     client = AgentClient(urls[0], token_file.read_text().strip(), timeout_s=5)
@@ -261,7 +262,7 @@ def test_unreachable_and_silent_agents_fail_within_the_timeout(cluster):
 
 
 def test_an_agent_dying_between_runs_fails_the_next_run_quickly(cluster, tmp_path):
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     proc, url = start_agent(tmp_path / "doomed", cluster[2])
     cfg = cluster_cfg(cluster)

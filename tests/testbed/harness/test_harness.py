@@ -15,14 +15,16 @@ import pandas as pd
 import pytest
 
 from scheduler.records import COLUMNS
-from testbed.harness.runner import RunSpec, sweep_requests, workload_requests
+from testbed.harness.emulate import emulated_request
+from testbed.harness.plan import PlannedRequest
+from testbed.harness.requests import sweep_requests, workload_requests
+from testbed.harness.runner import RunSpec
 from testbed.harness.topology import (
     NetnsTopology,
     cleanup_stale,
     list_namespaces,
     netns_available,
 )
-from testbed.harness.worker import PlannedRequest, emulated_request
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ["model.name=tiny", "model.chunk_tokens=256", "topology=local", "progress=false"]
@@ -32,7 +34,7 @@ def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from testbed.harness.runner import register_testbed_configs
+    from testbed.harness.experiments import register_testbed_configs
 
     register_testbed_configs()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
@@ -71,7 +73,7 @@ def expected_ttft(arrive_s, c, overhead):
 
 
 def test_emulated_worker_follows_the_layer_model():
-    """Layer l computes from max(arrival of l, end of l-1) for layer_time_s; stall = GPU idle after layer 0."""
+    """Layer l computes from max(arrival of l, end of l-1) for compute_per_layer_s; stall = GPU idle after layer 0."""
     # Slow network first (stalls), then fast (layers queue up behind compute).
     arrive = [0.020, 0.045, 0.070, 0.072, 0.074, 0.076]
     c, over = 0.010, 0.005
@@ -103,11 +105,11 @@ def test_emulated_worker_reports_a_broken_stream():
 
 
 def test_workload_requests_reuse_earlier_prefixes():
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     cfg = compose([*TINY, "workload.num_requests=12", "workload.arrival=closed", "workload.clients=2"])
     with build_harness(cfg) as h:
-        reqs = workload_requests(h, h.workload, np.random.default_rng(0))
+        reqs = workload_requests(h.setup.model.chunk_tokens, h.workload, np.random.default_rng(0))
     assert len(reqs) == 12
     ct = h.setup.model.chunk_tokens
     assert all(r.cached_tokens % ct == 0 and r.new_tokens >= 1 for r in reqs)
@@ -121,8 +123,8 @@ def test_workload_requests_reuse_earlier_prefixes():
 
 def test_workload_experiment_runs_open_loop():
     """The simulator's synthetic workload (Poisson sessions) against the object tier, with its warm-up."""
-    from testbed.harness.runner import exp_workload
-    from testbed.validation.validate import build_harness
+    from testbed.harness.experiments import exp_workload
+    from testbed.harness.runner import build_harness
 
     cfg = compose(
         [*TINY, "workload.num_requests=6", "workload.rate_per_s=50", "workload.system_prompt_tokens=1024"]
@@ -137,8 +139,8 @@ def test_workload_experiment_runs_open_loop():
 
 def test_local_context_sweep_rows(tmp_path):
     """Two single requests on loopback: one row each, the simulator's columns, bytes and times consistent."""
-    from testbed.harness.runner import write_table
-    from testbed.validation.validate import build_harness
+    from testbed.harness.experiments import write_table
+    from testbed.harness.runner import build_harness
 
     cfg = compose(TINY)
     with build_harness(cfg) as h:
@@ -160,7 +162,7 @@ def test_local_context_sweep_rows(tmp_path):
 
 def test_cpu_compute_mode_runs_the_torch_engine():
     pytest.importorskip("torch")
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import build_harness
 
     cfg = compose([*TINY, "compute_mode=cpu"])
     with build_harness(cfg) as h:
@@ -204,8 +206,7 @@ def test_netns_topology_is_built_shaped_and_removed():
     if not ok:
         print(f"skipping: {why}")
         pytest.skip(why)
-    from testbed.harness.runner import Harness
-    from testbed.validation.validate import build_harness
+    from testbed.harness.runner import Harness, build_harness
 
     cfg = compose([*TINY, "topology=netns", "topology.hosts=2", "topology.storage_Gbps=0.5"])
     with build_harness(cfg) as h:
@@ -243,7 +244,7 @@ def test_stale_namespaces_of_dead_harnesses_are_removed():
 
 def test_concurrent_sleepers_do_not_drift():
     """Emulated compute sleeps to absolute deadlines: 8 threads x 20 layers stay within a few ms."""
-    from testbed.harness.worker import _sleep_until
+    from testbed.harness.emulate import sleep_until
 
     errs = []
 
@@ -252,7 +253,7 @@ def test_concurrent_sleepers_do_not_drift():
         busy = t0
         for _ in range(20):
             busy += 0.002
-            _sleep_until(busy)
+            sleep_until(busy)
         errs.append(time.perf_counter() - t0 - 0.04)
 
     threads = [threading.Thread(target=run) for _ in range(8)]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from testbed.validation.calibrate import fit
-from testbed.validation.validate import error_stats, per_config
+from testbed.validation.errors import error_stats, per_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -87,7 +87,7 @@ def test_validate_end_to_end_on_loopback(tmp_path):
     """The whole pipeline on a tiny geometry: probes, sweep, shared bandwidth, sim, json."""
     from hydra import compose, initialize_config_dir
 
-    from testbed.harness.runner import register_testbed_configs
+    from testbed.harness.experiments import register_testbed_configs
     from testbed.validation.validate import validate
 
     register_testbed_configs()
@@ -132,8 +132,8 @@ def test_gpu_validation_recovers_the_object_path_and_judges_held_out_configs():
     """``gpu_validation`` on a grid whose 'measured' TTFTs are the simulator's own at known object-path
     parameters (plus the other paths at the defaults): the calibration finds parameters that reproduce the
     held-out configs, and a measurement 30 % off on one held-out point shows up as that point's error."""
-    from testbed.validation.ttft import SIM_PATH, simulate_ttft_ms
-    from testbed.validation.validate import gpu_validation
+    from testbed.validation.gpu_validate import gpu_validation
+    from testbed.validation.simulate import SIM_PATH, simulate_ttft_ms
 
     profile = str(Path(__file__).resolve().parents[3] / "sim/profiles/llama-3.1-8b_h100_measured.csv")
     configs = [(c, n) for c in (4096, 16384, 61440) for n in (128, 4096)]
