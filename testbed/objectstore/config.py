@@ -1,19 +1,30 @@
 """The ObjectCache S3 server's configuration: ``ServerConfig`` and its command line (``parse_args``).
 
-``python -m testbed.objectstore`` (``testbed.objectstore.server.main``) parses its flags here; docs/object_tier.md lists them.
-The size constants shared by the server modules (``MiB``, the ~4 MiB batch of body reads, part assembly and
-range sends) live here too, so that every server module can import them without importing ``testbed.objectstore.server``.
+Every setting is written once, as a ``ServerConfig`` field: its default, its type (the annotation) and its
+``--help`` text (``field(metadata={"help": ...})``).  The command line is derived from the fields
+(``build_parser``): one flag per field, ``--<field-name>`` unless the metadata names another spelling
+(``flag``), sizes given in KiB or MiB on the command line (``scale``: bytes per command-line unit), booleans
+as ``--x`` / ``--no-x``, ``dict`` fields as a JSON object (or repeated ``K=V`` with ``form="K=V"``).  A flag
+left out keeps the dataclass default, so ``ServerConfig()`` and an empty command line agree.
+
+The size constants shared by the server modules (``MiB``, ``BATCH_BYTES``) live here too, so every server
+module can import them without importing ``testbed.objectstore.server``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields
 
-from testbed.objectstore import gather as gather_mod
+from scheduler.policies import get_policy, policy_names
+from testbed.objectstore.gather import DEFAULT_MAX_KEYS
 from testbed.objectstore.pacer import DEFAULT_PIECE_BYTES
 
+KiB = 1 << 10
 MiB = 1 << 20
 BATCH_BYTES = 4 * MiB  # body reads, part assembly and range sends go in batches of about this size
 
@@ -21,106 +32,153 @@ BATCH_BYTES = 4 * MiB  # body reads, part assembly and range sends go in batches
 DESCRIPTION = "The ObjectCache S3 server: an S3 API subset plus layer-major gather, on aiohttp."
 
 
+def setting(default=MISSING, help: str = "", *, factory=MISSING, **cli) -> Field:  # noqa: A002
+    """A ``ServerConfig`` field with its ``--help`` text; ``cli`` holds how the command line differs from
+    the field: ``flag`` (its spelling), ``scale`` (bytes per command-line unit), ``choices``, ``env`` (an
+    environment variable that replaces the default), ``form="K=V"`` (a dict given as repeated K=V)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, **cli})
+
+
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 9000
-    data_dir: str = "objectcache-data"
-    store: str = "fs"  # fs | s3proxy
-    store_options: dict[str, str] = field(default_factory=dict)
-    spool_dir: str | None = None
-    credentials_file: str | None = None
-    region: str = "us-east-1"
-    policy: str = "equal"
-    egress_Gbps: float | None = None  # None: unpaced
-    piece_bytes: int = DEFAULT_PIECE_BYTES
-    max_object_bytes: int = 5 * 1024 * MiB
-    max_request_body_bytes: int = MiB  # XML / JSON bodies
-    max_gather_keys: int = gather_mod.DEFAULT_MAX_KEYS
-    min_part_bytes: int = 5 * MiB
-    io_threads: int = 16
-    send_threads: int = 64
-    sendfile: bool = True  # False: gather payload is read into buffers and written (for A/B measurements)
-    fsync: bool = True
-    # The admin operation POST /?objectcache-pacer: off unless the operator asks (--allow-pacer-control).
-    allow_pacer_control: bool = False
-    # A connection with no request in flight (idle keep-alive, or one that never finishes its request
-    # headers) is closed after this long; aiohttp's default is an hour.
-    idle_timeout_s: float = 75.0
-    ready_file: str | None = None
-    log_level: str = "INFO"
+    host: str = setting("127.0.0.1", "bind address; anything but loopback is logged as a warning")
+    port: int = setting(9000, "TCP port; 0 picks a free one (see --ready-file)")
+    data_dir: str = setting("objectcache-data", "filesystem store (DATA_DIR/store) and multipart spool")
+    store: str = setting("fs", "object store: fs (embedded filesystem) or s3proxy", choices=("fs", "s3proxy"))
+    store_options: dict[str, str] = setting(
+        help="keyword argument of the store, repeatable (s3proxy: endpoint_url=..., bucket=..., ...)",
+        factory=dict,
+        flag="--store-option",
+        form="K=V",
+    )
+    spool_dir: str | None = setting(None, "multipart part files (default DATA_DIR/multipart)")
+    credentials_file: str | None = setting(
+        None, "JSON credentials file (see docs/object_tier.md)", flag="--credentials"
+    )
+    region: str = setting("us-east-1", "the region the server reports")
+    policy: str = setting("equal", f"bandwidth policy of the pacer: {', '.join(policy_names())}")
+    policy_kwargs: dict = setting(
+        help='the policy\'s tunables as a JSON object, e.g. \'{"protect": "always"}\' (bandwidth_aware)',
+        factory=dict,
+    )
+    egress_Gbps: float | None = setting(
+        None, "egress capacity the gathers share, Gbps; unset: unpaced", flag="--egress-gbps"
+    )
+    piece_bytes: int = setting(
+        DEFAULT_PIECE_BYTES,
+        "smallest paced piece, KiB (a piece is ~1.5 ms of data at the stream's rate)",
+        flag="--piece-kib",
+        scale=KiB,
+    )
+    max_object_bytes: int = setting(
+        5 * 1024 * MiB, "largest object (PUT, multipart total), MiB", flag="--max-object-mib", scale=MiB
+    )
+    max_request_body_bytes: int = setting(
+        MiB, "largest body of an XML / JSON operation (gather, delete), bytes"
+    )
+    max_gather_keys: int = setting(DEFAULT_MAX_KEYS, "most keys in one gather")
+    min_part_bytes: int = setting(
+        5 * MiB, "minimum multipart part size (not the last), MiB", flag="--min-part-mib", scale=MiB
+    )
+    io_threads: int = setting(16, "thread pool for blocking store calls and body hashing")
+    send_threads: int = setting(64, "thread pool for socket sends (a send blocks while the client reads)")
+    sendfile: bool = setting(True, "gather with sendfile; --no-sendfile: through read buffers (A/B)")
+    fsync: bool = setting(True, "fsync on writes; --no-fsync for benchmarks only")
+    allow_pacer_control: bool = setting(
+        False,
+        "let admin credentials switch the pacer's policy, its tunables and the egress rate "
+        "(POST /?objectcache-pacer)",
+    )
+    idle_timeout_s: float = setting(
+        75.0, "close a connection idle this long, s (no request, or request headers never finished)"
+    )
+    ready_file: str | None = setting(None, "write {host, port, pid, url} JSON here once listening")
+    log_level: str = setting("INFO", "log level", env="OBJECTCACHE_LOG_LEVEL")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"wants K=V, got {text!r}")
+    return k, v
+
+
+def _json_object(text: str) -> dict:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(doc, dict):
+        raise argparse.ArgumentTypeError(f"wants a JSON object, got {text!r}")
+    return doc
+
+
+def _scaled(scale: int):
+    """A size in command-line units (KiB, MiB; fractions allowed) -> whole bytes."""
+
+    def parse(text: str) -> int:
+        return int(float(text) * scale)
+
+    parse.__name__ = "float"  # argparse names the type in its error message
+    return parse
+
+
+def _add_argument(parser: argparse.ArgumentParser, f: Field, annotation) -> None:
+    """One flag for one field (see the module docstring for the conventions)."""
+    meta = f.metadata
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+        annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    base = typing.get_origin(annotation) or annotation
+    default = f.default if f.default is not MISSING else f.default_factory()
+    kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"]}
+    if base is not bool:
+        kw["metavar"] = flag[2:].upper().replace("-", "_")
+    shown = default / meta["scale"] if "scale" in meta else default
+    if base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif base is dict and meta.get("form") == "K=V":
+        kw.update(action="append", type=_key_value, metavar="K=V")
+    elif base is dict:
+        kw.update(type=_json_object, metavar="JSON")
+    elif "scale" in meta:
+        kw["type"] = _scaled(meta["scale"])
+    else:
+        kw["type"] = base
+    if "choices" in meta:
+        kw["choices"] = meta["choices"]
+    if shown not in (None, {}, ""):
+        kw["help"] += f" (default: {shown:g})" if isinstance(shown, float) else f" (default: {shown})"
+    if "env" in meta:
+        kw["help"] += f"; environment {meta['env']} replaces the default"
+    parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m testbed.objectstore``, one flag per ``ServerConfig`` field."""
+    parser = argparse.ArgumentParser(prog="objectcache-server", description=DESCRIPTION)
+    hints = typing.get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        _add_argument(parser, f, hints[f.name])
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    p = argparse.ArgumentParser(prog="objectcache-server", description=DESCRIPTION)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=9000, help="TCP port; 0 picks a free one (see --ready-file)")
-    p.add_argument("--data-dir", default="objectcache-data", help="filesystem store and multipart spool")
-    p.add_argument("--store", choices=["fs", "s3proxy"], default="fs")
-    p.add_argument(
-        "--store-option",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="keyword argument of the store (s3proxy: endpoint_url=..., bucket=..., ...)",
-    )
-    p.add_argument("--spool-dir", default=None, help="multipart part files (default DATA_DIR/multipart)")
-    p.add_argument("--credentials", default=None, help="JSON credentials file (see docs/object_tier.md)")
-    p.add_argument("--region", default="us-east-1")
-    p.add_argument("--policy", default="equal", help="bandwidth policy of the pacer (scheduler.policies)")
-    p.add_argument("--egress-gbps", type=float, default=None, help="egress capacity to share; unset: unpaced")
-    p.add_argument(
-        "--piece-kib",
-        type=int,
-        default=DEFAULT_PIECE_BYTES // 1024,
-        help="smallest paced piece (a piece is ~1.5 ms of data at the stream's rate)",
-    )
-    p.add_argument("--max-object-mib", type=int, default=5 * 1024)
-    p.add_argument("--max-gather-keys", type=int, default=gather_mod.DEFAULT_MAX_KEYS)
-    p.add_argument("--min-part-mib", type=float, default=5.0, help="minimum multipart part size (not last)")
-    p.add_argument("--io-threads", type=int, default=16)
-    p.add_argument("--no-fsync", action="store_true", help="skip fsync on writes (benchmarks only)")
-    p.add_argument("--no-sendfile", action="store_true", help="gather through buffers, not sendfile (A/B)")
-    p.add_argument(
-        "--allow-pacer-control",
-        action="store_true",
-        help="let admin credentials switch the pacer's policy and egress rate (POST /?objectcache-pacer)",
-    )
-    p.add_argument(
-        "--idle-timeout-s",
-        type=float,
-        default=75.0,
-        help="close a connection idle this long (no request, or request headers never finished)",
-    )
-    p.add_argument("--ready-file", default=None, help="write {host, port, pid, url} JSON here once listening")
-    p.add_argument("--log-level", default=os.environ.get("OBJECTCACHE_LOG_LEVEL", "INFO"))
-    a = p.parse_args(argv)
-    opts = {}
-    for item in a.store_option:
-        k, sep, v = item.partition("=")
-        if not sep:
-            p.error(f"--store-option wants K=V, got {item!r}")
-        opts[k] = v
-    return ServerConfig(
-        host=a.host,
-        port=a.port,
-        data_dir=a.data_dir,
-        store=a.store,
-        store_options=opts,
-        spool_dir=a.spool_dir,
-        credentials_file=a.credentials,
-        region=a.region,
-        policy=a.policy,
-        egress_Gbps=a.egress_gbps,
-        piece_bytes=a.piece_kib * 1024,
-        max_object_bytes=a.max_object_mib * MiB,
-        max_gather_keys=a.max_gather_keys,
-        min_part_bytes=int(a.min_part_mib * MiB),
-        io_threads=a.io_threads,
-        fsync=not a.no_fsync,
-        sendfile=not a.no_sendfile,
-        allow_pacer_control=a.allow_pacer_control,
-        idle_timeout_s=a.idle_timeout_s,
-        ready_file=a.ready_file,
-        log_level=a.log_level,
-    )
+    """A ``ServerConfig`` from command-line flags (``sys.argv[1:]`` by default); no side effects.
+
+    The policy and its tunables are checked here (``scheduler.policies.get_policy``), so a bad
+    ``--policy-kwargs`` is a usage error, not a crash after start."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    for f in fields(ServerConfig):
+        env = f.metadata.get("env")
+        if f.name not in given and env and env in os.environ:
+            given[f.name] = os.environ[env]
+    if "store_options" in given:
+        given["store_options"] = dict(given["store_options"])
+    config = ServerConfig(**given)
+    try:
+        get_policy(config.policy, **config.policy_kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        parser.error(f"--policy {config.policy} with --policy-kwargs {config.policy_kwargs}: {e}")
+    return config

@@ -37,9 +37,10 @@ _INLINE_GATHER_KEYS = 16
 
 
 async def pacer_control(ctx: RequestContext) -> web.Response:
-    """``POST /?objectcache-pacer`` with ``{"policy": ..., "egress_gbps": ...}``: switch the pacer's policy
-    and egress capacity (Gbps; 0 or null: unpaced) without restarting, so a coordinator can alternate
-    policies between runs on a server it did not start.  Allowed only when the server runs with
+    """``POST /?objectcache-pacer`` with ``{"policy": ..., "policy_kwargs": {...}, "egress_gbps": ...}``:
+    switch the pacer's policy, its tunables and the egress capacity (Gbps; 0 or null: unpaced) without
+    restarting (``testbed.objectstore.pacer.parse_settings`` says what a left-out key means), so a
+    coordinator can alternate policies between runs on a server it did not start.  Allowed only when the server runs with
     ``--allow-pacer-control`` *and* the caller signs with an admin credential (every namespace and
     bucket): it changes every tenant's service.  Refused with ``409 PacerBusy`` while gather streams are
     open, so a run never mixes two settings.  Answers the new settings as JSON."""
@@ -52,7 +53,7 @@ async def pacer_control(ctx: RequestContext) -> web.Response:
         raise S3Error("AccessDenied", "pacer control needs an admin credential", 403)
     body = (await ctx.read_body(svc.config.max_request_body_bytes)).data
     try:
-        policy, egress_Bps = pacer_mod.parse_settings(body, svc.pacer.settings())
+        new = pacer_mod.parse_settings(body, svc.pacer.settings())
     except ValueError as e:
         raise S3Error("InvalidArgument", str(e), 400) from None
     # No await from here on: the check and the change are one step of the event loop (streams open there).
@@ -62,10 +63,14 @@ async def pacer_control(ctx: RequestContext) -> web.Response:
             f"{len(svc.pacer.streams)} gather streams are open: change the pacer between runs",
             409,
         )
-    svc.pacer.configure(policy, egress_Bps)
+    svc.pacer.configure(new.policy, new.egress_Bps, new.policy_kwargs)
     settings = svc.pacer.settings()
     log.info(
-        "pacer set by %s: policy=%s egress=%s Gbps", ctx.cred.access_key, policy, settings["egress_gbps"]
+        "pacer set by %s: policy=%s %s egress=%s Gbps",
+        ctx.cred.access_key,
+        new.policy,
+        new.policy_kwargs,
+        settings["egress_gbps"],
     )
     return web.json_response(settings)
 

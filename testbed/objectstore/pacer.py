@@ -44,7 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.flows import FlowView, Link
-from scheduler.policies import get_policy
+from scheduler.layerwise import layer_times
+from scheduler.policies import get_policy, policy_names
 
 EGRESS = "egress"
 DEFAULT_PIECE_BYTES = 64 * 1024  # the smallest paced piece; faster streams send ~quantum_s of data a piece
@@ -79,15 +80,13 @@ class PacedStream:
         return len(self.layer_sent_s)
 
     def gpu_state(self, now_s: float) -> tuple[int, float]:
-        """(layers whose compute has started by ``now_s``, when the GPU finishes those layers)."""
-        started, busy_until = 0, self.arrival_s
-        for sent_s in self.layer_sent_s:
-            start = max(sent_s, busy_until)
-            if start > now_s:
-                break
-            started += 1
-            busy_until = start + self.compute_per_layer_s
-        return started, busy_until
+        """(layers whose compute has started by ``now_s``, when the GPU finishes those layers), by the
+        layerwise recurrence (``scheduler.layerwise.layer_times``) over the layers' send times, the GPU
+        free from the stream's arrival."""
+        started, busy_until_s = 0, self.arrival_s
+        for _, end_s in layer_times(self.layer_sent_s, self.compute_per_layer_s, self.arrival_s, now_s):
+            started, busy_until_s = started + 1, end_s
+        return started, busy_until_s
 
     def pending_bytes(self, now_s: float) -> float:
         """Bytes accounted to pieces whose slot has not passed yet (at the current rate)."""
@@ -152,9 +151,12 @@ class Pacer:
         starve_poll_s: float = 0.05,
         quantum_s: float = 0.0015,
         recheck_s: float = 0.002,
+        *,
+        policy_kwargs: dict | None = None,
     ) -> None:
         self.policy_name = policy
-        self.policy = get_policy(policy)
+        self.policy_kwargs = dict(policy_kwargs or {})
+        self.policy = get_policy(policy, **self.policy_kwargs)
         self.egress_Bps = egress_Bps if egress_Bps and egress_Bps > 0 else None
         self.clock = clock
         self._t0 = clock()
@@ -178,22 +180,29 @@ class Pacer:
     def limited(self) -> bool:
         return self.egress_Bps is not None
 
-    def configure(self, policy: str, egress_Bps: float | None) -> None:
-        """Switch the policy and the egress capacity (bytes/s; None or 0: unpaced) of a running pacer.
+    def configure(self, policy: str, egress_Bps: float | None, policy_kwargs: dict | None = None) -> None:
+        """Switch the policy (with its tunables ``policy_kwargs``) and the egress capacity (bytes/s; None or
+        0: unpaced) of a running pacer.
 
         The server's admin operation (``POST /?objectcache-pacer``) calls this only while no stream is open,
         so one run never mixes two settings; with streams open the next reallocation uses the new ones.
-        Raises ``KeyError`` for an unknown policy (nothing changes)."""
-        new_policy = get_policy(policy)
-        self.policy_name, self.policy = policy, new_policy
+        Raises ``KeyError`` for an unknown policy, ``TypeError`` / ``ValueError`` for tunables it does not
+        take (nothing changes then)."""
+        kwargs = dict(policy_kwargs or {})
+        new_policy = get_policy(policy, **kwargs)
+        self.policy_name, self.policy_kwargs, self.policy = policy, kwargs, new_policy
         self.egress_Bps = egress_Bps if egress_Bps and egress_Bps > 0 else None
         self.changes += 1
         self.reallocate()
 
     def settings(self) -> dict:
-        """The current policy and egress capacity (Gbps, None when unpaced), as the admin operation shows."""
-        gbps = self.egress_Bps * 8 / 1e9 if self.egress_Bps else None
-        return {"policy": self.policy_name, "egress_gbps": gbps, "active_streams": len(self.streams)}
+        """The current policy, its tunables (``policy_kwargs``, only when set) and the egress capacity
+        (``egress_gbps``: Gbps, None when unpaced), as the admin operation and the health check show."""
+        egress_Gbps = self.egress_Bps * 8 / 1e9 if self.egress_Bps else None
+        doc = {"policy": self.policy_name, "egress_gbps": egress_Gbps, "active_streams": len(self.streams)}
+        if self.policy_kwargs:
+            doc["policy_kwargs"] = dict(self.policy_kwargs)
+        return doc
 
     def now_s(self) -> float:
         return self.clock() - self._t0
@@ -208,8 +217,9 @@ class Pacer:
         """Register a stream and reallocate.  Stream ids are made unique (a counter suffix)."""
         n = next(self._ids)
         sid = f"{stream_id}#{n}" if stream_id else f"s{n}"
-        cpl = float(compute_per_layer_s) if compute_per_layer_s and compute_per_layer_s > 0 else 0.0
-        s = PacedStream(sid, int(layer_bytes), int(layers_total), cpl, self.now_s())
+        if not (compute_per_layer_s and compute_per_layer_s > 0):
+            compute_per_layer_s = 0.0  # no hint: the policy sees a client that computes instantly
+        s = PacedStream(sid, int(layer_bytes), int(layers_total), float(compute_per_layer_s), self.now_s())
         s.next_send_s = s.arrival_s
         s.changed = asyncio.Event() if _in_loop() else None
         self.streams[sid] = s
@@ -408,30 +418,53 @@ class Pacer:
         ]
 
 
-def parse_settings(body: bytes, current: dict) -> tuple[str, float | None]:
-    """Validate the admin operation's JSON body ``{"policy": name, "egress_gbps": Gbps | 0 | null}`` (either
-    key may be left out to keep the current value); return (policy, egress bytes/s or None for unpaced).
-    Raises ``ValueError`` with a message for the client (the server answers 400)."""
-    from scheduler.policies import policy_names
+@dataclass(frozen=True)
+class PacerSettings:
+    """What the admin operation sets: a policy with its tunables, and the egress capacity (bytes/s; None:
+    unpaced)."""
 
+    policy: str
+    policy_kwargs: dict
+    egress_Bps: float | None
+
+
+SETTINGS_KEYS = ("policy", "policy_kwargs", "egress_gbps")
+
+
+def parse_settings(body: bytes, current: dict) -> PacerSettings:
+    """Validate the admin operation's JSON body ``{"policy": name, "policy_kwargs": {...}, "egress_gbps":
+    Gbps | 0 | null}`` against the ``current`` settings (``Pacer.settings``).  A key left out keeps its
+    value, except ``policy_kwargs`` when the policy changes: a new policy starts from its own defaults.
+    Raises ``ValueError`` with a message for the client (the server answers 400)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("pacer settings are not valid JSON") from None
     if not isinstance(doc, dict) or not doc:
-        raise ValueError('pacer settings must be a JSON object with "policy" and/or "egress_gbps"')
-    unknown = sorted(set(doc) - {"policy", "egress_gbps"})
+        raise ValueError(f"pacer settings must be a JSON object with some of {', '.join(SETTINGS_KEYS)}")
+    unknown = sorted(set(doc) - set(SETTINGS_KEYS))
     if unknown:
-        raise ValueError(f"unknown pacer settings {unknown}: only policy and egress_gbps")
+        raise ValueError(f"unknown pacer settings {unknown}: only {', '.join(SETTINGS_KEYS)}")
     policy = doc.get("policy", current["policy"])
     if not isinstance(policy, str) or policy not in policy_names():
         raise ValueError(f"unknown policy {policy!r}; known: {policy_names()}")
-    gbps = doc.get("egress_gbps", current["egress_gbps"])
-    if gbps is not None and (
-        not isinstance(gbps, int | float) or isinstance(gbps, bool) or not math.isfinite(gbps) or gbps < 0
+    kept_kwargs = current.get("policy_kwargs", {}) if policy == current["policy"] else {}
+    kwargs = doc.get("policy_kwargs", kept_kwargs)
+    if not isinstance(kwargs, dict):
+        raise ValueError("policy_kwargs must be a JSON object of the policy's tunables")
+    try:
+        get_policy(policy, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"policy {policy!r} does not take policy_kwargs {kwargs}: {e}") from None
+    egress_Gbps = doc.get("egress_gbps", current["egress_gbps"])
+    if egress_Gbps is not None and (
+        not isinstance(egress_Gbps, int | float)
+        or isinstance(egress_Gbps, bool)
+        or not math.isfinite(egress_Gbps)
+        or egress_Gbps < 0
     ):
         raise ValueError("egress_gbps must be a non-negative number of Gbps (0 or null: unpaced)")
-    return policy, (gbps * 1e9 / 8 if gbps else None)
+    return PacerSettings(policy, kwargs, egress_Gbps * 1e9 / 8 if egress_Gbps else None)
 
 
 def _in_loop() -> bool:

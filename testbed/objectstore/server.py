@@ -78,7 +78,7 @@ class S3Server:
     def __init__(self, config: ServerConfig, store: Store, credentials: CredentialStore) -> None:
         self.credentials = credentials
         egress_Bps = config.egress_Gbps * 1e9 / 8 if config.egress_Gbps else None
-        pacer = Pacer(config.policy, egress_Bps)
+        pacer = Pacer(config.policy, egress_Bps, policy_kwargs=config.policy_kwargs)
         self.services = Services(
             config=config,
             store=store,
@@ -257,11 +257,12 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     if config.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable beyond loopback", config.host)
     log.info(
-        "objectcache-server on http://%s:%d store=%s policy=%s egress=%s credentials=%d",
+        "objectcache-server on http://%s:%d store=%s policy=%s %s egress=%s credentials=%d",
         host,
         port,
         config.store,
         config.policy,
+        config.policy_kwargs,
         f"{config.egress_Gbps} Gbps" if config.egress_Gbps else "unpaced",
         len(credentials),
     )

@@ -123,6 +123,9 @@ def test_unauthorised_callers_get_403(controlled, start_objectcache_server):
         {"egress_gbps": "10"},
         {"egress_gbps": True},
         {"policy": "equal", "burst": 1},
+        {"policy_kwargs": [1]},
+        {"policy": "bandwidth_aware", "policy_kwargs": {"protect": "sometimes"}},
+        {"policy": "equal", "policy_kwargs": {"protect": "never"}},
     ],
 )
 def test_bad_settings_get_400(controlled, doc):
@@ -131,3 +134,27 @@ def test_bad_settings_get_400(controlled, doc):
     status, err = set_pacer(srv, doc)
     assert status == 400 and s3_code(err) == "InvalidArgument", err
     assert health(srv) == before
+
+
+def test_policy_kwargs_reach_the_policy(controlled):
+    """``policy_kwargs`` in the request set the policy's tunables; a left-out key keeps them while the policy
+    stays, a new policy starts from its defaults; they show in the answer and the health check."""
+    srv, keys = controlled
+    doc = {"policy": "bandwidth_aware", "policy_kwargs": {"protect": "never"}, "egress_gbps": 0.64}
+    status, body = set_pacer(srv, doc)
+    assert status == 200, body
+    assert json.loads(body)["policy_kwargs"] == {"protect": "never"}
+    assert health(srv)["policy_kwargs"] == {"protect": "never"}
+    timed_gather(srv, keys)  # the server paces a gather with them
+    status, body = set_pacer(srv, {"egress_gbps": 0})
+    assert status == 200 and json.loads(body)["policy_kwargs"] == {"protect": "never"}
+    status, body = set_pacer(srv, {"policy": "equal"})
+    assert status == 200 and "policy_kwargs" not in json.loads(body)
+    assert "policy_kwargs" not in health(srv)
+
+
+def test_policy_kwargs_from_the_command_line(start_objectcache_server):
+    srv = start_objectcache_server(
+        ["--policy", "bandwidth_aware", "--policy-kwargs", '{"protect": "always"}']
+    )
+    assert (health(srv)["policy"], health(srv)["policy_kwargs"]) == ("bandwidth_aware", {"protect": "always"})
