@@ -25,9 +25,9 @@ from testbed.engine.reader import (
     LoadDone,
     LoadFailed,
     ReaderProcess,
-    SharedSegment,
     decode_error,
 )
+from testbed.engine.segment import LayerSegment
 from testbed.wire.errors import ObjectCacheError, StorageUnavailable
 
 READERS = ("thread", "process")
@@ -73,7 +73,8 @@ class ObjectCacheSource(KVSource):
     (``LoadStats.achieved_Bps``: bytes over the time from ``start_load`` to the last layer's arrival), else
     unknown.  A load paced to the engine's compute (``compute_per_layer_s``) achieves less than the link can
     carry, so the observed rate errs towards recomputing only where the compute is that fast anyway.
-    ``first_byte_s``: expected time before a load's first byte (s, configured).
+    ``first_byte_s``: expected time before a load's first byte (s, configured).  ``segment``: the process
+    reader's receive buffers (``testbed.engine.segment.LayerSegment``).
     """
 
     name = "objectcache"
@@ -109,11 +110,7 @@ class ObjectCacheSource(KVSource):
         self._buffers: list[torch.Tensor] = []
         self._threads: list[threading.Thread] = []
         self._proc: ReaderProcess | None = None
-        self._segment: SharedSegment | None = None
-        self._seg_tensor: torch.Tensor | None = None
-        self._seg_gen = 0
-        self._stride = 0
-        self._registered = False
+        self.segment = LayerSegment(self.spec.num_layers, cuda=copier.cuda)
         self._req_id = 0
         self._in_flight = False
 
@@ -311,36 +308,11 @@ class ObjectCacheSource(KVSource):
 
     # ---- the reader-process path ------------------------------------------------------------------------
     def _reserve_shared(self, n_chunks: int) -> None:
-        need = n_chunks * self.copier.slice_bytes
-        if self._segment is None or self._stride < need:
-            self._release_segment()
-            L = self.spec.num_layers
-            self._segment = SharedSegment(max(1, L * need))
-            self._seg_gen += 1
-            self._stride = need
-            self._seg_tensor = torch.frombuffer(self._segment.mm, dtype=torch.uint8)
-            if self.copier.cuda:
-                # Pin the shared pages so the H2D copies are truly asynchronous DMA (done once, reused).
-                rc = torch.cuda.cudart().cudaHostRegister(
-                    self._seg_tensor.data_ptr(), self._segment.size_bytes, 0
-                )
-                if int(rc) != 0:
-                    raise RuntimeError(f"cudaHostRegister of {self._segment.size_bytes} B failed: {rc}")
-                self._registered = True
+        self.segment.reserve(n_chunks * self.copier.slice_bytes)
         self.copier.reserve(n_chunks)
         if self._proc is None:
             self._proc = ReaderProcess()
         self._proc.ensure_started()
-
-    def _release_segment(self) -> None:
-        if self._segment is None:
-            return
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._seg_tensor.data_ptr())
-            self._registered = False
-        self._seg_tensor = None
-        self._segment.close()
-        self._segment = None
 
     def _start_load_process(self, request: LoadRequest) -> None:
         n = request.n_chunks
@@ -365,14 +337,14 @@ class ObjectCacheSource(KVSource):
         self._error: BaseException | None = None
         self._kv = request.kv
         self._t0 = time.monotonic()
-        seg = self._segment
+        seg = self.segment
         cmd = LoadCommand(
             req_id=self._req_id,
             client_kwargs=kwargs,
-            segment_path=seg.path,
-            segment_generation=self._seg_gen,
-            segment_bytes=seg.size_bytes,
-            layer_stride_bytes=self._stride,
+            segment_path=seg.shared.path,
+            segment_generation=seg.generation,
+            segment_bytes=seg.shared.size_bytes,
+            layer_stride_bytes=seg.layer_stride_bytes,
             groups=spans,
             num_layers=self.spec.num_layers,
             compute_per_layer_s=request.compute_per_layer_s,
@@ -391,8 +363,7 @@ class ObjectCacheSource(KVSource):
         if isinstance(msg, LayerReady):
             layer = msg.layer
             total = self.n * self.copier.slice_bytes
-            lo = layer * self._stride
-            self.copier.copy_layer(layer, [(self._seg_tensor[lo : lo + total], 0)], self._kv[layer], self.n)
+            self.copier.copy_layer(layer, [(self.segment.layer(layer, total), 0)], self._kv[layer], self.n)
             self.stats.bytes_loaded += total
             self._ready[layer] = True
         elif isinstance(msg, LoadFailed):
@@ -400,19 +371,7 @@ class ObjectCacheSource(KVSource):
                 self._error = decode_error(msg.error, KVLoadError)
         elif isinstance(msg, LoadDone):
             self._in_flight = False
-            t = msg.timings
-
-            def ms(x):
-                return None if x is None else (x - self._t0) * 1e3
-
-            self.stats.timings_ms = {
-                "ipc": ms(t.recv_s),
-                "threads_started": ms(t.threads_started_s),
-                "request_sent": [ms(x) for x in t.sent_s],
-                "response_headers": [ms(x) for x in t.response_s],
-                "first_layer": [ms(x) for x in t.first_layer_s],
-                "last_group_end": max((ms(x) for x in t.end_s if x is not None), default=None),
-            }
+            self.stats.timings_ms = msg.timings.ms_since(self._t0)
 
     def _reader_died(self, exc: BaseException, layer: int | None = None) -> None:
         self._in_flight = False
@@ -457,7 +416,7 @@ class ObjectCacheSource(KVSource):
                 self.abort()
             self._proc.close()
             self._proc = None
-        self._release_segment()
+        self.segment.close()
 
 
 def _same_memory(view, host: torch.Tensor) -> bool:

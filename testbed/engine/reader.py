@@ -122,6 +122,23 @@ class ReaderTimings:
     first_layer_s: list[float | None] = field(default_factory=list)
     end_s: list[float | None] = field(default_factory=list)
 
+    def ms_since(self, t0_s: float) -> dict:
+        """The stamps as ms after ``t0_s`` (the engine's ``start_load``), under ``LoadStats.timings_ms``'s
+        names: ``ipc``, ``threads_started``, per group ``request_sent`` / ``response_headers`` /
+        ``first_layer``, and ``last_group_end``."""
+
+        def ms(x: float | None) -> float | None:
+            return None if x is None else (x - t0_s) * 1e3
+
+        return {
+            "ipc": ms(self.recv_s),
+            "threads_started": ms(self.threads_started_s),
+            "request_sent": [ms(x) for x in self.sent_s],
+            "response_headers": [ms(x) for x in self.response_s],
+            "first_layer": [ms(x) for x in self.first_layer_s],
+            "last_group_end": max((ms(x) for x in self.end_s if x is not None), default=None),
+        }
+
 
 @dataclass(frozen=True)
 class LoadDone:

@@ -192,7 +192,7 @@ def test_gpu_process_reader_into_registered_shared_memory(real_tier):
         ids = torch.cat([first, prompt(50, 9)])
         ref = reference(ids, model)
         ok = engine.prefill(ids, src, save=False, max_cached_chunks=10)
-        assert ok.source == "objectcache" and ok.cached_tokens == 160 and src._registered
+        assert ok.source == "objectcache" and ok.cached_tokens == 160 and src.segment.registered
         check_same(ok, ref, tol=1e-2)
         srv.stop()
         down = engine.prefill(ids, src, save=False, max_cached_chunks=10)
