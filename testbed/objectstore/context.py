@@ -22,7 +22,8 @@ from testbed.objectstore.config import ServerConfig
 from testbed.objectstore.gather_sinks import SocketSink, WriterSink
 from testbed.objectstore.metrics import ServerMetrics
 from testbed.objectstore.pacer import Pacer
-from testbed.objectstore.store import MultipartSpool, Store
+from testbed.objectstore.spool import MultipartSpool
+from testbed.objectstore.storeapi import Store
 
 
 @dataclass

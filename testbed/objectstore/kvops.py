@@ -23,7 +23,8 @@ from testbed.objectstore import gather as gather_mod
 from testbed.objectstore import pacer as pacer_mod
 from testbed.objectstore.context import RequestContext, xml_response
 from testbed.objectstore.metrics import ServerMetrics
-from testbed.objectstore.store import FilesystemStore, Store, validate_key
+from testbed.objectstore.store import FilesystemStore
+from testbed.objectstore.storeapi import Store, validate_key
 from testbed.wire import frames, s3xml
 from testbed.wire.errors import CorruptObject, ObjectCacheError, S3Error
 

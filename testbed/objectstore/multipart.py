@@ -1,6 +1,6 @@
 """The ObjectCache S3 server's multipart uploads: Create, UploadPart, Complete, Abort.
 
-Parts are spooled to files by the server's ``MultipartSpool`` (``testbed.objectstore.store``; under ``--spool-dir``,
+Parts are spooled to files by the server's ``MultipartSpool`` (``testbed.objectstore.spool``; under ``--spool-dir``,
 default ``DATA_DIR/multipart``) and assembled into the store on CompleteMultipartUpload, which checks the
 part list (ascending, uploaded, ETags match, every part but the last at least ``--min-part-mib``) and the
 object size limit, and answers the S3 multipart ETag.  Each is an async function of the request's
@@ -14,7 +14,7 @@ from aiohttp import web
 from testbed.objectstore.config import BATCH_BYTES, MiB
 from testbed.objectstore.context import RequestContext, xml_response
 from testbed.objectstore.objectops import if_none_match_star, user_metadata
-from testbed.objectstore.store import multipart_etag
+from testbed.objectstore.spool import multipart_etag
 from testbed.wire import s3xml
 from testbed.wire.errors import S3Error
 

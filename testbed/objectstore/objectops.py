@@ -21,7 +21,7 @@ from aiohttp import web
 
 from testbed.objectstore.config import BATCH_BYTES
 from testbed.objectstore.context import RequestContext, xml_response
-from testbed.objectstore.store import ObjectHandle, Store, validate_key
+from testbed.objectstore.storeapi import ObjectHandle, Store, validate_key
 from testbed.wire import s3xml
 from testbed.wire.errors import CorruptObject, ObjectCacheError, S3Error
 

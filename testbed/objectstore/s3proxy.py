@@ -31,7 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from testbed.client.core import make_boto3_client
 from testbed.client.signed import SignedHTTP
-from testbed.objectstore.store import BucketInfo, ListPage, ObjectHandle, ObjectInfo, ObjectWriter, Store
+from testbed.objectstore.storeapi import BucketInfo, ListPage, ObjectHandle, ObjectInfo, ObjectWriter, Store
 from testbed.wire import kvformat
 from testbed.wire.errors import (
     BucketMissing,

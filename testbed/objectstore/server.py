@@ -45,13 +45,9 @@ from testbed.objectstore.objectops import (
     parse_range as parse_range,
 )  # tests/testbed/test_fuzz.py imports it here
 from testbed.objectstore.pacer import Pacer
-from testbed.objectstore.store import (
-    FilesystemStore,
-    MultipartSpool,
-    Store,
-    validate_bucket_name,
-    validate_key,
-)
+from testbed.objectstore.spool import MultipartSpool
+from testbed.objectstore.store import FilesystemStore
+from testbed.objectstore.storeapi import Store, validate_bucket_name, validate_key
 from testbed.wire import s3xml
 from testbed.wire.errors import ObjectCacheError, S3Error
 from testbed.wire.frames import GATHER_VERSION
