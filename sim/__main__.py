@@ -11,8 +11,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg) -> None:
-    from sim.app import run
+    from sim.app import run, testbed_only
 
+    why = testbed_only(cfg)
+    if why:
+        raise SystemExit(why)
     run(cfg)
 
 

@@ -5,7 +5,7 @@ Outputs:
 * ``<results_dir>/<experiment>/requests.csv`` (default ``results/sim``): one ``RequestRecord`` row per
   simulated request (plus ``added_ttft_s``).
 * ``<results_dir>/<experiment>/summary.csv``: the experiment's summary (ratios included where it has them).
-* ``<figures_dir>/<experiment>_*.png`` (default ``results/figures``): the experiment's figures.
+* ``<figures_dir>/<experiment>_*.png`` (default ``<results_dir>/figures``): the experiment's figures.
 * ``<results_dir>/headline.json``: when the experiment config sets ``headline: true`` (the default run
   does), the headline numbers recomputed from this run's results, with the targets and by how much each is
   met or missed.
@@ -28,6 +28,19 @@ from sim.experiments import REGISTRY, Context, ExperimentResult, job_count
 from sim.setup import Setup, cfg_hash, setup_from_cfg
 
 
+def testbed_only(cfg) -> str | None:
+    """Why ``python -m sim`` cannot run this config (a testbed experiment), or None.  The experiment group
+    is shared with ``python -m testbed``, whose ``testbed_*`` experiments run on the real system."""
+    name = str(cfg.experiment.get("name", ""))
+    if name.startswith("testbed_"):
+        return (
+            f"experiment={name} is a testbed experiment (the real object tier, not the simulator): run it with "
+            f"`python -m testbed experiment={name}`; `python -m sim` runs: {', '.join(sorted(_registry()))} "
+            "(or the experiment configs headline, smoke)"
+        )
+    return None
+
+
 def _registry():
     import sim.trace  # noqa: F401  registers the trace experiment
 
@@ -43,7 +56,7 @@ def run_experiments(cfg, out_root: Path | None = None) -> dict[str, ExperimentRe
     seed = int(cfg.seed)
     chash = cfg_hash(cfg)
     root = Path(out_root if out_root is not None else cfg.get("results_dir", "results/sim"))
-    fig_dir = Path(cfg.get("figures_dir", "results/figures"))
+    fig_dir = Path(cfg.get("figures_dir") or root / "figures")
     runs = list(cfg.experiment.runs)
     params = {name: OmegaConf.to_container(cfg.experiment.params[name], resolve=True) for name in runs}
     for name in runs:

@@ -8,6 +8,7 @@ intended model change with ``python -m sim.golden`` and say why in the commit.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -51,12 +52,30 @@ def run_scenario() -> pd.DataFrame:
     return to_frame(records)[COLUMNS].sort_values("request_id").reset_index(drop=True)
 
 
-def main() -> None:
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m sim.golden",
+        description="Re-run the golden scenario and rewrite results/golden/determinism.csv (after an intended "
+        "model change; say why in the commit).  --check compares instead of writing.",
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="compare with the committed table; exit 1 if it differs"
+    )
+    args = ap.parse_args(argv)
     df = run_scenario()
-    df.to_csv(GOLDEN, index=False, float_format="%.17g")
+    if args.check:
+        same = to_csv_text(df) == GOLDEN.read_text()
+        print(f"{GOLDEN}: {'unchanged' if same else 'DIFFERS'}")
+        raise SystemExit(0 if same else 1)
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text(to_csv_text(df))
     print(f"wrote {GOLDEN}")
     print(df.to_string())
+
+
+def to_csv_text(df: pd.DataFrame) -> str:
+    """The golden table as committed: every float with 17 significant digits (round-trip exact)."""
+    return df.to_csv(index=False, float_format="%.17g")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom against the committed golden results and writes its figures."""
+"""Every notebook runs top to bottom against the committed golden results, writes its figures where it is told
+and changes no committed file."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def test_there_is_one_notebook_per_experiment():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_name, tmp_path, monkeypatch):
+    from tests.sim.test_entry_points import snapshot
+
     monkeypatch.setenv("OBJECTCACHE_ROOT", str(ROOT))
+    monkeypatch.setenv("OBJECTCACHE_RESULTS", str(ROOT / "results" / "golden"))
     monkeypatch.setenv("OBJECTCACHE_FIGURES", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -42,6 +46,8 @@ def test_notebook_runs(path, kernel_name, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(
         nb, timeout=120, kernel_name=kernel_name, resources={"metadata": {"path": str(ROOT)}}
     )
+    before = snapshot()
     client.execute()
     pngs = list(tmp_path.glob(f"{path.stem}*.png"))
     assert pngs, f"{path.name} saved no figure"
+    assert snapshot() == before, f"{path.name} changed files in the repository"

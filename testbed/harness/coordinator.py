@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from testbed.harness.agent import signed_headers
+from testbed.harness.agent_auth import signed_headers
 from testbed.harness.jobs import WorkerFailed, WorkerJob, WorkerResult
 
 AGENT_HINT = "start it there with `python -m testbed.harness.agent --host <addr> --port 9200 --token-file F`"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness.agent import signed_headers
+from testbed.harness.agent_auth import signed_headers
 from testbed.harness.coordinator import AgentClient, AgentError
 from testbed.harness.jobs import WorkerFailed
 from testbed.harness.requests import Req, fresh_prompt
