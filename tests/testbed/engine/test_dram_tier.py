@@ -135,3 +135,20 @@ def test_engine_saves_with_its_namespace_ttl_and_recomputes_after_expiry():
     assert miss.cached_tokens == 0 and miss.source == "recompute"
     check_same(hit, reference(ids))
     check_same(miss, reference(ids))
+
+
+def test_a_save_that_only_pinned_chunks_could_make_room_for_is_skipped():
+    """The prefix being loaded is pinned, so the new chunks do not fit: the save is skipped, not the answer."""
+    tier = DramTier(SPEC, 4, chunk_tokens=CT, clock=Clock())
+    engine = PrefillEngine(MODEL, chunk_tokens=CT, namespace="t1")
+    engine.saver = KVSaver(tier, scope=engine.scope)
+    copier = LayerCopier(SPEC, CT, torch.device("cpu"), 8, torch.float32)
+    first = prompt(3 * CT, 11)
+    engine.prefill(first)
+    ids = torch.cat([first, prompt(2 * CT + 3, 12)])
+    res = engine.prefill(ids, DramSource(tier, copier))
+    assert res.cached_tokens == 3 * CT and res.saved_keys == [] and engine.saver.skipped_chunks == 2
+    check_same(res, reference(ids))
+    assert all(e.pins == 0 for e in tier.cache.entries.values())
+    again = engine.prefill(ids)  # no load pins the prefix: room is made
+    assert len(again.saved_keys) == 2 and len(tier) == 4 and engine.saver.skipped_chunks == 2
