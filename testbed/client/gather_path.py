@@ -84,7 +84,7 @@ class GatherPath:
                 yield layer, view
             if decoder.next_frame() is not None:
                 raise ProtocolError(f"gather: a layer frame after the last layer asked for ({end - 1})")
-            if (raw.remaining > 0) if raw is not None else resp.read(1):
+            if (raw.remaining_bytes > 0) if raw is not None else resp.read(1):
                 raise ProtocolError("gather: bytes after the end frame")
         except (OSError, http.client.HTTPException) as e:
             conn.close()
@@ -152,10 +152,10 @@ class GatherPath:
                 layer=layer,
             )
         want = head.checksums
-        step = max(1, VERIFY_PIECE_BYTES // max(1, slice_bytes))
+        piece_slices = max(1, VERIFY_PIECE_BYTES // max(1, slice_bytes))
         checks: list[Future | tuple[int, int] | None] = []
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
+        for lo in range(0, n, piece_slices):
+            hi = min(n, lo + piece_slices)
             fill(view[lo * slice_bytes : hi * slice_bytes], f"gather layer {layer} payload")
             if hi == n:  # the last (or only) piece: nothing left to overlap with
                 checks.append(frames.first_bad_slice(view, want, slice_bytes, lo, hi))

@@ -87,13 +87,13 @@ class RawBody:
 
     def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, timeout_s: float):
         self._conn, self._resp, self._timeout_s = conn, resp, timeout_s
-        self.remaining = resp.length if resp.length is not None else -1
+        self.remaining_bytes = resp.length if resp.length is not None else -1  # -1: unknown
         self._sock = conn.sock
         # Drain what the buffered reader already holds (never more than it has buffered, or one recv).
-        self._pre = memoryview(resp.fp.read1(1 << 16) if self.remaining else b"")
-        sec = max(1, int(math.ceil(timeout_s)))
+        self._pre = memoryview(resp.fp.read1(1 << 16) if self.remaining_bytes else b"")
+        timeout_whole_s = max(1, int(math.ceil(timeout_s)))
         self._sock.settimeout(None)  # blocking, so MSG_WAITALL waits in the kernel; SO_RCVTIMEO bounds it
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, 0))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", timeout_whole_s, 0))
         _grow_rcvbuf(self._sock)
 
     @classmethod
@@ -122,7 +122,7 @@ class RawBody:
             if not k:
                 break
             got += k
-        self.remaining -= got
+        self.remaining_bytes -= got
         return got
 
     def read_exact(self, view: memoryview, what: str) -> None:
@@ -135,7 +135,7 @@ class RawBody:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
             self._sock.settimeout(self._conn.timeout)
-        if self.remaining == 0 and not self._pre:
+        if self.remaining_bytes == 0 and not self._pre:
             self._resp.length = 0
             self._resp.close()  # the connection may be reused (``SignedHTTP.finish``)
 
@@ -143,25 +143,25 @@ class RawBody:
 _RCVBUF_BYTES = 16 << 20
 
 
-def _grow_rcvbuf(sock: socket.socket, want: int = _RCVBUF_BYTES) -> None:
+def _grow_rcvbuf(sock: socket.socket, want_bytes: int = _RCVBUF_BYTES) -> None:
     """A large receive buffer, unless the kernel's autotuning already allows one (setting SO_RCVBUF turns
     autotuning off, so never set it lower than autotuning would reach)."""
     try:
         with open("/proc/sys/net/ipv4/tcp_rmem") as f:
-            auto_max = int(f.read().split()[2])
+            auto_max_bytes = int(f.read().split()[2])
     except (OSError, ValueError, IndexError):
-        auto_max = 0
-    if auto_max >= want:
+        auto_max_bytes = 0
+    if auto_max_bytes >= want_bytes:
         return
     with contextlib.suppress(OSError):
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < want:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < want_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want_bytes)
 
 
 class _Connections:
     """A small pool of keep-alive ``http.client`` connections to one endpoint (thread-safe)."""
 
-    def __init__(self, endpoint_url: str, timeout_s: float, size: int) -> None:
+    def __init__(self, endpoint_url: str, timeout_s: float, max_idle: int) -> None:
         parts = urlsplit(endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"endpoint_url must be http(s)://host[:port], got {endpoint_url!r}")
@@ -169,7 +169,7 @@ class _Connections:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout_s = timeout_s
-        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=max(1, size))
+        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=max(1, max_idle))
 
     def get(self) -> tuple[http.client.HTTPConnection, bool]:
         """(connection, reused): a reused keep-alive connection may have been closed by the server."""
@@ -274,10 +274,10 @@ class SignedHTTP:
                 raise error_from_response(resp.status, body, name)
             if resp.status == 200 and start != 0:
                 raise ProtocolError(f"{what}: {self.endpoint_url} ignored the Range header", key=name)
-            length = resp.getheader("Content-Length")
-            if resp.status == 206 and length is not None and int(length) != len(view):
+            length_bytes = resp.getheader("Content-Length")
+            if resp.status == 206 and length_bytes is not None and int(length_bytes) != len(view):
                 raise CorruptObject(
-                    f"{what}: object {name!r} returned {length} bytes, expected {len(view)}", key=name
+                    f"{what}: object {name!r} returned {length_bytes} bytes, expected {len(view)}", key=name
                 )
             read_exact(resp, view, f"{what} ({name!r})")
             if resp.status == 200:

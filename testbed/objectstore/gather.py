@@ -45,12 +45,15 @@ from testbed.wire.kvformat import HEADER_PROBE_BYTES, ChunkHeader, parse_header
 
 DEFAULT_MAX_KEYS = 1024  # 256k tokens of 256-token chunks; each key holds a file open during its gather
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-_HEADER_BATCH = 16  # keys per executor task while reading headers
+_HEADER_BATCH_KEYS = 16  # keys per executor task while reading headers
 
 
 @dataclass(frozen=True)
 class GatherRequest:
-    """A validated gather request body (see ``testbed.wire.frames`` for its JSON form)."""
+    """A validated gather request body (its JSON form: ``testbed.wire.frames``).  Layers
+    ``[layer_start, layer_end)`` of ``keys`` (``layer_end`` None: to the model's last layer);
+    ``compute_per_layer_s`` is the client's GPU time per layer in seconds, a hint for the pacer;
+    ``stream_id`` names the stream in the pacer's control API and metrics."""
 
     keys: tuple[str, ...]
     layer_start: int
@@ -68,7 +71,9 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
     if not isinstance(doc, dict):
         raise InvalidRequest("gather body must be a JSON object")
     if doc.get("version", GATHER_VERSION) != GATHER_VERSION:
-        raise InvalidRequest(f"unsupported gather version {doc.get('version')!r}; this server speaks 1")
+        raise InvalidRequest(
+            f"unsupported gather version {doc.get('version')!r}; this server speaks {GATHER_VERSION}"
+        )
     keys = doc.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise InvalidRequest("gather 'keys' must be a non-empty list of object names")
@@ -78,15 +83,20 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
     end = doc.get("layer_end")
     if not _is_int(start) or start < 0 or (end is not None and (not _is_int(end) or end <= start)):
         raise InvalidRequest(f"bad layer range [{start!r}, {end!r})")
-    cpl = doc.get("compute_per_layer_s")
-    if cpl is not None and (
-        not isinstance(cpl, int | float) or isinstance(cpl, bool) or not math.isfinite(cpl) or cpl < 0
+    compute_per_layer_s = doc.get("compute_per_layer_s")
+    if compute_per_layer_s is not None and (
+        not isinstance(compute_per_layer_s, int | float)
+        or isinstance(compute_per_layer_s, bool)
+        or not math.isfinite(compute_per_layer_s)
+        or compute_per_layer_s < 0
     ):
         raise InvalidRequest("compute_per_layer_s must be a non-negative number")
     sid = doc.get("stream_id")
     if sid is not None and (not isinstance(sid, str) or len(sid) > 128):
         raise InvalidRequest("stream_id must be a string of at most 128 characters")
-    return GatherRequest(tuple(keys), start, end, float(cpl) if cpl is not None else None, sid)
+    if compute_per_layer_s is not None:
+        compute_per_layer_s = float(compute_per_layer_s)
+    return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid)
 
 
 def _is_int(x) -> bool:
@@ -173,7 +183,7 @@ async def prepare_gather(
     is busy streaming other gathers waits for a free thread and the GIL (measured 2-42 ms with ~7 streams
     running on 2 cores), which delays the stream's open unpredictably.
     """
-    batches = [req.keys[i : i + _HEADER_BATCH] for i in range(0, len(req.keys), _HEADER_BATCH)]
+    batches = [req.keys[i : i + _HEADER_BATCH_KEYS] for i in range(0, len(req.keys), _HEADER_BATCH_KEYS)]
     if inline:
         results: list = []
         for b in batches:

@@ -136,7 +136,7 @@ class SocketSink:
                 if stop.is_set():
                     raise ConnectionResetError("gather cancelled")
 
-            def piece() -> int:
+            def next_piece_bytes() -> int:
                 return pacer.piece_bytes(stream, floor_bytes)
 
         def run() -> None:
@@ -148,7 +148,7 @@ class SocketSink:
                     if pace is None:
                         self._send_blocking(sock_fd, own)
                     else:
-                        self._send_paced(sock_fd, own, pace, piece)
+                        self._send_paced(sock_fd, own, pace, next_piece_bytes)
                     if on_group_sent is not None:
                         loop.call_soon_threadsafe(on_group_sent, i)
             finally:
@@ -162,9 +162,10 @@ class SocketSink:
             raise
 
     def _send_paced(
-        self, fd: int, parts: list[Part], pace: Callable[[int], None], piece: Callable[[], int]
+        self, fd: int, parts: list[Part], pace: Callable[[int], None], next_piece_bytes: Callable[[], int]
     ) -> None:
-        """Like ``_send_blocking``, but payload parts go in pieces of ``piece()`` bytes, ``pace(n)`` first."""
+        """Like ``_send_blocking``, but payload parts go in pieces of ``next_piece_bytes()`` bytes, ``pace(n)``
+        first (``n`` bytes)."""
         for i, part in enumerate(parts):
             if i == 0:
                 self._send_blocking(fd, [part])  # the frame head: not paced (it is not payload)
@@ -172,7 +173,7 @@ class SocketSink:
             if isinstance(part, tuple):
                 src, offset, count = part
                 while count:
-                    n = min(count, piece())
+                    n = min(count, next_piece_bytes())
                     pace(n)
                     self._send_blocking(fd, [(src, offset, n)])
                     offset += n
@@ -180,7 +181,7 @@ class SocketSink:
             else:
                 view = memoryview(part).cast("B")
                 while view:
-                    n = min(len(view), piece())
+                    n = min(len(view), next_piece_bytes())
                     pace(n)
                     self._send_blocking(fd, [view[:n]])
                     view = view[n:]
