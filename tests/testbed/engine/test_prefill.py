@@ -296,6 +296,10 @@ def test_process_reader_equals_recompute_and_delivers_errors_as_the_same_excepti
             t = ok.load.timings_ms
             assert len(t["first_layer"]) == len(t["response_headers"]) == streams
             assert all(0 < r <= f for r, f in zip(t["response_headers"], t["first_layer"]))
+            # The rate the reader achieved feeds the fetch-vs-recompute decision of later requests.
+            assert (
+                ok.load.achieved_Bps > 0 and src.observed_Bps > 0 and src.expected_Bps() == src.observed_Bps
+            )
         reader_pid = src._proc.proc.pid
 
         client.delete_chunks([f"t1/{SPEC.fingerprint()}/{ok.keys[4]}"])
