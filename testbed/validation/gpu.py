@@ -91,6 +91,10 @@ def measure_h2d_GBps(torch, nbytes: int = 1 << 30) -> float:
 
 
 def measure(args) -> dict:
+    """The ``measure`` command (see the module docstring): raw JSON with one row per configuration and a
+    timing entry per source (``time_source``).  Kept as one function, longer than most: the model, the two
+    servers, their clients and the pinned reader buffers are built once and torn down together in one
+    ``finally``, and every configuration reuses them."""
     import torch
 
     from testbed.client.core import ObjectCacheClient
@@ -98,7 +102,7 @@ def measure(args) -> dict:
     from testbed.engine.kvload import LayerCopier
     from testbed.engine.model import build_model
     from testbed.engine.objectsource import ObjectCacheSource
-    from testbed.engine.prefill import PrefillEngine, rel_err
+    from testbed.engine.prefill import PrefillEngine
     from testbed.objectstore.launch import start_server
 
     configs = parse_configs(args.configs)
@@ -201,7 +205,7 @@ def measure(args) -> dict:
                     f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
             row = {"cached_tokens": cached, "new_tokens": new, "context_tokens": cached + new, "sources": {}}
             for name in sources:
-                cpl = None
+                compute_per_layer_s = None
                 if name.startswith("objectcache"):
                     oc = ocs[source_reader(name, args.reader)]
                     oc.client = clients[
@@ -213,41 +217,12 @@ def measure(args) -> dict:
                     source = oc
                     # The pacer's hint: this request's per-layer compute, from the layerwise DRAM run.
                     lw = row["sources"].get("dram_layerwise")
-                    cpl = lw["ttft_ms"] / 1e3 / spec.num_layers if lw else None
+                    compute_per_layer_s = lw["ttft_ms"] / 1e3 / spec.num_layers if lw else None
                 else:
                     source = None if name == "recompute" else src[name]
-                runs = []
-                errs = []
-                for rep in range(args.repeats + 1):
-                    r = engine.prefill(
-                        ids, source, max_cached_chunks=cached // ct, compute_per_layer_s=cpl, save=False
-                    )
-                    expected = "recompute" if source is None else source.name
-                    if r.fallback or r.source != expected:
-                        raise RuntimeError(f"{name}: fell back to {r.source}: {r.fallback}")
-                    if rep:  # rep 0 is the warm-up
-                        errs.append(rel_err(r.logits, ref.logits))
-                        # Keep the timings, not the run's KV and logits (GBs on the GPU at long prompts).
-                        runs.append(
-                            SimpleNamespace(ttft_s=r.ttft_s, cached_tokens=r.cached_tokens, load=r.load)
-                        )
-                    del r
-                ttfts = [r.ttft_s for r in runs]
-                entry = {
-                    "ttft_ms": statistics.median(ttfts) * 1e3,
-                    "ttft_ms_all": [t * 1e3 for t in ttfts],
-                    "logits_rel_err": max(errs),
-                    "cached_tokens_used": runs[0].cached_tokens,
-                }
-                if runs[0].load is not None:
-                    entry["first_layer_wait_ms"] = (
-                        statistics.median(r.load.first_layer_wait_s for r in runs) * 1e3
-                    )
-                    entry["host_wait_ms"] = statistics.median(r.load.total_wait_s for r in runs) * 1e3
-                    entry["bytes_loaded"] = runs[0].load.bytes_loaded
-                    if runs[0].load.timings_ms:
-                        entry["reader"] = source.reader
-                        entry["load_timings_ms"] = median_timings([r.load.timings_ms for r in runs])
+                entry = time_source(
+                    engine, ids, source, name, cached // ct, compute_per_layer_s, args.repeats, ref.logits
+                )
                 row["sources"][name] = entry
                 log(
                     f"[{cached}+{new}] {name:18s} TTFT {entry['ttft_ms']:9.2f} ms  (rel err {entry['logits_rel_err']:.2e})"
@@ -268,6 +243,52 @@ def measure(args) -> dict:
             s.stop()
     out["wall_s"] = time.time() - t_start
     return out
+
+
+def time_source(
+    engine,
+    ids,
+    source,
+    name: str,
+    cached_chunks: int,
+    compute_per_layer_s: float | None,
+    repeats: int,
+    ref_logits,
+) -> dict:
+    """Prefill ``ids`` from ``source`` (None: recompute) ``repeats`` times after a warm-up; the median TTFT
+    (ms), every TTFT, the worst logits error against ``ref_logits`` and the load's waits and timings (ms).
+    ``compute_per_layer_s`` is the pacer's hint (s per layer); a run that fell back is an error."""
+    from testbed.engine.prefill import rel_err
+
+    runs = []
+    errs = []
+    for rep in range(repeats + 1):
+        r = engine.prefill(
+            ids, source, max_cached_chunks=cached_chunks, compute_per_layer_s=compute_per_layer_s, save=False
+        )
+        expected = "recompute" if source is None else source.name
+        if r.fallback or r.source != expected:
+            raise RuntimeError(f"{name}: fell back to {r.source}: {r.fallback}")
+        if rep:  # rep 0 is the warm-up
+            errs.append(rel_err(r.logits, ref_logits))
+            # Keep the timings, not the run's KV and logits (GBs on the GPU at long prompts).
+            runs.append(SimpleNamespace(ttft_s=r.ttft_s, cached_tokens=r.cached_tokens, load=r.load))
+        del r
+    ttfts = [r.ttft_s for r in runs]
+    entry = {
+        "ttft_ms": statistics.median(ttfts) * 1e3,
+        "ttft_ms_all": [t * 1e3 for t in ttfts],
+        "logits_rel_err": max(errs),
+        "cached_tokens_used": runs[0].cached_tokens,
+    }
+    if runs[0].load is not None:
+        entry["first_layer_wait_ms"] = statistics.median(r.load.first_layer_wait_s for r in runs) * 1e3
+        entry["host_wait_ms"] = statistics.median(r.load.total_wait_s for r in runs) * 1e3
+        entry["bytes_loaded"] = runs[0].load.bytes_loaded
+        if runs[0].load.timings_ms:
+            entry["reader"] = source.reader
+            entry["load_timings_ms"] = median_timings([r.load.timings_ms for r in runs])
+    return entry
 
 
 def median_timings(timings: list[dict]) -> dict:
