@@ -38,11 +38,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-# Modules whose exception classes cross the process boundary as themselves (``GatherUnsupported`` lives in
-# ``testbed.client.readpaths``, ``KVLoadError`` in ``testbed.engine.kvload``).
+# Modules whose exception classes cross the process boundary as themselves (the client's errors, including
+# ``GatherUnsupported``, live in ``testbed.wire.errors``; ``KVLoadError`` in ``testbed.engine.kvload``).
 ALLOWED_ERROR_MODULES = (
     "testbed.wire.errors",
-    "testbed.client.readpaths",
     "testbed.engine.kvload",
 )
 
