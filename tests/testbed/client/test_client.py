@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import struct
 import threading
 
 import numpy as np
@@ -30,7 +29,7 @@ from testbed.wire.errors import (
     StorageUnavailable,
     TruncatedStream,
 )
-from testbed.wire.kvformat import encode_chunk, parse_header
+from testbed.wire.kvformat import encode_chunk, parse_header, slice_checksum
 
 TINY = get_model("tiny")  # 4 layers, 64 KiB slices with 256-token chunks
 CHUNK_TOKENS = 256
@@ -293,23 +292,21 @@ def _frames(chunks, layers, corrupt_layer=None, end=True, error=None, claim_end=
     sb = len(chunks[0][2][0])
     body = b""
     for layer in layers:
-        sums = [__import__("xxhash").xxh3_64_intdigest(c[2][layer]) for c in chunks]
+        sums = [slice_checksum(c[2][layer]) for c in chunks]
         payload = expected_layer(chunks, layer)
         if layer == corrupt_layer:
             payload = payload[:-1] + bytes([payload[-1] ^ 1])
-        body += struct.pack("<4sIIQ", b"OCLF", layer, len(chunks), sb) + struct.pack(f"<{len(sums)}Q", *sums)
-        body += payload
+        body += frames.encode_layer_head(layer, sb, sums) + payload
     if error:
-        msg = error.encode()
-        body += struct.pack("<4sI", b"OCER", len(msg)) + msg
+        body += frames.encode_error_frame(error)
     elif end:
-        body += struct.pack("<4sI", b"OCEN", len(layers))
+        body += frames.encode_end_frame(len(layers))
     headers = {
         "Content-Type": frames.CONTENT_TYPE,
-        "x-oc-num-chunks": str(len(chunks)),
-        "x-oc-slice-bytes": str(sb),
-        "x-oc-layer-start": str(layers[0]),
-        "x-oc-layer-end": str(claim_end or layers[-1] + 1),
+        frames.NUM_CHUNKS_HEADER: str(len(chunks)),
+        frames.SLICE_BYTES_HEADER: str(sb),
+        frames.LAYER_START_HEADER: str(layers[0]),
+        frames.LAYER_END_HEADER: str(claim_end or layers[-1] + 1),
     }
     return 200, headers, body
 
