@@ -1,4 +1,4 @@
-"""AWS Signature Version 4 verification, credentials bound to namespaces, and ``aws-chunked`` bodies.
+"""AWS Signature Version 4 verification of requests, and credentials bound to namespaces.
 
 The server verifies every request the way S3 does (AWS SigV4, service ``s3``):
 
@@ -7,8 +7,9 @@ The server verifies every request the way S3 does (AWS SigV4, service ``s3``):
 * presigned URLs (``X-Amz-Algorithm``, ``X-Amz-Credential``, ``X-Amz-Date``, ``X-Amz-Expires``,
   ``X-Amz-SignedHeaders``, ``X-Amz-Signature`` query parameters), valid until date + expires (<= 7 days);
 * the payload: ``x-amz-content-sha256`` is a hex SHA-256 (checked against the body), ``UNSIGNED-PAYLOAD``,
-  or one of the ``aws-chunked`` streaming modes decoded by ``ChunkedDecoder`` (signed chunks are verified
-  chunk by chunk; trailing ``x-amz-checksum-*`` values are verified against the decoded body).
+  or one of the ``aws-chunked`` streaming modes decoded by ``testbed.objectstore.chunked.ChunkedDecoder``
+  (signed chunks are verified chunk by chunk; trailing ``x-amz-checksum-*`` values are verified against the
+  decoded body).  The SigV4 building blocks both use are ``testbed.objectstore.sigv4``'s.
 
 Credentials (``Credential``) map an access key to a secret and the *namespaces* the key may touch: object
 names ``<ns>/...``.  ``namespaces=None`` is an admin credential (all names); ``buckets=None`` allows all
@@ -17,38 +18,23 @@ buckets.  Secrets never appear in logs or errors (``Credential.__repr__`` hides 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
-from testbed.wire.errors import S3Error
+from testbed.objectstore.sigv4 import ALGORITHM, UNSIGNED_PAYLOAD, S3AuthError, hmac_hex, signing_key
 
-ALGORITHM = "AWS4-HMAC-SHA256"
-UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
-STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
-STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_SKEW_S = 15 * 60
 MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 
 DEFAULT_ACCESS_KEY = "objectcache"
 DEFAULT_SECRET_KEY = "objectcache-secret"
-
-
-class S3AuthError(S3Error):
-    """An authentication / authorization failure with its S3 error code (403 unless said otherwise)."""
-
-    def __init__(self, code: str, message: str, http_status: int = 403) -> None:
-        super().__init__(code, message, http_status)
 
 
 # --- credentials ------------------------------------------------------------------------------------------
@@ -161,17 +147,6 @@ def canonical_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]], si
     return "".join(lines)
 
 
-def signing_key(secret_key: str, date: str, region: str, service: str = "s3") -> bytes:
-    k = hmac.new(("AWS4" + secret_key).encode(), date.encode(), hashlib.sha256).digest()
-    k = hmac.new(k, region.encode(), hashlib.sha256).digest()
-    k = hmac.new(k, service.encode(), hashlib.sha256).digest()
-    return hmac.new(k, b"aws4_request", hashlib.sha256).digest()
-
-
-def _hmac_hex(key: bytes, msg: str) -> str:
-    return hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()
-
-
 @dataclass
 class AuthResult:
     """A verified request: who signed it and how its payload is to be checked."""
@@ -280,7 +255,7 @@ def verify_request(
     scope = "/".join(scope_parts[1:])
     to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = signing_key(cred.secret_key, date, region)
-    expected = _hmac_hex(key, to_sign)
+    expected = hmac_hex(key, to_sign)
     if not hmac.compare_digest(expected, signature):
         raise S3AuthError(
             "SignatureDoesNotMatch",
@@ -289,193 +264,7 @@ def verify_request(
     return AuthResult(cred, payload_hash, amz_date, scope, key, signature)
 
 
-# --- payload checksums ------------------------------------------------------------------------------------
-
-
-class _Crc32:
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
-
-
-def _crt_checksum(name: str):
-    try:
-        from awscrt import checksums  # optional: botocore uses it when installed
-    except ImportError:
-        return None
-    fn = {"crc32c": (checksums.crc32c, 4), "crc64nvme": (checksums.crc64nvme, 8)}[name]
-
-    class _Crt:
-        def __init__(self) -> None:
-            self.value = 0
-
-        def update(self, data) -> None:
-            self.value = fn[0](data, self.value)
-
-        def digest(self) -> bytes:
-            return self.value.to_bytes(fn[1], "big")
-
-    return _Crt()
-
-
-def new_checksum(algorithm: str):
-    """Incremental checksum for an ``x-amz-checksum-<algorithm>`` value (base64 of the big-endian digest)."""
-    algorithm = algorithm.lower()
-    if algorithm == "crc32":
-        return _Crc32()
-    if algorithm == "sha1":
-        return hashlib.sha1()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    if algorithm in ("crc32c", "crc64nvme"):
-        c = _crt_checksum(algorithm)
-        if c is not None:
-            return c
-    raise S3AuthError(
-        "InvalidRequest", f"checksum algorithm {algorithm!r} is not supported by this server", 400
-    )
-
-
-def checksum_b64(c) -> str:
-    return base64.b64encode(c.digest()).decode()
-
-
-# --- aws-chunked bodies -----------------------------------------------------------------------------------
-
-
-class ChunkedDecoder:
-    """Incremental decoder of ``Content-Encoding: aws-chunked`` bodies.
-
-    ``feed(data)`` returns the payload bytes decoded so far; ``finish()`` checks the stream ended with the
-    zero-length chunk and returns the trailers (e.g. ``x-amz-checksum-crc32``).  With a signed streaming
-    mode each chunk signature is verified (chained from the request's seed signature), and so is the
-    trailer signature of ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER``.
-    """
-
-    MAX_LINE_BYTES = 4096
-
-    def __init__(self, auth: AuthResult | None, mode: str) -> None:
-        self._auth = auth
-        self._signed = mode in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER)
-        self._prev_sig = auth.seed_signature if auth else ""
-        self._buf = bytearray()
-        self._state = "size"  # size -> data -> crlf -> size ... -> trailers -> done
-        self._remaining = 0
-        self._chunk_sig = ""
-        self._chunk_hash = None
-        self.trailers: dict[str, str] = {}
-        self._trailer_lines: list[str] = []
-
-    def _bad(self, msg: str) -> S3AuthError:
-        return S3AuthError(
-            "IncompleteBody" if "end" in msg else "InvalidRequest", f"aws-chunked body: {msg}", 400
-        )
-
-    def _check_chunk_signature(self) -> None:
-        if not self._signed:
-            return
-        a = self._auth
-        to_sign = "\n".join(
-            [
-                "AWS4-HMAC-SHA256-PAYLOAD",
-                a.amz_date,
-                a.scope,
-                self._prev_sig,
-                EMPTY_SHA256,
-                self._chunk_hash.hexdigest(),
-            ]
-        )
-        expected = _hmac_hex(a.key, to_sign)
-        if not hmac.compare_digest(expected, self._chunk_sig):
-            raise S3AuthError("SignatureDoesNotMatch", "aws-chunked chunk signature does not match")
-        self._prev_sig = expected
-
-    def feed(self, data: bytes) -> list[memoryview]:
-        out: list[memoryview] = []
-        self._buf += data
-        pos = 0
-        buf = self._buf
-        while True:
-            if self._state == "data":
-                take = min(self._remaining, len(buf) - pos)
-                if take == 0:
-                    break
-                piece = memoryview(bytes(buf[pos : pos + take]))
-                if self._chunk_hash is not None:
-                    self._chunk_hash.update(piece)
-                out.append(piece)
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = "crlf"
-                continue
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                if len(buf) - pos > self.MAX_LINE_BYTES:
-                    raise self._bad("line too long")
-                break
-            line = bytes(buf[pos:nl]).decode("latin-1")
-            pos = nl + 2
-            if self._state == "crlf":
-                if line:
-                    raise self._bad("missing CRLF after chunk data")
-                self._check_chunk_signature()
-                self._state = "size"
-            elif self._state == "size":
-                size_str, _, ext = line.partition(";")
-                try:
-                    size = int(size_str, 16)
-                except ValueError:
-                    raise self._bad(f"bad chunk size line {line[:40]!r}") from None
-                if self._signed:
-                    name, _, sig = ext.partition("=")
-                    if name.strip() != "chunk-signature":
-                        raise S3AuthError("SignatureDoesNotMatch", "aws-chunked chunk without signature")
-                    self._chunk_sig = sig.strip()
-                    self._chunk_hash = hashlib.sha256()
-                if size == 0:
-                    self._check_chunk_signature()
-                    self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "data"
-            elif self._state == "trailers":
-                if line == "":
-                    self._state = "done"
-                    continue
-                name, _, value = line.partition(":")
-                self._trailer_lines.append(line)
-                self.trailers[name.strip().lower()] = value.strip()
-            else:  # done: ignore trailing bytes only if empty
-                if line:
-                    raise self._bad("data after the final chunk")
-        del buf[:pos]
-        return out
-
-    def finish(self) -> dict[str, str]:
-        if self._state == "trailers" and not self._buf:
-            # Some writers end the trailer section without the final blank line.
-            self._state = "done"
-        if self._state != "done":
-            raise self._bad("stream ended before the final chunk")
-        sig = self.trailers.pop("x-amz-trailer-signature", None)
-        if self._signed and self._auth is not None and sig is not None:
-            lines = [ln for ln in self._trailer_lines if not ln.lower().startswith("x-amz-trailer-signature")]
-            trailer_text = "".join(ln.strip() + "\n" for ln in lines)
-            to_sign = "\n".join(
-                [
-                    "AWS4-HMAC-SHA256-TRAILER",
-                    self._auth.amz_date,
-                    self._auth.scope,
-                    self._prev_sig,
-                    hashlib.sha256(trailer_text.encode()).hexdigest(),
-                ]
-            )
-            if not hmac.compare_digest(_hmac_hex(self._auth.key, to_sign), sig):
-                raise S3AuthError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
-        return self.trailers
+# tests/testbed/test_fuzz.py still reaches these names here; their homes are ``testbed.objectstore.chunked``
+# and ``testbed.wire.errors``.  This block goes once it imports them from there.
+from testbed.objectstore.chunked import ChunkedDecoder as ChunkedDecoder  # noqa: E402
+from testbed.wire.errors import S3Error as S3Error  # noqa: E402

@@ -19,16 +19,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from testbed.objectstore.auth import (
-    STREAMING_SIGNED,
-    STREAMING_SIGNED_TRAILER,
-    STREAMING_UNSIGNED_TRAILER,
-    AuthResult,
-    ChunkedDecoder,
-    checksum_b64,
-    new_checksum,
-)
+from testbed.objectstore.auth import AuthResult
+from testbed.objectstore.chunked import ChunkedDecoder, checksum_b64, new_checksum
 from testbed.objectstore.config import BATCH_BYTES
+from testbed.objectstore.sigv4 import STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER
 from testbed.wire.errors import S3Error
 
 # Bodies up to this size are hashed in the event loop: cheaper than a hop to the busy thread pool.

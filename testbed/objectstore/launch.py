@@ -109,7 +109,9 @@ class ServerProcess:
         self.stop()
 
 
-def _wait_healthy(url: str, deadline: float, proc: subprocess.Popen) -> bool:
+def wait_healthy(url: str, deadline: float, proc: subprocess.Popen) -> bool:
+    """Poll ``GET /_objectcache/health`` until it answers 200 (True), ``proc`` exits or the monotonic clock
+    passes ``deadline`` (False)."""
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/_objectcache/health", timeout=2) as r:
@@ -198,7 +200,7 @@ def start_server(
             secret_key,
             _tmpdir=tmp,
         )
-        if _wait_healthy(srv.url, deadline, proc):
+        if wait_healthy(srv.url, deadline, proc):
             return srv
     tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
     if proc.poll() is None:
@@ -209,3 +211,7 @@ def start_server(
     raise RuntimeError(
         f"objectcache server did not become ready within {timeout_s}s (exit {proc.returncode}):\n{tail}"
     )
+
+
+# testbed/bench/faults.py still imports the former private name; this alias goes once it uses ``wait_healthy``.
+_wait_healthy = wait_healthy

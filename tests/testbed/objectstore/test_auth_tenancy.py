@@ -24,7 +24,8 @@ from botocore.exceptions import ClientError
 
 from scheduler.keys import KeyScope, chunk_keys, object_key
 from testbed.client.core import ObjectCacheClient
-from testbed.objectstore.auth import MAX_SKEW_S, Credential, CredentialStore, S3AuthError, verify_request
+from testbed.objectstore.auth import MAX_SKEW_S, Credential, CredentialStore, verify_request
+from testbed.objectstore.sigv4 import S3AuthError
 from testbed.wire.errors import AccessDenied
 from tests.fixtures.servers import ADMIN_ACCESS_KEY, ADMIN_SECRET_KEY, signed_request
 

@@ -12,18 +12,10 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from testbed.objectstore.auth import (
-    STREAMING_SIGNED,
-    STREAMING_UNSIGNED_TRAILER,
-    ChunkedDecoder,
-    Credential,
-    CredentialStore,
-    S3AuthError,
-    checksum_b64,
-    new_checksum,
-    verify_request,
-)
+from testbed.objectstore.auth import Credential, CredentialStore, verify_request
+from testbed.objectstore.chunked import ChunkedDecoder, checksum_b64, new_checksum
 from testbed.objectstore.server import parse_query
+from testbed.objectstore.sigv4 import STREAMING_SIGNED, STREAMING_UNSIGNED_TRAILER, S3AuthError
 
 # The credentials and request of AWS's "Signature Calculations for the Authorization Header" examples.
 AK, SK = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
