@@ -172,6 +172,15 @@ class DramTier:
                 if e is not None and e.pins > 0:
                     self.cache.unpin(k)
 
+    def clear(self) -> list[str]:
+        """Drop every unpinned chunk and free its slot (pinned ones are being read); returns the keys."""
+        with self._lock:
+            gone = [k for k, e in self.cache.entries.items() if e.pins == 0]
+            for k in gone:
+                self.cache.remove(k)
+            self._forget(gone)
+            return gone
+
     def expire(self) -> list[str]:
         """Drop the expired, unpinned chunks now (``allocate`` does it too); returns their keys."""
         with self._lock:

@@ -152,3 +152,11 @@ def test_a_save_that_only_pinned_chunks_could_make_room_for_is_skipped():
     assert all(e.pins == 0 for e in tier.cache.entries.values())
     again = engine.prefill(ids)  # no load pins the prefix: room is made
     assert len(again.saved_keys) == 2 and len(tier) == 4 and engine.saver.skipped_chunks == 2
+
+
+def test_clear_frees_every_unpinned_slot():
+    tier = DramTier(SPEC, 4, chunk_tokens=CT, clock=Clock())
+    tier.put(KEYS[:4], [p.numpy().tobytes() for p in random_slices(4, 3)])
+    tier.pin(KEYS[1:2])
+    assert sorted(tier.clear()) == sorted(KEYS[:1] + KEYS[2:4])
+    assert list(tier.slots) == [KEYS[1]] and tier.lookup(KEYS[:1]) == 0 and len(tier.allocate(3)) == 3
