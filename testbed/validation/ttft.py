@@ -131,8 +131,8 @@ def summarize(raw: dict, profile: str | None, command: str, extras: dict | None 
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``measure``, ``check``, ``summarize`` and ``validate``."""
     ap = argparse.ArgumentParser(
         prog="python -m testbed.validation.ttft", description=__doc__.split("\n\n")[0]
     )
@@ -188,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--raw", required=True, help="raw JSON of `measure` (a grid, e.g. with --shared-prefix)")
     v.add_argument("--profile", required=True, help="measured profile CSV of the same GPU")
     v.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testbed.validation.ttft <command>`` (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     command = "python -m testbed.validation.ttft " + " ".join(shlex.quote(a) for a in argv)
     if args.cmd == "measure":
         raw = measure(args)

@@ -104,3 +104,13 @@ def test_object_tier_never_lowers_the_hit_rate(smoke_run):
     off = s[~s.object_tier].set_index("dram_capacity_GiB").hit_rate_tokens
     assert (on >= off - 1e-12).all()
     assert (s.hit_rate_tokens > 0).all()
+
+
+def test_figures_go_under_the_runs_results_dir(tmp_path):
+    """No run writes the committed figures: they follow ``results_dir`` (a sweep's included)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        default = compose(config_name="config")
+        sweep = compose(config_name="config", overrides=[f"results_dir={tmp_path / 'seed3'}"])
+    assert default.figures_dir == "results/sim/figures"
+    assert sweep.figures_dir == str(tmp_path / "seed3" / "figures")
