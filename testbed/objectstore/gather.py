@@ -400,14 +400,11 @@ async def _send_paced_pieces(
             offset_bytes += n
 
 
-# Importers outside this module's area still reach these names through ``gather``: testbed/objectstore/kvops.py
-# (CONTENT_TYPE, error_frame), testbed/bench/gather_open.py (_open_batch), tests/testbed/objectstore/
-# test_pacer.py and test_server_pacer_control.py (iter_frames, LAYER_MAGIC).  Their home is
-# ``testbed.wire.frames`` (``encode_error_frame`` for ``error_frame``) and ``open_batch`` here; this block
-# goes once those importers use them.
-from testbed.wire.frames import CONTENT_TYPE as CONTENT_TYPE  # noqa: E402
+# --- names still reached through this module from outside its area ------------------------------------------
+# tests/testbed/objectstore/test_pacer.py and test_server_pacer_control.py (iter_frames, LAYER_MAGIC: their
+# home is ``testbed.wire.frames``) and testbed/bench/gather_open.py (``_open_batch``, now ``open_batch``).
+# This block goes once those importers use the names' homes.
 from testbed.wire.frames import LAYER_MAGIC as LAYER_MAGIC  # noqa: E402
-from testbed.wire.frames import encode_error_frame as error_frame  # noqa: E402, F401
 from testbed.wire.frames import iter_frames as iter_frames  # noqa: E402
 
 _open_batch = open_batch
