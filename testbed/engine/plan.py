@@ -118,7 +118,7 @@ def decide_fetch(
 
     ``prompt_tokens``: the whole prompt (cached prefix + new tokens).  ``*_cached_tokens``: leading prompt
     tokens reachable from that tier *or a faster one* (so ``hbm <= dram <= object``; smaller later values are
-    raised to the earlier ones), whole chunks of ``chunk_tokens``, less than ``prompt_tokens``.
+    raised to the earlier ones), whole chunks of ``chunk_tokens`` (capped to leave a token to compute).
     ``compute``: per-layer prefill time (s) for ``new_tokens`` over ``cached_tokens``; its
     ``overhead_time_s`` (embedding, LM head), when it has one, counts too.  ``dram_Bps`` / ``object_Bps``:
     expected rate of that tier's transfer to this GPU (bytes/s; the congested share when known), ``None``
