@@ -67,8 +67,8 @@ class StorageConfig:
     Every S3 request (a GET, a ranged GET, the gather's control request) holds one of
     ``server_concurrency`` server slots for ``request_overhead_s`` of server work and then waits
     ``ttfb_s`` before its first byte; a client keeps at most ``client_concurrency`` GETs of one request in
-    flight.  ``server_Gbps`` caps the server's total throughput.  Ceph RGW measured about 2.5-3.4 ms per
-    small GET (overhead + TTFB).  Tier capacities feed ``scheduler.tiers``.
+    flight.  ``server_Gbps`` caps the server's total throughput.  The ``rgw`` preset's overhead and TTFB come from
+    Ceph RGW measurements (``docs/sim.md``).  Tier capacities feed ``scheduler.tiers``.
     """
 
     name: str = "rgw"
@@ -82,7 +82,7 @@ class StorageConfig:
     object_capacity_GiB: float = 1.0e6
     write_back: bool = True
     # Gather only: extra server work per chunk key before the first byte (open + header check of each object;
-    # fitted on the testbed by testbed.validation.calibrate, ~0.2 ms for the Python server).  0: not modelled.
+    # fitted on the testbed by testbed.validation.calibrate: docs/harness.md).  0: not modelled.
     gather_per_chunk_s: float = 0.0
 
     @property
