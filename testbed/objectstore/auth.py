@@ -166,6 +166,72 @@ def _parse_time(amz_date: str) -> datetime:
         raise S3AuthError("AccessDenied", f"bad X-Amz-Date {amz_date!r}") from None
 
 
+@dataclass
+class _Signature:
+    """What a request's signature claims, from its ``Authorization`` header or presigned query."""
+
+    credential: str  # AK/date/region/s3/aws4_request
+    signed_headers: str  # ;-separated lower-case names
+    signature: str  # hex
+    amz_date: str
+    payload_hash: str
+    exclude_param: (
+        str | None
+    )  # the query parameter left out of the canonical query (presigned: the signature)
+
+
+def _header_signature(lower: Mapping[str, str], now: datetime) -> _Signature:
+    """The signature of a header-signed request; its ``x-amz-date`` must be within ``MAX_SKEW_S``."""
+    auth = lower["authorization"]
+    if not auth.startswith(ALGORITHM + " "):
+        raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 signatures are supported")
+    parts = {}
+    for piece in auth[len(ALGORITHM) + 1 :].split(","):
+        name, _, value = piece.strip().partition("=")
+        parts[name] = value
+    try:
+        credential_str, signed_str, signature = (
+            parts["Credential"],
+            parts["SignedHeaders"],
+            parts["Signature"],
+        )
+    except KeyError:
+        raise S3AuthError("AuthorizationHeaderMalformed", "malformed Authorization header", 400) from None
+    amz_date = lower.get("x-amz-date", "")
+    if not amz_date:
+        raise S3AuthError("AccessDenied", "missing x-amz-date header")
+    if abs((now - _parse_time(amz_date)).total_seconds()) > MAX_SKEW_S:
+        raise S3AuthError("RequestTimeTooSkewed", "the request time differs too much from the server time")
+    payload_hash = lower.get("x-amz-content-sha256", "")
+    if not payload_hash:
+        raise S3AuthError("InvalidRequest", "missing x-amz-content-sha256 header", 400)
+    return _Signature(credential_str, signed_str, signature, amz_date, payload_hash, None)
+
+
+def _presigned_signature(qdict: Mapping[str, str], now: datetime) -> _Signature:
+    """The signature of a presigned URL; valid from ``X-Amz-Date`` (less ``MAX_SKEW_S``) for
+    ``X-Amz-Expires`` seconds (at most ``MAX_PRESIGN_EXPIRES_S``)."""
+    if qdict.get("X-Amz-Algorithm") != ALGORITHM:
+        raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 presigned URLs are supported")
+    try:
+        credential_str = qdict["X-Amz-Credential"]
+        signed_str = qdict["X-Amz-SignedHeaders"]
+        signature = qdict["X-Amz-Signature"]
+        amz_date = qdict["X-Amz-Date"]
+        expires_s = int(qdict["X-Amz-Expires"])
+    except (KeyError, ValueError):
+        raise S3AuthError("AuthorizationQueryParametersError", "incomplete presigned URL", 400) from None
+    if not 0 < expires_s <= MAX_PRESIGN_EXPIRES_S:
+        raise S3AuthError("AuthorizationQueryParametersError", "X-Amz-Expires out of range", 400)
+    age_s = (now - _parse_time(amz_date)).total_seconds()
+    if age_s > expires_s:
+        raise S3AuthError("AccessDenied", "Request has expired")
+    if age_s < -MAX_SKEW_S:
+        raise S3AuthError("AccessDenied", "Request is not yet valid")
+    payload_hash = qdict.get("X-Amz-Content-Sha256", UNSIGNED_PAYLOAD)
+    return _Signature(credential_str, signed_str, signature, amz_date, payload_hash, "X-Amz-Signature")
+
+
 def verify_request(
     method: str,
     raw_path: str,
@@ -179,89 +245,43 @@ def verify_request(
     lower = {k.lower(): v for k, v in items}
     qdict = dict(query)
     if "authorization" in lower:
-        auth = lower["authorization"]
-        if not auth.startswith(ALGORITHM + " "):
-            raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 signatures are supported")
-        parts = {}
-        for piece in auth[len(ALGORITHM) + 1 :].split(","):
-            name, _, value = piece.strip().partition("=")
-            parts[name] = value
-        try:
-            credential_str, signed_str, signature = (
-                parts["Credential"],
-                parts["SignedHeaders"],
-                parts["Signature"],
-            )
-        except KeyError:
-            raise S3AuthError("AuthorizationHeaderMalformed", "malformed Authorization header", 400) from None
-        amz_date = lower.get("x-amz-date", "")
-        if not amz_date:
-            raise S3AuthError("AccessDenied", "missing x-amz-date header")
-        t = _parse_time(amz_date)
-        if abs((now - t).total_seconds()) > MAX_SKEW_S:
-            raise S3AuthError(
-                "RequestTimeTooSkewed", "the request time differs too much from the server time"
-            )
-        payload_hash = lower.get("x-amz-content-sha256", "")
-        if not payload_hash:
-            raise S3AuthError("InvalidRequest", "missing x-amz-content-sha256 header", 400)
-        exclude = None
+        sig = _header_signature(lower, now)
     elif "X-Amz-Signature" in qdict:
-        if qdict.get("X-Amz-Algorithm") != ALGORITHM:
-            raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 presigned URLs are supported")
-        try:
-            credential_str = qdict["X-Amz-Credential"]
-            signed_str = qdict["X-Amz-SignedHeaders"]
-            signature = qdict["X-Amz-Signature"]
-            amz_date = qdict["X-Amz-Date"]
-            expires_s = int(qdict["X-Amz-Expires"])
-        except (KeyError, ValueError):
-            raise S3AuthError("AuthorizationQueryParametersError", "incomplete presigned URL", 400) from None
-        if not 0 < expires_s <= MAX_PRESIGN_EXPIRES_S:
-            raise S3AuthError("AuthorizationQueryParametersError", "X-Amz-Expires out of range", 400)
-        t = _parse_time(amz_date)
-        age_s = (now - t).total_seconds()
-        if age_s > expires_s:
-            raise S3AuthError("AccessDenied", "Request has expired")
-        if age_s < -MAX_SKEW_S:
-            raise S3AuthError("AccessDenied", "Request is not yet valid")
-        payload_hash = qdict.get("X-Amz-Content-Sha256", UNSIGNED_PAYLOAD)
-        exclude = "X-Amz-Signature"
+        sig = _presigned_signature(qdict, now)
     else:
         raise S3AuthError("AccessDenied", "anonymous requests are not allowed; sign with SigV4")
-
-    scope_parts = credential_str.split("/")
+    scope_parts = sig.credential.split("/")
     if len(scope_parts) != 5 or scope_parts[3] != "s3" or scope_parts[4] != "aws4_request":
         raise S3AuthError("AuthorizationHeaderMalformed", "bad credential scope", 400)
     access_key, date, region = scope_parts[0], scope_parts[1], scope_parts[2]
-    if not amz_date.startswith(date):
+    if not sig.amz_date.startswith(date):
         raise S3AuthError("AuthorizationHeaderMalformed", "credential date does not match x-amz-date", 400)
     cred = credentials.get(access_key)
     if cred is None:
         raise S3AuthError("InvalidAccessKeyId", "the access key id does not exist in our records")
-    signed = signed_str.split(";")
+    signed = sig.signed_headers.split(";")
     if "host" not in signed:
         raise S3AuthError("AccessDenied", "the host header must be signed")
     canonical = "\n".join(
         [
             method,
             canonical_uri(raw_path),
-            canonical_query(query, exclude),
+            canonical_query(query, sig.exclude_param),
             canonical_headers(items, signed),
-            signed_str,
-            payload_hash,
+            sig.signed_headers,
+            sig.payload_hash,
         ]
     )
     scope = "/".join(scope_parts[1:])
-    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    to_sign = "\n".join([ALGORITHM, sig.amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = signing_key(cred.secret_key, date, region)
     expected = hmac_hex(key, to_sign)
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected, sig.signature):
         raise S3AuthError(
             "SignatureDoesNotMatch",
             "the request signature we calculated does not match the signature you provided",
         )
-    return AuthResult(cred, payload_hash, amz_date, scope, key, signature)
+    return AuthResult(cred, sig.payload_hash, sig.amz_date, scope, key, sig.signature)
 
 
 # tests/testbed/test_fuzz.py still reaches these names here; their homes are ``testbed.objectstore.chunked``

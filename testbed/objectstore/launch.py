@@ -123,6 +123,23 @@ def wait_healthy(url: str, deadline: float, proc: subprocess.Popen) -> bool:
     return False
 
 
+def write_credentials(path: Path, credentials: Sequence[Credential | dict]) -> Path:
+    """The server's ``--credentials`` JSON file (owner-only: it holds secrets)."""
+    docs = [asdict(c) if isinstance(c, Credential) else dict(c) for c in credentials]
+    path.write_text(json.dumps({"credentials": docs}))
+    os.chmod(path, 0o600)
+    return path
+
+
+def _wait_ready_file(ready: Path, deadline: float, proc: subprocess.Popen) -> dict | None:
+    """The server's ``--ready-file`` document once written, or None if ``proc`` exits or time runs out."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready.exists():
+            return json.loads(ready.read_text())
+        time.sleep(0.02)
+    return None
+
+
 def start_server(
     data_dir: str | os.PathLike | None = None,
     *,
@@ -160,12 +177,16 @@ def start_server(
     cmd += ["--ready-file", str(ready)]
     access_key, secret_key = DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
     if credentials:
-        docs = [asdict(c) if isinstance(c, Credential) else dict(c) for c in credentials]
-        cred_path = data_dir / "credentials.json"
-        cred_path.write_text(json.dumps({"credentials": docs}))
-        os.chmod(cred_path, 0o600)
-        cmd += ["--credentials", str(cred_path)]
-        access_key, secret_key = docs[0]["access_key"], docs[0]["secret_key"]
+        cmd += ["--credentials", str(write_credentials(data_dir / "credentials.json", credentials))]
+        first = credentials[0]
+        access_key, secret_key = (
+            (first.access_key, first.secret_key)
+            if isinstance(first, Credential)
+            else (
+                first["access_key"],
+                first["secret_key"],
+            )
+        )
     cmd += list(args)
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(
@@ -181,12 +202,7 @@ def start_server(
     finally:
         log.close()
     deadline = time.monotonic() + timeout_s
-    info = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready.exists():
-            info = json.loads(ready.read_text())
-            break
-        time.sleep(0.02)
+    info = _wait_ready_file(ready, deadline, proc)
     srv = None
     if info is not None:
         srv = ServerProcess(
