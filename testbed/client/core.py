@@ -32,8 +32,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from testbed.client.fallback_paths import FallbackPaths
-from testbed.client.gather_path import GatherPath
+from testbed.client.fallback_paths import FallbackReader
+from testbed.client.gather_path import GatherReader
 from testbed.client.signed import SignedHTTP, object_path
 from testbed.wire.errors import GatherUnsupported, ObjectCacheError, StorageUnavailable, from_s3_error
 
@@ -104,7 +104,7 @@ def make_boto3_client(
     )
 
 
-class ObjectCacheClient(GatherPath, FallbackPaths):
+class ObjectCacheClient:
     """Client of the object tier (see the module docstring).
 
     ``max_concurrency`` bounds the concurrent requests of the fallback paths and of bulk PUT/HEAD;
@@ -159,6 +159,10 @@ class ObjectCacheClient(GatherPath, FallbackPaths):
         self._s3 = make_boto3_client(
             self.endpoint_url, access_key, secret_key, region, timeout_s, max_concurrency + 2, retries
         )
+        self._gather_reader = GatherReader(
+            self._http, self._pool, bucket, self.endpoint_url, timeout_s, self.report_corrupt
+        )
+        self._fallback_reader = FallbackReader(self._http, self._pool, bucket, max_concurrency, self._map)
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -305,7 +309,9 @@ class ObjectCacheClient(GatherPath, FallbackPaths):
             mode = self.fallback_mode if GATHER_SUPPORT.get(self.endpoint_url) is False else "gather"
         if mode == "gather":
             try:
-                stream = self._gather(names, layer_start, layer_end, out, compute_per_layer_s, timings)
+                stream = self._gather_reader.layers(
+                    names, layer_start, layer_end, out, compute_per_layer_s, timings
+                )
                 first = next(stream)  # the request is sent and answered before the first yield
             except GatherUnsupported:
                 if self.mode == "gather":
@@ -321,9 +327,9 @@ class ObjectCacheClient(GatherPath, FallbackPaths):
                 return
         self.last_path = mode
         if mode == "ranged":
-            yield from self._ranged(names, layer_start, layer_end, out)
+            yield from self._fallback_reader.ranged(names, layer_start, layer_end, out)
         else:
-            yield from self._whole(names, layer_start, layer_end, out)
+            yield from self._fallback_reader.whole(names, layer_start, layer_end, out)
 
     async def aload_layers(self, names: Sequence[str], **kwargs) -> AsyncIterator[tuple[int, memoryview]]:
         """``load_layers`` as an async iterator: the blocking reads run in a worker thread."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import http.client
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 
@@ -68,13 +68,27 @@ def layer_range_end(num_layers: int, layer_start: int, layer_end: int | None, wh
     return end
 
 
-class FallbackPaths:
-    """The ranged and whole-object read paths, as methods of ``ObjectCacheClient`` (which inherits them).
-    They use the client's ``bucket``, ``max_concurrency``, ``_http`` (a ``SignedHTTP``), ``_pool`` (its
-    thread pool) and ``_map``."""
+class FallbackReader:
+    """The ranged and whole-object read paths of one ``ObjectCacheClient``: its ``SignedHTTP`` connections,
+    its thread pool, its bucket, at most ``max_concurrency`` requests in flight, and ``map_in_pool(fn, items)``
+    (the client's parallel map over its pool)."""
+
+    def __init__(
+        self,
+        signed_http: SignedHTTP,
+        pool: Executor,
+        bucket: str,
+        max_concurrency: int,
+        map_in_pool: Callable[[Callable, list], list],
+    ) -> None:
+        self._http = signed_http
+        self._pool = pool
+        self.bucket = bucket
+        self.max_concurrency = max_concurrency
+        self._map = map_in_pool
 
     # --- ranged ---------------------------------------------------------------------------------------------
-    def _layouts(self, names: list[str]) -> list[kvformat.ChunkHeader]:
+    def layouts(self, names: list[str]) -> list[kvformat.ChunkHeader]:
         """Read every chunk's header with ranged GETs and check they agree on geometry."""
 
         def fetch(name: str) -> kvformat.ChunkHeader:
@@ -99,11 +113,11 @@ class FallbackPaths:
                 )
         return layouts
 
-    def _ranged(
+    def ranged(
         self, names: list[str], layer_start: int, layer_end: int | None, out: Sequence | None
     ) -> Iterator[tuple[int, memoryview]]:
         """Generator of the layers read with one ranged GET per (chunk, layer) slice."""
-        layouts = self._layouts(names)
+        layouts = self.layouts(names)
         end = layer_range_end(layouts[0].num_layers, layer_start, layer_end, "the chunks")
         n, sb = len(names), layouts[0].slice_bytes
         views = layer_views(out, end - layer_start, n * sb)
@@ -150,7 +164,7 @@ class FallbackPaths:
             wait_futures(pending)  # nothing may write into the caller's buffers after we return
 
     # --- whole objects --------------------------------------------------------------------------------------
-    def _whole(
+    def whole(
         self, names: list[str], layer_start: int, layer_end: int | None, out: Sequence | None
     ) -> Iterator[tuple[int, memoryview]]:
         """Generator of the layers read from one streamed GET per chunk object."""

@@ -4,7 +4,7 @@ streams framed layers, layer-major (layer ``l`` = the layer-``l`` slices of ever
 The frames are decoded by ``testbed.wire.frames.FrameDecoder``; each layer's payload is read (``readinto``)
 straight into the caller's buffer and every slice is verified against the checksum stored in its object
 header (end-to-end integrity).  Large payloads are verified piece by piece in the client's thread pool while
-the next piece arrives.  ``ObjectCacheClient.load_layers`` picks this path against a server that speaks
+the next piece arrives.  ``ObjectCacheClient.load_layers`` takes this path against a server that speaks
 gather; a plain S3 service answers with ``GatherUnsupported`` and the client falls back
 (``testbed.client.fallback_paths``).
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import http.client
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from urllib.parse import quote
 
 from testbed.client.buffers import layer_views
-from testbed.client.signed import RawBody, error_from_response, read_exact
+from testbed.client.signed import RawBody, SignedHTTP, error_from_response, read_exact
 from testbed.wire import frames
 from testbed.wire.errors import (
     ChecksumMismatch,
@@ -39,12 +39,28 @@ VERIFY_PIECE_BYTES = 8 << 20
 ReadExact = Callable[[memoryview, str], None]  # fill the view from the body or raise TruncatedStream(what)
 
 
-class GatherPath:
-    """The gather read path, a method of ``ObjectCacheClient`` (which inherits it).  It uses the client's
-    ``bucket``, ``endpoint_url``, ``timeout_s``, ``_http`` (a ``SignedHTTP``), ``_pool`` (its thread pool)
-    and ``report_corrupt``."""
+class GatherReader:
+    """The gather read path of one ``ObjectCacheClient``: its ``SignedHTTP`` connections, its thread pool
+    (piecewise verification), its bucket and endpoint, ``timeout_s`` for each socket receive, and
+    ``report_corrupt(name)``, told about a chunk whose slice failed its checksum."""
 
-    def _gather(
+    def __init__(
+        self,
+        signed_http: SignedHTTP,
+        pool: Executor,
+        bucket: str,
+        endpoint_url: str,
+        timeout_s: float,
+        report_corrupt: Callable[[str], bool],
+    ) -> None:
+        self._http = signed_http
+        self._pool = pool
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.timeout_s = timeout_s
+        self.report_corrupt = report_corrupt
+
+    def layers(
         self,
         names: list[str],
         layer_start: int,
