@@ -246,15 +246,17 @@ def set_pacer(
     policy_kwargs: dict | None = None,
 ) -> dict:
     """Set the server's pacer (``egress_Gbps`` 0: unpaced; ``policy_kwargs``: the policy's keyword arguments,
-    sent as the body key ``policy_kwargs`` when there are any) through its admin operation; return the new
-    settings.  While streams of an earlier run are still open (409) it retries for up to ``busy_wait_s``."""
+    empty for its defaults) through its admin operation; return the new settings.  While streams of an earlier run are still open (409) it retries for up to ``busy_wait_s``."""
     from testbed.client.signed import SignedHTTP
 
     url = url.rstrip("/")
     path = "/?objectcache-pacer"
-    doc: dict = {"policy": policy, "egress_gbps": float(egress_Gbps or 0.0)}
-    if policy_kwargs:
-        doc["policy_kwargs"] = dict(policy_kwargs)
+    # policy_kwargs always goes along: an omitted key would keep the tunables of the previous run.
+    doc = {
+        "policy": policy,
+        "policy_kwargs": dict(policy_kwargs or {}),
+        "egress_gbps": float(egress_Gbps or 0.0),
+    }
     body = json.dumps(doc).encode()
     signer = SignedHTTP(
         url, access_key, secret_key, region, timeout_s=timeout_s

@@ -280,6 +280,21 @@ def test_an_agent_dying_between_runs_fails_the_next_run_quickly(cluster, tmp_pat
     assert client.call("GET", "/clock")["busy"] is False  # the live agent is not left running a worker
 
 
+def test_policy_kwargs_reach_the_pacer_and_are_reset_by_the_next_run(cluster):
+    from testbed.harness.runner import build_harness
+
+    srv = cluster[0]
+    with build_harness(cluster_cfg(cluster)) as h:
+        h.storage_url("bandwidth_aware", 0.8, {"protect": "always"})
+        assert health(srv)["policy_kwargs"] == {"protect": "always"}
+        h.storage_url("bandwidth_aware", 0.8, {})
+        assert "policy_kwargs" not in health(srv)
+        assert [c["requested"].get("policy_kwargs") for c in h.topology.describe()["pacer_changes"]] == [
+            {"protect": "always"},
+            None,
+        ]
+
+
 def test_a_server_without_pacer_control_is_a_clear_error(cluster, start_objectcache_server):
     plain = start_objectcache_server()
     _, urls, token_file = cluster

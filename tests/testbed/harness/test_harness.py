@@ -160,6 +160,24 @@ def test_local_context_sweep_rows(tmp_path):
     assert (df.first_layer_wait_s > 0).all() and (df.stall_s >= 0).all()
 
 
+def test_the_configured_policy_kwargs_reach_the_local_server():
+    """``policy.kwargs`` of the configured policy start the server with ``--policy-kwargs``; a policy the
+    experiment only compares against runs with its defaults."""
+    from testbed.harness.coordinator import storage_health
+    from testbed.harness.experiments import policy_kwargs
+    from testbed.harness.runner import build_harness
+
+    cfg = compose([*TINY, "policy=bandwidth_aware", "+policy.kwargs.protect=always"])
+    with build_harness(cfg) as h:
+        assert policy_kwargs(h, "bandwidth_aware") == {"protect": "always"}
+        assert policy_kwargs(h, "equal") == {}
+        url = h.storage_url("bandwidth_aware", 1.0, policy_kwargs(h, "bandwidth_aware"))
+        doc = storage_health(url)
+        assert (doc["policy"], doc.get("policy_kwargs")) == ("bandwidth_aware", {"protect": "always"})
+        url = h.storage_url("equal", 1.0, policy_kwargs(h, "equal"))
+        assert "policy_kwargs" not in storage_health(url)
+
+
 def test_cpu_compute_mode_runs_the_torch_engine():
     pytest.importorskip("torch")
     from testbed.harness.runner import build_harness
