@@ -14,7 +14,8 @@ import pytest
 
 from scheduler.policies import get_policy, register_policy
 from testbed.objectstore import gather
-from testbed.objectstore.pacer import EGRESS, Pacer
+from testbed.objectstore.paced_stream import EGRESS
+from testbed.objectstore.pacer import Pacer
 from tests.fixtures.servers import signed_request, wait_for_metrics
 from tests.testbed.objectstore.test_gather import TINY, make_chunks, put_all, server_with_chunks
 

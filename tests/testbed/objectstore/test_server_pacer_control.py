@@ -146,6 +146,7 @@ def test_policy_kwargs_reach_the_policy(controlled):
     assert json.loads(body)["policy_kwargs"] == {"protect": "never"}
     assert health(srv)["policy_kwargs"] == {"protect": "never"}
     timed_gather(srv, keys)  # the server paces a gather with them
+    wait_for_metrics(srv, ["objectcache_active_streams 0"])  # closed on the server too: no 409 next
     status, body = set_pacer(srv, {"egress_gbps": 0})
     assert status == 200 and json.loads(body)["policy_kwargs"] == {"protect": "never"}
     status, body = set_pacer(srv, {"policy": "equal"})

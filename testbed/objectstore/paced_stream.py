@@ -1,0 +1,106 @@
+"""One gather stream as the pacer sees it: its progress, its send deadline, and the client GPU it estimates.
+
+``PacedStream`` keeps what the pacer needs per stream: bytes per layer and layers, the client's per-layer
+compute hint, when each layer finished sending, the rate the policy gave it and the deadline of its next
+piece (``next_send_s``).  ``view`` turns it into the ``scheduler.flows.FlowView`` a policy allocates on, on
+the pacer's one link ``EGRESS``.  ``retime`` applies a new rate at once, also to a piece already waiting
+for its slot (see ``testbed.objectstore.pacer`` for the pacing model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from scheduler.flows import FlowView
+from scheduler.layerwise import layer_times
+
+EGRESS = "egress"  # the pacer's one link: the server's egress
+
+
+@dataclass
+class PacedStream:
+    """Pacer-side state of one gather stream.
+
+    ``layer_sent_s`` holds when each layer finished sending; the estimated GPU schedule follows from it:
+    layer ``l`` starts at ``max(sent_l, end_{l-1})`` and ends ``compute_per_layer_s`` later.
+    """
+
+    stream_id: str
+    layer_bytes: int
+    layers_total: int
+    compute_per_layer_s: float
+    arrival_s: float
+    delivered_bytes: int = 0
+    layer_sent_s: list[float] = field(default_factory=list)
+    rate_Bps: float = math.inf
+    next_send_s: float = 0.0
+    # Bytes accounted to a piece whose slot was cut short by a rate of 0: sent once the stream has a rate.
+    owed_bytes: float = 0.0
+    # When the server started handling the request (pacer clock; nan if unknown): for the trace.
+    request_s: float = math.nan
+    changed: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def layers_sent(self) -> int:
+        return len(self.layer_sent_s)
+
+    def gpu_state(self, now_s: float) -> tuple[int, float]:
+        """(layers whose compute has started by ``now_s``, when the GPU finishes those layers), by the
+        layerwise recurrence (``scheduler.layerwise.layer_times``) over the layers' send times, the GPU
+        free from the stream's arrival."""
+        started, busy_until_s = 0, self.arrival_s
+        for _, end_s in layer_times(self.layer_sent_s, self.compute_per_layer_s, self.arrival_s, now_s):
+            started, busy_until_s = started + 1, end_s
+        return started, busy_until_s
+
+    def pending_bytes(self, now_s: float) -> float:
+        """Bytes accounted to pieces whose slot has not passed yet (at the current rate)."""
+        if self.rate_Bps <= 0:
+            return self.owed_bytes
+        if math.isinf(self.rate_Bps):
+            return 0.0
+        return max(0.0, self.next_send_s - now_s) * self.rate_Bps
+
+    def sent_bytes(self, now_s: float) -> float:
+        """Bytes a fluid link at this stream's rates would have carried by ``now_s``."""
+        return max(
+            0.0, min(self.delivered_bytes - self.pending_bytes(now_s), self.layer_bytes * self.layers_total)
+        )
+
+    def retime(self, rate_Bps: float, now_s: float) -> None:
+        """Switch to ``rate_Bps`` now: the unsent part of the current slot continues at the new rate."""
+        if rate_Bps == self.rate_Bps:
+            return
+        owed = self.pending_bytes(now_s)
+        self.rate_Bps = rate_Bps
+        if rate_Bps <= 0:
+            # A piece whose slot has passed may still leave (its sender has not woken yet): only bytes
+            # still owed wait for a rate.  (Parking it would deadlock a stream whose last piece is in
+            # flight: with nothing left the policy never gives it a rate again.)
+            self.owed_bytes = owed
+            self.next_send_s = math.inf if owed > 0 else min(self.next_send_s, now_s)
+        elif math.isinf(rate_Bps):
+            self.owed_bytes, self.next_send_s = 0.0, now_s
+        else:
+            self.owed_bytes = 0.0
+            if owed > 0 or math.isinf(self.next_send_s):
+                self.next_send_s = now_s + owed / rate_Bps
+            # else: the deadline is in the past (credit of a late sender): keep it
+
+    def view(self, now_s: float) -> FlowView:
+        started, busy_until = self.gpu_state(now_s)
+        return FlowView(
+            flow_id=self.stream_id,
+            path=(EGRESS,),
+            layer_bytes=float(self.layer_bytes),
+            layers_total=self.layers_total,
+            delivered_bytes=float(self.sent_bytes(now_s)),
+            compute_per_layer_s=self.compute_per_layer_s,
+            gpu_busy_until_s=busy_until,
+            layers_computed=started,
+            arrival_s=self.arrival_s,
+            start_s=self.arrival_s,
+            first_layer_s=self.layer_sent_s[0] if self.layer_sent_s else math.nan,
+        )
