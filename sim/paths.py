@@ -91,14 +91,14 @@ def _layerwise_outcome(st: FlowState, arrival_s: float, fetched: int, compute_s:
 
 
 def _run_gpu(ready_s: list[float], start_s: float, layer_s: float) -> tuple[float, float]:
-    """Layer l computes at max(ready[l], end of l-1): (end of the last layer, stall after layer 0)."""
+    """The shared GPU recurrence (``scheduler.layerwise.layer_times``) over layer arrivals ``ready_s`` with
+    the GPU free from ``start_s``: (end of the last layer, stall after layer 0), in seconds."""
     busy = start_s
     stall = 0.0
-    for i, r in enumerate(ready_s):
-        begin = max(r, busy)
+    for i, (begin, end) in enumerate(layer_times(ready_s, layer_s, start_s)):
         if i:
             stall += begin - busy
-        busy = begin + layer_s
+        busy = end
     return busy, stall
 
 
