@@ -1,4 +1,4 @@
-"""Server-side cost of opening a gather's objects: ``gather._open_batch`` on the filesystem store.
+"""Server-side cost of opening a gather's objects: ``gather.open_batch`` on the filesystem store.
 
     .venv/bin/python testbed/bench/gather_open.py [--keys 30] [--repeat 50] [--out results/bench/gather_open.json]
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.repeat + 1):
             batch = keys[(r * a.keys) % a.objects :][: a.keys]
             t0 = time.perf_counter()
-            res = gather._open_batch(store, "bench-open", batch)
+            res = gather.open_batch(store, "bench-open", batch)
             dt_s = time.perf_counter() - t0
             for h, _ in res:
                 h.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -28,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from scheduler.geometry import get_model  # noqa: E402
-from scheduler.keys import KeyScope, object_key  # noqa: E402
-from testbed.bench.gather import machine  # noqa: E402
-from testbed.objectstore.launch import start_server  # noqa: E402
-from testbed.wire.kvformat import encode_chunk, slice_checksum  # noqa: E402
+from scheduler.geometry import get_model
+from scheduler.keys import KeyScope, object_key
+from testbed import REPO_ROOT
+from testbed.bench.gather import machine
+from testbed.objectstore.launch import start_server
+from testbed.wire.frames import FrameDecoder, first_bad_slice
+from testbed.wire.kvformat import encode_chunk
 
 
 def receive_all(c: socket.socket, buf: memoryview) -> int:
@@ -133,10 +131,14 @@ class _SocketReader:
                 raise EOFError("gather stream ended early")
             got += n
 
-    def read(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self.readinto(memoryview(buf))
-        return bytes(buf)
+    def readinto_some(self, view: memoryview) -> int:
+        """Some bytes into ``view`` (0 at the end of the stream): the frame decoder's source."""
+        if len(self.leftover):
+            take = min(len(self.leftover), len(view))
+            view[:take] = self.leftover[:take]
+            self.leftover = self.leftover[take:]
+            return take
+        return self.sock.recv_into(view)
 
 
 def gather_once(
@@ -177,22 +179,13 @@ def gather_once(
         gather_once.last_ttfb_s = ttfb_s
         return time.perf_counter() - t0, total
     r = _SocketReader(sock, leftover)
+    decoder = FrameDecoder(r.readinto_some, max_slices=len(keys))
     total = 0
-    head = bytearray(20)
-    while True:
-        r.readinto(memoryview(head)[:4])
-        if head[:4] == b"OCEN":
-            r.read(4)
-            break
-        r.readinto(memoryview(head)[4:20])
-        layer, n, sb = struct.unpack_from("<IIQ", head, 4)
-        sums = struct.unpack(f"<{n}Q", r.read(8 * n))
-        view = buf[: n * sb]
+    while (frame := decoder.next_frame()) is not None:
+        view = buf[: frame.payload_bytes]
         r.readinto(view)
-        if verify:
-            for i in range(n):
-                if slice_checksum(view[i * sb : (i + 1) * sb]) != sums[i]:
-                    raise RuntimeError(f"checksum mismatch in layer {layer} chunk {i}")
+        if verify and (bad := first_bad_slice(view, frame.checksums, frame.slice_bytes)) is not None:
+            raise RuntimeError(f"checksum mismatch in layer {frame.layer} chunk {bad[0]}")
         total += len(view)
     sock.close()
     gather_once.last_ttfb_s = ttfb_s
@@ -204,7 +197,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "gather_server.json"))
+    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "gather_server.json"))
     args = ap.parse_args()
     model = get_model(args.model)
     scope = KeyScope(model.fingerprint(), "bench")
