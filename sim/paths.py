@@ -102,6 +102,77 @@ def _run_gpu(ready_s: list[float], start_s: float, layer_s: float) -> tuple[floa
     return busy, stall
 
 
+def _gather(
+    node: Node,
+    request_id,
+    cached_tokens: int,
+    arrival: float,
+    layer_bytes: float,
+    c: float,
+    extra: float,
+    dram_first_layers: int,
+    gpu_free_s: float | None,
+):
+    """The ``gather`` path of ``serve`` (a SimPy sub-process): the first ``dram_first_layers`` layers from
+    DRAM, the rest gathered layer-major from the object tier; ``c`` and ``extra`` are the per-layer compute and
+    the non-layer tail (s), ``layer_bytes`` the KV bytes of one layer."""
+    env = node.env
+    L = node.model.num_layers
+    total_bytes = layer_bytes * L
+    compute_s = L * c + extra
+    k = max(0, min(int(dram_first_layers), L))
+    remote_layers = L - k
+    gpu_start = arrival if gpu_free_s is None else max(arrival, gpu_free_s)
+    if k:
+        # The DRAM layers: layerwise PCIe copies back to back, each layer computing once its copy is in.
+        dram_layer_s = layer_bytes / node.network.links["pcie"].capacity_Bps
+        copies_s = (gpu_start + (i + 1) * dram_layer_s for i in range(k))
+        dram_layers = list(layer_times(copies_s, c, gpu_start))
+        local_first = dram_layers[0][0]
+        gpu_busy = dram_layers[-1][1]
+    else:
+        local_first = math.nan
+        gpu_busy = gpu_start
+    if remote_layers == 0:
+        yield env.timeout(max(0.0, gpu_busy + extra - env.now))
+        return PathOutcome(env.now - arrival, local_first - arrival, 0.0, total_bytes, compute_s)
+    with node.server.request() as slot:
+        yield slot
+        n_keys = math.ceil(cached_tokens / node.chunk_tokens)
+        yield env.timeout(node.storage.request_overhead_s + n_keys * node.storage.gather_per_chunk_s)
+    spec = RequestSpec(
+        request_id,
+        env.now,
+        float(layer_bytes),
+        remote_layers,
+        c,
+        OBJECT_LINKS,
+        node.storage.ttfb_s + node.net.rtt_s,
+        extra,
+    )
+    st = FlowState(spec=spec)
+    if k or gpu_free_s is not None:
+        # The GPU is busy with the DRAM layers (or another request) until gpu_busy: the fluid model
+        # starts the first remote layer no earlier, and counts it as computed-after-k for stalls.
+        st.gpu_busy_until_s = gpu_busy
+    st, done = node.network.add(spec, st)
+    yield done
+    yield env.timeout(max(0.0, st.done_s - env.now))
+    out = _layerwise_outcome(st, arrival, total_bytes, compute_s)
+    if k:
+        # Stall before the first remote layer (GPU idle after the DRAM layers) is stall, not first-wait.
+        first_remote = st.first_layer_s
+        extra_stall = max(0.0, first_remote - gpu_busy)
+        return PathOutcome(
+            out.ttft_s, local_first - arrival, out.stall_s + extra_stall, total_bytes, compute_s
+        )
+    if gpu_free_s is not None:
+        return PathOutcome(
+            out.ttft_s, max(0.0, st.first_layer_s - gpu_start), out.stall_s, total_bytes, compute_s
+        )
+    return out
+
+
 def serve(
     node: Node,
     request_id,
@@ -156,57 +227,11 @@ def serve(
         return _layerwise_outcome(st, arrival, total_bytes, compute_s)
 
     if path == "gather":
-        k = max(0, min(int(dram_first_layers), L))
-        remote_layers = L - k
-        gpu_start = arrival if gpu_free_s is None else max(arrival, gpu_free_s)
-        if k:
-            # The DRAM layers: layerwise PCIe copies back to back, each layer computing once its copy is in.
-            dram_layer_s = layer_bytes / node.network.links["pcie"].capacity_Bps
-            copies_s = (gpu_start + (i + 1) * dram_layer_s for i in range(k))
-            dram_layers = list(layer_times(copies_s, c, gpu_start))
-            local_first = dram_layers[0][0]
-            gpu_busy = dram_layers[-1][1]
-        else:
-            local_first = math.nan
-            gpu_busy = gpu_start
-        if remote_layers == 0:
-            yield env.timeout(max(0.0, gpu_busy + extra - env.now))
-            return PathOutcome(env.now - arrival, local_first - arrival, 0.0, total_bytes, compute_s)
-        with node.server.request() as slot:
-            yield slot
-            n_keys = math.ceil(cached_tokens / node.chunk_tokens)
-            yield env.timeout(node.storage.request_overhead_s + n_keys * node.storage.gather_per_chunk_s)
-        spec = RequestSpec(
-            request_id,
-            env.now,
-            float(layer_bytes),
-            remote_layers,
-            c,
-            OBJECT_LINKS,
-            node.storage.ttfb_s + node.net.rtt_s,
-            extra,
+        return (
+            yield from _gather(
+                node, request_id, cached_tokens, arrival, layer_bytes, c, extra, dram_first_layers, gpu_free_s
+            )
         )
-        st = FlowState(spec=spec)
-        if k or gpu_free_s is not None:
-            # The GPU is busy with the DRAM layers (or another request) until gpu_busy: the fluid model
-            # starts the first remote layer no earlier, and counts it as computed-after-k for stalls.
-            st.gpu_busy_until_s = gpu_busy
-        st, done = node.network.add(spec, st)
-        yield done
-        yield env.timeout(max(0.0, st.done_s - env.now))
-        out = _layerwise_outcome(st, arrival, total_bytes, compute_s)
-        if k:
-            # Stall before the first remote layer (GPU idle after the DRAM layers) is stall, not first-wait.
-            first_remote = st.first_layer_s
-            extra_stall = max(0.0, first_remote - gpu_busy)
-            return PathOutcome(
-                out.ttft_s, local_first - arrival, out.stall_s + extra_stall, total_bytes, compute_s
-            )
-        if gpu_free_s is not None:
-            return PathOutcome(
-                out.ttft_s, max(0.0, st.first_layer_s - gpu_start), out.stall_s, total_bytes, compute_s
-            )
-        return out
 
     n_chunks = max(1, math.ceil(cached_tokens / node.chunk_tokens))
     window = simpy.Resource(env, capacity=max(1, node.storage.client_concurrency))

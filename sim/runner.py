@@ -120,37 +120,10 @@ def simulate(
         env.process(closed_loop(by_client[cid]))
     env.run()
     n_conc = concurrency if concurrency is not None else len(requests)
-    records = []
-    for req in requests:
-        out = outcomes[req.request_id]
-        lead = req.prefetch_lead_s
-        records.append(
-            RequestRecord(
-                experiment=experiment,
-                source="sim",
-                config_hash=config_hash,
-                seed=seed,
-                request_id=req.request_id,
-                model=setup.model.name,
-                context_tokens=req.context_tokens,
-                cached_tokens=req.cached_tokens if req.path != "recompute" else 0,
-                new_tokens=req.new_tokens if req.path != "recompute" else req.context_tokens,
-                path=req.path,
-                policy=setup.policy.name,
-                link_Gbps=setup.link_Gbps,
-                concurrency=n_conc,
-                arrival_s=req.arrival_s + lead,
-                # With prefetch the TTFT counts from when the GPU is free (admission is ``lead`` earlier).
-                ttft_s=out.ttft_s - lead,
-                first_layer_wait_s=out.first_layer_wait_s,
-                stall_s=out.stall_s,
-                bytes_fetched=int(out.bytes_fetched),
-                compute_s=out.compute_s,
-                tier=req.tier if req.path != "recompute" else "none",
-                baseline_ttft_s=dram_layerwise_ttft_s(setup, req.cached_tokens, req.new_tokens),
-                note=note,
-            )
-        )
+    records = [
+        _record(req, outcomes[req.request_id], setup, experiment, config_hash, seed, n_conc, note)
+        for req in requests
+    ]
     stats = SimStats(
         sim_end_s=env.now,
         timer_events=network.timer_events,
@@ -160,3 +133,42 @@ def simulate(
         utilisation=network.utilisation(env.now),
     )
     return records, stats
+
+
+def _record(
+    req: SimRequest,
+    out,
+    setup: Setup,
+    experiment: str,
+    config_hash: str,
+    seed: int,
+    concurrency: int,
+    note: str,
+) -> RequestRecord:
+    """The results row of one simulated request (``out``: its ``PathOutcome``)."""
+    lead = req.prefetch_lead_s
+    return RequestRecord(
+        experiment=experiment,
+        source="sim",
+        config_hash=config_hash,
+        seed=seed,
+        request_id=req.request_id,
+        model=setup.model.name,
+        context_tokens=req.context_tokens,
+        cached_tokens=req.cached_tokens if req.path != "recompute" else 0,
+        new_tokens=req.new_tokens if req.path != "recompute" else req.context_tokens,
+        path=req.path,
+        policy=setup.policy.name,
+        link_Gbps=setup.link_Gbps,
+        concurrency=concurrency,
+        arrival_s=req.arrival_s + lead,
+        # With prefetch the TTFT counts from when the GPU is free (admission is ``lead`` earlier).
+        ttft_s=out.ttft_s - lead,
+        first_layer_wait_s=out.first_layer_wait_s,
+        stall_s=out.stall_s,
+        bytes_fetched=int(out.bytes_fetched),
+        compute_s=out.compute_s,
+        tier=req.tier if req.path != "recompute" else "none",
+        baseline_ttft_s=dram_layerwise_ttft_s(setup, req.cached_tokens, req.new_tokens),
+        note=note,
+    )
