@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 
 from scheduler.policies import get_policy, register_policy
-from testbed.objectstore import gather
 from testbed.objectstore.paced_stream import EGRESS
 from testbed.objectstore.pacer import Pacer
+from testbed.wire.frames import LAYER_MAGIC, iter_frames
 from tests.fixtures.servers import signed_request, wait_for_metrics
 from tests.testbed.objectstore.test_gather import TINY, make_chunks, put_all, server_with_chunks
 
@@ -142,7 +142,7 @@ def _gather(server, bucket, keys, out, i):
     ).encode()
     t0 = time.monotonic()
     resp = signed_request(server, "POST", f"/{bucket}?gather", body=body)
-    frames = list(gather.iter_frames(resp.read))
+    frames = list(iter_frames(resp.read))
     out[i] = (resp.status, len(frames), time.monotonic() - t0)
 
 
@@ -197,7 +197,7 @@ def test_client_disconnect_mid_stream_is_cleaned_up(start_objectcache_server):
     put_all(s3, "drop", chunks)
     body = json.dumps({"version": 1, "keys": [c[0] for c in chunks]}).encode()
     resp = signed_request(srv, "POST", "/drop?gather", body=body)
-    assert resp.status == 200 and resp.read(1000)[:4] == gather.LAYER_MAGIC
+    assert resp.status == 200 and resp.read(1000)[:4] == LAYER_MAGIC
     resp.close()  # the client goes away mid-stream
     text = wait_for_metrics(srv, ["objectcache_active_streams 0", 'code="ClientDisconnected"'])
     assert (
@@ -205,7 +205,7 @@ def test_client_disconnect_mid_stream_is_cleaned_up(start_objectcache_server):
         and 'objectcache_errors_total{code="ClientDisconnected"} 1' in text
     )
     resp = signed_request(srv, "POST", "/drop?gather", body=body)  # the server carries on
-    assert resp.status == 200 and len(list(gather.iter_frames(resp.read))) == 4
+    assert resp.status == 200 and len(list(iter_frames(resp.read))) == 4
     assert "Traceback" not in srv.log_tail(100000)
 
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from testbed.objectstore import gather
+from testbed.wire.frames import LAYER_MAGIC, iter_frames
 from tests.fixtures.servers import TENANT_ACCESS_KEY, TENANT_SECRET_KEY, signed_request, wait_for_metrics
 from tests.testbed.objectstore.test_gather import TINY, server_with_chunks
 
@@ -45,7 +45,7 @@ def timed_gather(srv, keys) -> float:
     body = json.dumps({"version": 1, "keys": keys, "stream_id": "ctl"}).encode()
     t0 = time.monotonic()
     resp = signed_request(srv, "POST", "/ctl?gather", body=body)
-    frames = list(gather.iter_frames(resp.read))
+    frames = list(iter_frames(resp.read))
     assert resp.status == 200 and len(frames) == TINY.num_layers
     return time.monotonic() - t0
 
@@ -85,7 +85,7 @@ def test_refused_while_streams_are_open(controlled):
     assert set_pacer(srv, {"policy": "equal", "egress_gbps": 0.016})[0] == 200  # 2 MB/s: ~0.26 s a gather
     body = json.dumps({"version": 1, "keys": keys}).encode()
     resp = signed_request(srv, "POST", "/ctl?gather", body=body)
-    assert resp.status == 200 and resp.read(1000)[:4] == gather.LAYER_MAGIC  # the stream is open
+    assert resp.status == 200 and resp.read(1000)[:4] == LAYER_MAGIC  # the stream is open
     status, err = set_pacer(srv, {"policy": "bandwidth_aware"})
     assert status == 409 and s3_code(err) == "PacerBusy"
     assert health(srv)["policy"] == "equal"
