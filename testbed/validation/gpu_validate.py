@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +55,54 @@ def h100_summary(path: Path) -> dict | None:
     return out
 
 
+@dataclass(frozen=True)
+class ObjectPathFit:
+    """The object path's fitted parameters: per-request overhead (s), per-chunk gather cost (s), link
+    efficiency, and the median |relative error| they reach on the calibration configs."""
+
+    median_abs_err: float
+    request_overhead_s: float
+    gather_per_chunk_s: float
+    efficiency: float
+
+
+def fit_object_path(cal_raw: dict, profile: str, real: dict, obj: dict[str, str]) -> ObjectPathFit:
+    """Grid search, coarse then fine around the best, of the object path's parameters minimising the median
+    |error| of the sources ``obj`` over the configs of ``cal_raw`` (``real``: measured TTFT in ms per config
+    key and source).  Without object sources: the defaults of a fast server at the full link rate."""
+    best = ObjectPathFit(math.inf, 2e-4, 0.0, 1.0)
+
+    def search(a_grid, c_grid, e_grid, best: ObjectPathFit) -> ObjectPathFit:
+        for a in a_grid:
+            for c in c_grid:
+                for eff in e_grid:
+                    sim = simulate_ttft_ms(cal_raw, profile, request_overhead_s=a, ttfb_s=0.0,
+                                           gather_per_chunk_s=c, efficiency=eff, paths=obj)  # fmt: skip
+                    errs = [abs(sim[k][s] - real[k][s]) / real[k][s] for k in sim for s in obj]
+                    err = float(np.median(errs))
+                    if err < best.median_abs_err - 1e-12:
+                        best = ObjectPathFit(err, a, c, eff)
+        return best
+
+    if not obj:
+        return best
+    # Wide on purpose: the loopback object path of a Python server differs by a factor of about two between
+    # hosts of the same GPU kind (docs/harness.md, "H100").
+    best = search(
+        [0.0, *(0.1e-3 * 2**i for i in range(12))],  # 0 .. ~205 ms
+        [x * 1e-3 for x in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)],
+        [round(0.2 + 0.1 * i, 2) for i in range(9)],  # 0.2 .. 1.0
+        best,
+    )
+    a0, c0, e0 = best.request_overhead_s, best.gather_per_chunk_s, best.efficiency
+    return search(
+        sorted({a0 * f for f in (0.6, 0.75, 0.9, 1.0, 1.1, 1.3, 1.6)}),
+        sorted({c0 * f for f in (0.5, 0.75, 1.0, 1.25, 1.5)} | {0.0}),
+        sorted({min(1.0, max(0.05, round(e0 + d, 3))) for d in (-0.075, -0.05, -0.025, 0, 0.025, 0.05)}),
+        best,
+    )
+
+
 def gpu_validation(raw: dict, profile: str) -> dict:
     """Simulator vs the GPU engine on a single-request context sweep (``gpu`` compute, ``local`` topology:
     ``python -m testbed.validation.ttft measure --shared-prefix --configs <grid>`` on the GPU machine).
@@ -71,37 +120,8 @@ def gpu_validation(raw: dict, profile: str) -> dict:
     real = {k: {s: r["sources"][s]["ttft_ms"] for s in paths} for k, r in zip(keys, rows)}
     cal_raw = dict(raw, configs=[r for k, r in zip(keys, rows) if k in cal_keys])
     obj = {s: p for s, p in paths.items() if p == "gather"}
-    best = (math.inf, 2e-4, 0.0, 1.0)
-
-    def search(a_grid, c_grid, e_grid, best):
-        for a in a_grid:
-            for c in c_grid:
-                for eff in e_grid:
-                    sim = simulate_ttft_ms(cal_raw, profile, request_overhead_s=a, ttfb_s=0.0,
-                                           gather_per_chunk_s=c, efficiency=eff, paths=obj)  # fmt: skip
-                    errs = [abs(sim[k][s] - real[k][s]) / real[k][s] for k in sim for s in obj]
-                    err = float(np.median(errs))
-                    if err < best[0] - 1e-12:
-                        best = (err, a, c, eff)
-        return best
-
-    if obj:
-        # Coarse, then fine around the best.  Wide on purpose: the loopback object path of a Python server
-        # differs by ~2x between hosts of the same GPU kind (docs/harness.md, "H100").
-        best = search(
-            [0.0, *(0.1e-3 * 2**i for i in range(12))],  # 0 .. ~205 ms
-            [x * 1e-3 for x in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)],
-            [round(0.2 + 0.1 * i, 2) for i in range(9)],  # 0.2 .. 1.0
-            best,
-        )
-        _, a0, c0, e0 = best
-        best = search(
-            sorted({a0 * f for f in (0.6, 0.75, 0.9, 1.0, 1.1, 1.3, 1.6)}),
-            sorted({c0 * f for f in (0.5, 0.75, 1.0, 1.25, 1.5)} | {0.0}),
-            sorted({min(1.0, max(0.05, round(e0 + d, 3))) for d in (-0.075, -0.05, -0.025, 0, 0.025, 0.05)}),
-            best,
-        )
-    _, a, c, eff = best
+    best = fit_object_path(cal_raw, profile, real, obj)
+    a, c, eff = best.request_overhead_s, best.gather_per_chunk_s, best.efficiency
     sim = simulate_ttft_ms(raw, profile, request_overhead_s=a, ttfb_s=0.0, gather_per_chunk_s=c,
                            efficiency=eff, paths=paths)  # fmt: skip
     table = [
@@ -130,7 +150,7 @@ def gpu_validation(raw: dict, profile: str) -> dict:
             "request_overhead_s": a,
             "gather_per_chunk_s": c,
             "efficiency": eff,
-            "calibration_median_abs_err": best[0],
+            "calibration_median_abs_err": best.median_abs_err,
             "configs": sorted(cal_keys),
             "fitted_on": sorted(obj),
         },
