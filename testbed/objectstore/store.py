@@ -274,4 +274,3 @@ class FilesystemStore(Store):
 # importers use them.
 from testbed.objectstore.objectfile import TRAILER_TAIL as _TRAILER_TAIL  # noqa: E402, F401
 from testbed.objectstore.objectfile import read_trailer as _read_trailer  # noqa: E402, F401
-from testbed.objectstore.storeapi import MAX_KEY_BYTES as MAX_KEY_BYTES  # noqa: E402, F401
