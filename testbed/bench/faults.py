@@ -36,8 +36,8 @@ from urllib.parse import quote
 
 from testbed import REPO_ROOT
 from testbed.objectstore.auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, Credential
-from testbed.objectstore.launch import ServerProcess, _wait_healthy, start_server
-from testbed.objectstore.store import _TRAILER_TAIL, _read_trailer
+from testbed.objectstore.launch import ServerProcess, start_server, wait_healthy
+from testbed.objectstore.objectfile import TRAILER_TAIL, read_trailer
 from testbed.wire import kvformat
 
 
@@ -168,7 +168,7 @@ class ServerZygote:
         info = json.loads(ready.read_text())
         ready.unlink()
         srv = ServerProcess(info["url"], info["host"], info["port"], proc, data_dir, log_path, access, secret)
-        if not _wait_healthy(srv.url, deadline, proc):
+        if not wait_healthy(srv.url, deadline, proc):
             proc.kill()
             raise RuntimeError(f"forked server {pid} never became healthy")
         return srv
@@ -211,7 +211,7 @@ def object_size(path: Path) -> int:
     """Object bytes in a store file (the file minus its metadata trailer)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, _ = _read_trailer(fd, os.fstat(fd).st_size, path.name)
+        size, _ = read_trailer(fd, os.fstat(fd).st_size, path.name)
         return size
     finally:
         os.close(fd)
@@ -450,4 +450,4 @@ def store_leftovers(data_dir: str | os.PathLike, bucket: str) -> list[str]:
     return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
 
 
-TRAILER_TAIL_BYTES = _TRAILER_TAIL.size
+TRAILER_TAIL_BYTES = TRAILER_TAIL.size

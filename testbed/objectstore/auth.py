@@ -282,9 +282,3 @@ def verify_request(
             "the request signature we calculated does not match the signature you provided",
         )
     return AuthResult(cred, sig.payload_hash, sig.amz_date, scope, key, sig.signature)
-
-
-# tests/testbed/test_fuzz.py still reaches these names here; their homes are ``testbed.objectstore.chunked``
-# and ``testbed.wire.errors``.  This block goes once it imports them from there.
-from testbed.objectstore.chunked import ChunkedDecoder as ChunkedDecoder  # noqa: E402
-from testbed.wire.errors import S3Error as S3Error  # noqa: E402

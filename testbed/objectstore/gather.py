@@ -25,8 +25,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from testbed.objectstore.gather_sinks import Part, SocketSink, WriterSink
-from testbed.objectstore.pacer import DEFAULT_PIECE_BYTES, PacedStream, Pacer
-from testbed.objectstore.store import ObjectHandle, Store
+from testbed.objectstore.paced_stream import PacedStream
+from testbed.objectstore.pacer import DEFAULT_PIECE_BYTES, Pacer
+from testbed.objectstore.storeapi import ObjectHandle, Store
 from testbed.wire.errors import (
     ChunkMissing,
     CorruptObject,
@@ -398,13 +399,3 @@ async def _send_paced_pieces(
             else:
                 await sink.send([part[offset_bytes : offset_bytes + n]])
             offset_bytes += n
-
-
-# --- names still reached through this module from outside its area ------------------------------------------
-# tests/testbed/objectstore/test_pacer.py and test_server_pacer_control.py (iter_frames, LAYER_MAGIC: their
-# home is ``testbed.wire.frames``) and testbed/bench/gather_open.py (``_open_batch``, now ``open_batch``).
-# This block goes once those importers use the names' homes.
-from testbed.wire.frames import LAYER_MAGIC as LAYER_MAGIC  # noqa: E402
-from testbed.wire.frames import iter_frames as iter_frames  # noqa: E402
-
-_open_batch = open_batch

@@ -18,7 +18,8 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 
-from testbed.objectstore.pacer import PacedStream, Pacer
+from testbed.objectstore.paced_stream import PacedStream
+from testbed.objectstore.pacer import Pacer
 
 Part = bytes | bytearray | memoryview | tuple[int, int, int]  # bytes, or (file descriptor, offset, count)
 

@@ -227,7 +227,3 @@ def start_server(
     raise RuntimeError(
         f"objectcache server did not become ready within {timeout_s}s (exit {proc.returncode}):\n{tail}"
     )
-
-
-# testbed/bench/faults.py still imports the former private name; this alias goes once it uses ``wait_healthy``.
-_wait_healthy = wait_healthy

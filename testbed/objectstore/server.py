@@ -301,9 +301,5 @@ def _quiet_malformed_http(record: logging.LogRecord) -> bool:
     return True
 
 
-# tests/testbed/test_fuzz.py still imports ``parse_range`` from here; its home is
-# ``testbed.objectstore.objectops``.  This line goes once the test imports it from there.
-from testbed.objectstore.objectops import parse_range as parse_range  # noqa: E402
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -265,12 +265,3 @@ class FilesystemStore(Store):
             except ChunkMissing:  # deleted while listing
                 continue
         return ListPage(objects, truncated)
-
-
-# Importers outside this package's server area still reach these names here: testbed/objectstore/gather.py
-# (ObjectHandle, Store), tests/testbed/test_fuzz.py (validate_bucket_name, validate_key) and
-# testbed/bench/faults.py (_TRAILER_TAIL, _read_trailer).  Their homes are ``testbed.objectstore.storeapi``
-# and ``testbed.objectstore.objectfile`` (``TRAILER_TAIL``, ``read_trailer``); this block goes once those
-# importers use them.
-from testbed.objectstore.objectfile import TRAILER_TAIL as _TRAILER_TAIL  # noqa: E402, F401
-from testbed.objectstore.objectfile import read_trailer as _read_trailer  # noqa: E402, F401

@@ -30,12 +30,14 @@ from hypothesis import strategies as st
 
 from testbed.bench import faults
 from testbed.objectstore import gather
-from testbed.objectstore.auth import ChunkedDecoder, CredentialStore, S3Error, verify_request
-from testbed.objectstore.server import parse_range
-from testbed.objectstore.store import FilesystemStore, validate_bucket_name, validate_key
+from testbed.objectstore.auth import CredentialStore, verify_request
+from testbed.objectstore.chunked import ChunkedDecoder
+from testbed.objectstore.objectops import parse_range
+from testbed.objectstore.store import FilesystemStore
+from testbed.objectstore.storeapi import validate_bucket_name, validate_key
 from testbed.wire import frames as wire_frames
 from testbed.wire import kvformat
-from testbed.wire.errors import ObjectCacheError
+from testbed.wire.errors import ObjectCacheError, S3Error
 from tests.fixtures.servers import signed_request
 from tests.testbed.bench.test_faults import CT, WIDE, wide_chunks
 

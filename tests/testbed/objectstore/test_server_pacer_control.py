@@ -63,7 +63,9 @@ def test_allowed_change_sets_the_rate_of_later_gathers(controlled):
     }
     slow_s = timed_gather(srv, keys)
     assert slow_s >= 0.9 * stream_bytes / slow_Bps  # ~0.26 s at 2 MB/s; unpaced it takes a few ms
-    # 40x faster: the next stream follows the new rate (the server was not restarted).
+    # 40x faster: the next stream follows the new rate (the server was not restarted).  A change is refused
+    # while a stream is open, and the server books the stream's end just after its last byte.
+    wait_for_metrics(srv, ["objectcache_active_streams 0"])
     status, body = set_pacer(srv, {"egress_gbps": 40 * slow_Bps * 8 / 1e9})
     assert status == 200 and json.loads(body)["policy"] == "bandwidth_aware"  # a left-out key is kept
     fast_s = timed_gather(srv, keys)
@@ -74,6 +76,7 @@ def test_allowed_change_sets_the_rate_of_later_gathers(controlled):
     assert 'objectcache_pacer_policy{policy="bandwidth_aware"} 1' in text
     changes = int(re.search(r"objectcache_pacer_changes_total (\d+)", text).group(1))
     # Back to unpaced (0 or null both mean it).
+    wait_for_metrics(srv, ["objectcache_active_streams 0"])
     status, body = set_pacer(srv, {"policy": "equal", "egress_gbps": 0})
     assert status == 200 and json.loads(body)["egress_gbps"] is None
     assert health(srv)["egress_gbps"] is None and health(srv)["policy"] == "equal"
