@@ -231,9 +231,8 @@ def measure(args) -> dict:
             del ref
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            if base is None:  # free the DRAM tier's slots for the next configuration (LRU would also do it)
-                tier.release(list(tier.slots.values()))
-                tier.slots.clear()
+            if base is None:  # the next configuration writes its own prefix: free this one's slots now
+                tier.clear()
     finally:
         for oc in locals().get("ocs", {}).values():
             oc.close()
