@@ -37,6 +37,7 @@ from urllib.parse import quote
 from testbed import REPO_ROOT
 from testbed.objectstore.auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, Credential
 from testbed.objectstore.launch import ServerProcess, start_server, wait_healthy
+from testbed.objectstore.launch import write_credentials as launch_credentials
 from testbed.objectstore.objectfile import TRAILER_TAIL, read_trailer
 from testbed.wire import kvformat
 
@@ -107,14 +108,12 @@ class _PidProc:
 def write_credentials(
     data_dir: Path, credentials: Sequence[Credential | dict] | None
 ) -> tuple[str, str, list]:
-    """Credentials file for a server (as ``testbed.objectstore.launch`` writes it); returns (access, secret, argv)."""
+    """Credentials file for a server in ``data_dir``; returns (access key, secret key, server argv)."""
     if not credentials:
         return DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, []
-    docs = [asdict(c) if isinstance(c, Credential) else dict(c) for c in credentials]
-    path = data_dir / "credentials.json"
-    path.write_text(json.dumps({"credentials": docs}))
-    os.chmod(path, 0o600)
-    return docs[0]["access_key"], docs[0]["secret_key"], ["--credentials", str(path)]
+    path = launch_credentials(data_dir / "credentials.json", credentials)
+    first = credentials[0] if isinstance(credentials[0], dict) else asdict(credentials[0])
+    return first["access_key"], first["secret_key"], ["--credentials", str(path)]
 
 
 class ServerZygote:
