@@ -12,6 +12,9 @@ as root on a plain Linux box (no special kernel modules), and says why when it c
 * ``slow_put``: a raw SigV4-signed PUT whose body trickles in small pieces (to be killed mid-upload).
 * ``tmpfs``: a size-limited tmpfs mount (disk-full tests); ``VethNamespace``: a network namespace joined to
   the host by a veth pair, with a server inside it and ``link_down()`` / ``link_up()``.
+
+One module (a little over 400 lines) on purpose: the fault tests, the fuzz tests and the soak reach every
+helper as ``faults.<name>``, and each helper is a few lines of its own.
 """
 
 from __future__ import annotations

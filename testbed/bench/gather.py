@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -39,57 +37,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from scheduler.geometry import get_model
-from scheduler.keys import KeyScope, object_key
 from testbed import REPO_ROOT
+from testbed.bench.common import BUCKET, machine, names_for, store_chunks, time_load
+from testbed.bench.shaped import bench_shaped
 from testbed.client.core import ObjectCacheClient
 from testbed.objectstore.launch import start_server
-from testbed.wire.kvformat import encode_chunk
 
-BUCKET = "bench-gather"
 DISTINCT_CHUNKS = 64
-
-
-# --- data ------------------------------------------------------------------------------------------------------
-def chunk_names(model, n: int, namespace: str = "bench") -> list[str]:
-    scope = KeyScope(model.fingerprint(), namespace)
-    return [object_key(scope, f"{i:064x}") for i in range(n)]
-
-
-def make_chunk(model, i: int) -> bytes:
-    rng = np.random.default_rng(1000 + i)
-    sb = model.kv_bytes_per_chunk_layer()
-    return encode_chunk(model, [rng.bytes(sb) for _ in range(model.num_layers)])
-
-
-def store_chunks(clients: list[ObjectCacheClient], model, n: int) -> list[str]:
-    names = chunk_names(model, n)
-    for c in clients:
-        c.ensure_bucket()
-    for i, name in enumerate(names):
-        blob = make_chunk(model, i)
-        for c in clients:
-            c.put_chunk(name, blob)
-    return names
-
-
-def names_for(distinct: list[str], n: int) -> list[str]:
-    return [distinct[i % len(distinct)] for i in range(n)]
-
-
-# --- timing ------------------------------------------------------------------------------------------------------
-def time_load(client: ObjectCacheClient, names: list[str], ring: list[bytearray] | None, **kw) -> dict:
-    """Load all layers; returns seconds, bytes, first-layer latency and per-layer arrival times."""
-    arrivals = []
-    n_bytes = 0
-    t0 = time.perf_counter()
-    out = None if ring is None else [ring[i % len(ring)] for i in range(32)]
-    for _layer, view in client.load_layers(names, out=out, **kw):
-        arrivals.append(time.perf_counter() - t0)
-        n_bytes += len(view)
-    return {"seconds": arrivals[-1], "bytes": n_bytes, "first_layer_s": arrivals[0], "arrivals_s": arrivals}
 
 
 def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 1 << 20) -> float:
@@ -231,22 +186,6 @@ def bench_paths(model, sizes: list[int], repeats: int, with_rgw: bool, log) -> d
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
-def machine() -> dict:
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "mem_total_bytes": mem,
-        "uname": " ".join(platform.uname()),
-        "python": platform.python_version(),
-        "loadavg_1min_at_start": os.getloadavg()[0],
-    }
-
-
 def print_table(report: dict) -> None:
     rows = report["delivery"]["rows"]
     paths = list(dict.fromkeys(r["path"] for r in rows))
@@ -290,8 +229,6 @@ def run_gather(args) -> dict:
         report["speedup_vs_server_ranged_n16"] = by[(16, "ranged@server")] / by[(16, "gather@server")]
     report["loopback_fraction_of_tcp"] = report["delivery"]["loopback"]["fraction_of_tcp"]
     if not args.skip_shaped:
-        from testbed.bench.shaped import bench_shaped
-
         report["shaped"] = bench_shaped(model, args.shaped_gbps, args.shaped_chunks, log)
         if "single_stream" in report["shaped"]:
             report["shaped_fraction_of_cap"] = report["shaped"]["single_stream"]["fraction_of_cap"]

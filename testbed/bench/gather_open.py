@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from scheduler.geometry import PRESETS
-from testbed.bench.gather import machine
+from testbed.bench.common import machine
 from testbed.objectstore import gather
 from testbed.objectstore.store import FilesystemStore
 from testbed.wire import kvformat

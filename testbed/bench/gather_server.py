@@ -30,7 +30,7 @@ import psutil
 from scheduler.geometry import get_model
 from scheduler.keys import KeyScope, object_key
 from testbed import REPO_ROOT
-from testbed.bench.gather import machine
+from testbed.bench.common import machine
 from testbed.objectstore.launch import start_server
 from testbed.wire.frames import FrameDecoder, first_bad_slice
 from testbed.wire.kvformat import encode_chunk

@@ -25,7 +25,7 @@ from scheduler.geometry import get_model
 from scheduler.policies import get_policy
 from scheduler.units import Bps_to_gbps, gbps_to_Bps
 from testbed import REPO_ROOT
-from testbed.bench.gather import BUCKET, chunk_names, make_chunk, time_load
+from testbed.bench.common import BUCKET, chunk_names, make_chunk, time_load
 from testbed.client import ObjectCacheClient
 from testbed.objectstore.auth import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 

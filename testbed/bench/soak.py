@@ -38,7 +38,7 @@ import numpy as np
 
 from scheduler.geometry import ModelSpec
 from testbed.bench import faults
-from testbed.bench.gather import machine
+from testbed.bench.common import machine
 from testbed.client.core import ObjectCacheClient
 from testbed.objectstore.launch import ServerProcess, start_server
 from testbed.wire import kvformat
