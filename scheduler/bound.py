@@ -109,6 +109,9 @@ def offline_bound(
     guess that only affects tightness).  ``time_limit_s`` limits the MILP only; the LP relaxation, which the
     bound cannot do without, gets ``lp_time_limit_s``.  ``clock``: a callable returning seconds (e.g. ``time.perf_counter``)
     used only to report ``solve_s``; the scheduler never reads the clock itself (``solve_s`` is nan without).
+
+    One function on purpose: the LP is assembled over one variable layout (grid, buckets, columns) whose index
+    arithmetic every block below shares; split, each piece would need it all passed in.
     """
     from scheduler.policies import get_policy
 

@@ -191,6 +191,9 @@ def serve(
     fetch started at admission: prefetch).  ``fetch_tokens``: tokens whose KV this path moves, when fewer
     than ``cached_tokens`` (the rest is already in HBM or comes from a faster tier in parallel); path
     ``hbm``: the whole prefix is already on the GPU, nothing moves.
+
+    One SimPy process per request: each storage path is a few yields of the same generator, kept together so
+    the paths read side by side.
     """
     env = node.env
     arrival = env.now

@@ -81,6 +81,8 @@ def tcp_ceiling_Bps(total_bytes: int, block_bytes: int = 1 << 20) -> float:
 
 # --- part 1 and 2 --------------------------------------------------------------------------------------------
 def bench_paths(model, sizes: list[int], repeats: int, with_rgw: bool, log) -> dict:
+    """A benchmark driver: the rounds interleave every path so background load hits all alike, which keeps
+    them in one loop."""
     from testbed.harness.rgw import RGWUnavailable, start_rgw
 
     sb = model.kv_bytes_per_chunk_layer()

@@ -193,6 +193,7 @@ def gather_once(
 
 
 def main() -> None:
+    """A benchmark driver: set-up, the measured loop and the report in the order they run."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--model", default="llama-3.1-8b")

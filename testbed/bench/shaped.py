@@ -135,6 +135,8 @@ def fluid_transfer_s(
 
 
 def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
+    """A benchmark driver: namespaces, server, the two measurements and their fluid-model predictions in the
+    order they run."""
     from testbed.harness.netns import NetnsUnavailable, ShapedLink
     from testbed.objectstore.store import FilesystemStore
 
@@ -176,8 +178,8 @@ def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
             # one fast (pace 3x the cap: it could use the whole link).
             half = n_chunks // 2
             lb = half * sb
-            pacer_Gbps = 0.95 * cap_Gbps
-            cap_Bps = gbps_to_Bps(pacer_Gbps)
+            egress_Gbps = 0.95 * cap_Gbps
+            cap_Bps = gbps_to_Bps(egress_Gbps)
             cpls = [lb / (0.3 * cap_Bps), lb / (3.0 * cap_Bps)]
             streams = [
                 {"names": names[:half], "compute_per_layer_s": cpls[0]},
@@ -186,7 +188,7 @@ def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
             out["policies"] = {}
             for policy in ("equal", "bandwidth_aware"):
                 proc = _start_server_in(
-                    link, "a", data_dir, ["--egress-gbps", str(pacer_Gbps), "--policy", policy]
+                    link, "a", data_dir, ["--egress-gbps", str(egress_Gbps), "--policy", policy]
                 )
                 url = f"http://{link.addr['a']}:{json.loads((data_dir / 'ready.json').read_text())['port']}"
                 res = _run_client_in(link, "b", {"url": url, "model": model.name, "streams": streams})
@@ -202,7 +204,7 @@ def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
                 err = [abs(t - f) / f for t, f in zip(spans, fluid)]
                 err_cal = [abs(t - f) / f for t, f in zip(spans, fluid_cal)]
                 out["policies"][policy] = {
-                    "pacer_Gbps": pacer_Gbps,
+                    "egress_Gbps": egress_Gbps,
                     "compute_per_layer_s": cpls,
                     "transfer_s": spans,
                     "mean_rate_Gbps": [Bps_to_gbps(r) for r in layer_rates],
@@ -214,7 +216,7 @@ def bench_shaped(model, cap_Gbps: float, n_chunks: int, log) -> dict:
                 }
                 log(
                     f"shaped {policy}: transfer {[f'{t:.2f}' for t in spans]} s, fluid model "
-                    f"{[f'{t:.2f}' for t in fluid]} s at {pacer_Gbps:.2f} Gbps, "
+                    f"{[f'{t:.2f}' for t in fluid]} s at {egress_Gbps:.2f} Gbps, "
                     f"{[f'{t:.2f}' for t in fluid_cal]} s at the delivered {Bps_to_gbps(agg_Bps):.2f} Gbps"
                 )
             return out

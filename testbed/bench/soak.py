@@ -163,7 +163,11 @@ def run_soak(
     data_dir: str | None = None,
     sample_s: float = 1.0,
 ) -> dict:
-    """Run the soak against a fresh server; returns the result document (see the module docstring)."""
+    """Run the soak against a fresh server; returns the result document (see the module docstring).
+
+    A benchmark driver: the server, the client threads, the sampling loop and the report share the run's
+    counters; kept in the order they run.
+    """
     import boto3
     from botocore.config import Config
 

@@ -154,6 +154,9 @@ def start_server(
 
     ``args`` are extra server flags (e.g. ``["--egress-gbps", "10", "--policy", "bandwidth_aware"]``).
     A temporary data directory is created (and removed on ``stop``) when ``data_dir`` is None.
+
+    Kept whole: the steps (credentials, argv, spawn, wait for the ready file, clean up on failure) share the
+    temporary files they must remove on every exit path.
     """
     tmp = None
     if data_dir is None:

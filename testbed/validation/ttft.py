@@ -47,6 +47,7 @@ NOTES = [
 
 
 def summarize(raw: dict, profile: str | None, command: str, extras: dict | None = None) -> dict:
+    """A report builder: one table per section, in the order the report prints them."""
     rows = {f"{r['cached_tokens']}+{r['new_tokens']}": r for r in raw["configs"]}
     by_ctx = sorted(raw["configs"], key=lambda r: r["context_tokens"])
     big, small = by_ctx[-1], by_ctx[0]
