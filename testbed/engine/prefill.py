@@ -37,10 +37,10 @@ import torch
 from scheduler.geometry import DEFAULT_CHUNK_TOKENS
 from scheduler.keys import KeyScope, chunk_keys
 from scheduler.planner import LayerTimeModel
-from testbed.engine.dram import KVSaver
 from testbed.engine.kvload import KVLoadError, KVSource, LoadRequest, LoadStats
 from testbed.engine.model import LlamaModel
 from testbed.engine.plan import FetchDecision, decide_fetch, take_cached
+from testbed.engine.save import KVSaver
 from testbed.wire.errors import ObjectCacheError
 
 

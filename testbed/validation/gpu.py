@@ -98,11 +98,12 @@ def measure(args) -> dict:
     import torch
 
     from testbed.client.core import ObjectCacheClient
-    from testbed.engine.dram import DramSource, DramTier, KVSaver
+    from testbed.engine.dram import DramSource, DramTier
     from testbed.engine.kvload import LayerCopier
     from testbed.engine.model import build_model
     from testbed.engine.objectsource import ObjectCacheSource
     from testbed.engine.prefill import PrefillEngine
+    from testbed.engine.save import KVSaver
     from testbed.objectstore.launch import start_server
 
     configs = parse_configs(args.configs)
@@ -317,10 +318,11 @@ def check(args) -> dict:
     error.  The bf16 weights are the float32 weights rounded."""
     import torch
 
-    from testbed.engine.dram import DramSource, DramTier, KVSaver
+    from testbed.engine.dram import DramSource, DramTier
     from testbed.engine.kvload import LayerCopier
     from testbed.engine.model import build_model
     from testbed.engine.prefill import PrefillEngine, kv_rel_err, rel_err
+    from testbed.engine.save import KVSaver
 
     dev, ct = torch.device(args.device), args.chunk_tokens
     model32 = build_model(

@@ -19,11 +19,12 @@ from scheduler.geometry import ModelSpec
 from scheduler.keys import KeyScope, chunk_keys, object_key
 from testbed.bench import faults
 from testbed.client.core import ObjectCacheClient
-from testbed.engine.dram import DramTier, KVSaver
+from testbed.engine.dram import DramTier
 from testbed.engine.kvload import LayerCopier
 from testbed.engine.model import build_model
 from testbed.engine.objectsource import ObjectCacheSource
 from testbed.engine.prefill import PrefillEngine, rel_err
+from testbed.engine.save import KVSaver
 from testbed.wire import kvformat
 from testbed.wire.errors import ObjectCacheError
 from tests.fixtures.servers import TEST_CREDENTIALS

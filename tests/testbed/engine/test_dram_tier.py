@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from scheduler.tiers import TierManager
-from testbed.engine.dram import DramSource, DramTier, KVSaver
+from testbed.engine.dram import DramSource, DramTier
 from testbed.engine.kvload import LayerCopier
 from testbed.engine.prefill import PrefillEngine
+from testbed.engine.save import KVSaver
 from tests.testbed.engine.test_kvsource import CT, SPEC, random_slices
 from tests.testbed.engine.test_prefill import MODEL, check_same, prompt, reference
 

@@ -10,11 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.engine.dram import DramSource, DramTier, KVSaver
+from testbed.engine.dram import DramSource, DramTier
 from testbed.engine.kvload import LayerCopier
 from testbed.engine.model import build_model
 from testbed.engine.objectsource import ObjectCacheSource
 from testbed.engine.prefill import PrefillEngine, kv_rel_err, rel_err
+from testbed.engine.save import KVSaver
 from testbed.wire import kvformat
 from tests.testbed.engine.test_kvsource import MemoryObjectClient
 
