@@ -1,6 +1,6 @@
 """Where the first layer's time goes: N parallel gathers of a prefix, stamped by the client.
 
-    .venv/bin/python testbed/bench/first_layer.py [--chunks 64] [--streams 8] [--repeat 4]
+    .venv/bin/python -m testbed.bench.first_layer [--chunks 64] [--streams 8] [--repeat 4]
 
 Starts our server twice on one filesystem store (unpaced, and paced at ``--gbps`` with 64 KiB pieces), stores
 ``--chunks`` random chunk objects of ``--model``'s geometry, then runs ``--streams`` parallel gathers of
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             res[label] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             print(label, {k: round(v, 1) for k, v in res[label].items()}, flush=True)
     out = {
-        "command": "python testbed/bench/first_layer.py " + " ".join(shlex.quote(a) for a in argv),
+        "command": "python -m testbed.bench.first_layer " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {
             "host": platform.node(),

@@ -1,6 +1,6 @@
 """Server-side cost of opening a gather's objects: ``gather.open_batch`` on the filesystem store.
 
-    .venv/bin/python testbed/bench/gather_open.py [--keys 30] [--repeat 50] [--out results/bench/gather_open.json]
+    .venv/bin/python -m testbed.bench.gather_open [--keys 30] [--repeat 50] [--out results/bench/gather_open.json]
 
 Writes ``--objects`` chunk objects of ``--model``'s geometry (tiny 4-token chunks: the open reads only the
 header and trailer, so payload size does not matter) to a filesystem store under ``--dir`` (default: a temp
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     out = {
-        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "command": "python -m testbed.bench.gather_open " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_rev": rev,
         "machine": machine(),

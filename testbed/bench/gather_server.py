@@ -1,6 +1,6 @@
 """Server-side gather throughput on loopback, against the raw loopback TCP ceiling.
 
-    .venv/bin/python testbed/bench/gather_server.py [--chunks 16] [--model llama-3.1-8b] [--repeat 5]
+    .venv/bin/python -m testbed.bench.gather_server [--chunks 16] [--model llama-3.1-8b] [--repeat 5]
 
 Starts the ObjectCache server (filesystem store, no fsync), stores ``--chunks`` random chunk objects, then
 gathers all layers ``--repeat`` times with a minimal reader (``readinto`` one preallocated buffer, optionally
@@ -258,7 +258,7 @@ def main() -> None:
         return float(np.median([r[key] for r in rows]))
 
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python -m testbed.bench.gather_server", *sys.argv[1:]]),
         "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": args.model,
