@@ -4,6 +4,9 @@ The object-tier client's layer stream (``testbed.client.core``) is read into pin
 of the engine process or by a reader process (``testbed.engine.reader``) into a shared memory segment; each
 complete layer's host-to-device copy goes through ``LayerCopier`` (``testbed.engine.kvload``).  The engine's
 compute thread blocks only where a layer's bytes have not arrived from the network yet.
+
+One class a little over 400 lines: its two readers (threads, process) share the stream grouping, the
+buffer bookkeeping and the failure path, which is what the class is.
 """
 
 from __future__ import annotations
