@@ -49,7 +49,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from scheduler.flows import FlowId, Link
-from scheduler.fluid import RequestSpec, _as_link_map, run_fluid
+from scheduler.fluid import RequestSpec, as_link_map, run_fluid
 
 # Relative safety margin taken off the solver's value for its numerical tolerances.
 BOUND_RTOL = 1e-5
@@ -115,7 +115,7 @@ def offline_bound(
     """
     from scheduler.policies import get_policy
 
-    link_map = _as_link_map(links)
+    link_map = as_link_map(links)
     reqs = [r for r in requests]
     n = len(reqs)
     if n == 0:

@@ -261,7 +261,7 @@ def next_event_s(states: Iterable[FlowState], rates_Bps: Mapping[FlowId, float],
     return t_next
 
 
-def _as_link_map(links: Mapping[str, Link] | Sequence[Link]) -> dict[str, Link]:
+def as_link_map(links: Mapping[str, Link] | Sequence[Link]) -> dict[str, Link]:
     if isinstance(links, Mapping):
         return dict(links)
     return {link.name: link for link in links}
@@ -297,7 +297,7 @@ def run_fluid(
     ``policy`` is any object with ``allocate(now_s, flows, links)``.  ``check`` verifies every allocation
     against the link capacities (for tests).  Results come back in the order of ``requests``.
     """
-    link_map = _as_link_map(links)
+    link_map = as_link_map(links)
     ids = [r.request_id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids must be unique")
