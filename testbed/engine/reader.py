@@ -2,7 +2,7 @@
 
 Why: the prefill of a short new part is launch-bound: the engine thread spends its time in Python issuing
 kernels.  Reader threads in the same process (socket reads, framing, checksum bookkeeping) compete with it
-for the GIL and slowed it by 21-66 ms per 4K prefill on the H100.  Here the gather streams run in a child
+for the GIL and slow it down (docs/engine.md has the H100 measurement).  Here the gather streams run in a child
 process (``spawn`` context: never fork a process that has initialised CUDA) that reads straight into a shared
 memory segment; the engine process maps the same segment (and registers it as pinned memory on CUDA), so the
 bytes are never copied between processes.
