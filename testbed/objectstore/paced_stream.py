@@ -10,6 +10,7 @@ for its slot (see ``testbed.objectstore.pacer`` for the pacing model).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +42,13 @@ class PacedStream:
     # When the server started handling the request (pacer clock; nan if unknown): for the trace.
     request_s: float = math.nan
     changed: asyncio.Event | None = field(default=None, repr=False)
+    # gpu_state's resumable recurrence: layers started, when the GPU is free, and the time last asked.
+    _gpu_started: int = field(default=0, repr=False)
+    _gpu_busy_s: float = field(default=math.nan, repr=False)
+    _gpu_asked_s: float = field(default=-math.inf, repr=False)
+
+    def __post_init__(self) -> None:
+        self._gpu_busy_s = self.arrival_s
 
     @property
     def layers_sent(self) -> int:
@@ -49,11 +57,18 @@ class PacedStream:
     def gpu_state(self, now_s: float) -> tuple[int, float]:
         """(layers whose compute has started by ``now_s``, when the GPU finishes those layers), by the
         layerwise recurrence (``scheduler.layerwise.layer_times``) over the layers' send times, the GPU
-        free from the stream's arrival."""
-        started, busy_until_s = 0, self.arrival_s
-        for _, end_s in layer_times(self.layer_sent_s, self.compute_per_layer_s, self.arrival_s, now_s):
-            started, busy_until_s = started + 1, end_s
-        return started, busy_until_s
+        free from the stream's arrival.
+
+        The pacer asks at every event for every stream, always at a later time, and sent layers only grow:
+        the recurrence resumes from the last answer instead of replaying every layer (a question about an
+        earlier time replays from the start)."""
+        if now_s < self._gpu_asked_s:
+            self._gpu_started, self._gpu_busy_s = 0, self.arrival_s
+        pending = itertools.islice(self.layer_sent_s, self._gpu_started, None)
+        for _, end_s in layer_times(pending, self.compute_per_layer_s, self._gpu_busy_s, now_s):
+            self._gpu_started, self._gpu_busy_s = self._gpu_started + 1, end_s
+        self._gpu_asked_s = now_s
+        return self._gpu_started, self._gpu_busy_s
 
     def pending_bytes(self, now_s: float) -> float:
         """Bytes accounted to pieces whose slot has not passed yet (at the current rate)."""

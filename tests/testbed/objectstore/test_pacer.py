@@ -11,9 +11,12 @@ import time
 import urllib.request
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from scheduler.layerwise import layer_times
 from scheduler.policies import get_policy, register_policy
-from testbed.objectstore.paced_stream import EGRESS
+from testbed.objectstore.paced_stream import EGRESS, PacedStream
 from testbed.objectstore.pacer import Pacer
 from testbed.wire.frames import LAYER_MAGIC, iter_frames
 from tests.fixtures.servers import signed_request, wait_for_metrics
@@ -88,6 +91,25 @@ def test_gpu_estimate_and_flow_views():
     v = s.view(0.5)
     assert v.layers_computed == 1 and v.gpu_busy_until_s == pytest.approx(1.1)
     assert v.first_layer_s == pytest.approx(0.1) and v.compute_per_layer_s == 1.0 and v.path == (EGRESS,)
+
+
+@given(
+    steps=st.lists(st.tuples(st.booleans(), st.floats(-0.01, 0.05), st.floats(0.0, 0.01)), max_size=60),
+    compute_per_layer_s=st.sampled_from([0.0, 0.001, 0.004, 0.02]),
+)
+def test_gpu_state_resumed_equals_a_full_replay(steps, compute_per_layer_s):
+    """The pacer's resumable GPU estimate answers exactly what replaying the recurrence from the start does,
+    for any interleaving of sends and questions (also about earlier times)."""
+    s = PacedStream("s", 1, 64, compute_per_layer_s, arrival_s=0.0)
+    now_s = 0.0
+    for send, dt_s, send_delay_s in steps:
+        if send and s.layers_sent < s.layers_total:
+            s.layer_sent_s.append(max(s.layer_sent_s[-1] if s.layer_sent_s else 0.0, now_s) + send_delay_s)
+        now_s = max(0.0, now_s + dt_s)
+        started, busy_s = 0, s.arrival_s
+        for _, end_s in layer_times(s.layer_sent_s, compute_per_layer_s, s.arrival_s, now_s):
+            started, busy_s = started + 1, end_s
+        assert s.gpu_state(now_s) == (started, busy_s)
 
 
 @pytest.mark.parametrize("policy", ["equal", "bandwidth_aware", "srtf"])
