@@ -15,7 +15,11 @@ layer.  The relaxation (a MILP, or its LP relaxation):
   ``sum_{i on link} (S_ik - S_i,k-1) <= C_link (t_k - t_k-1)``.  Any real schedule, read at the grid
   points, is feasible here: the grid loses nothing but the order of bytes inside a slot.
 * Buckets per request: ``x_i = a_i`` (bucket 0), ``x_i in [theta_j-1, theta_j]`` (buckets 1..J-1, equal
-  widths up to ``theta_max``) or ``x_i >= theta_max`` (overflow, unconstrained).  Binary ``v_ij`` picks the
+  widths up to ``theta_max``) or ``x_i in [theta_max, top_i]`` (the last, one wide bucket).  ``top_i = n m -
+  sum_{j != i} a_j`` with ``m`` the best mean of equal, srtf and bandwidth_aware: an optimal schedule has
+  ``sum_j x_j <= n m`` and ``x_j >= a_j``, so no request of it exceeds ``top_i``; every bucket, the last one
+  included, must deliver its bytes by its deadlines (before, the overflow bucket paid ``theta_max`` and
+  delivered nothing, which made the bound up to 24 % loose on 2-3 requests).  Binary ``v_ij`` picks the
   bucket; ``x_ij`` (= ``x_i`` in the chosen bucket, 0 elsewhere; the convex-hull formulation of the
   disjunction) carries the cost ``sum_ij x_ij / n``, so the added TTFT is charged exactly, not rounded.
 * Deadlines, checked at grid points: for any layer ``l``, ``S_i(t_k) >= g_l(x) = (l + 1) B_i - R_i max(0,
@@ -28,8 +32,9 @@ layer.  The relaxation (a MILP, or its LP relaxation):
 
 Tightness.  Losses come from the chords (one bucket width of slack in the deadline rows, shrinking with
 ``num_buckets``), the within-slot order of bytes (``num_slots``), the LP relaxation of ``v`` (``mip``) and
-the overflow bucket (``theta_max`` defaults above the worst added TTFT bandwidth_aware achieves, so it is
-rarely binding).  The LP relaxation is solved first (about a second for 16 requests x 32 layers); with
+the wide last bucket: ``theta_max`` defaults to ``top_i`` itself for up to ``EXACT_THETA_MAX_REQUESTS`` (8)
+requests, so the buckets cover every provable value at equal widths; above, to 1.25 x bandwidth_aware's worst
+added TTFT (narrower buckets where requests actually land), the last bucket's chord covering the rest.  The LP relaxation is solved first (about a second for 16 requests x 32 layers); with
 ``mip=True`` the MILP (binary buckets) follows with HiGHS and can only raise the bound: the larger of the LP
 value and the MILP's *dual* bound is returned, valid even when ``time_limit_s`` stops the MILP (``status``
 says so).  Measured on the contended Llama-3.1-8B mixes of ``tests/scheduler/bound_demo.py`` the MILP adds
@@ -53,6 +58,9 @@ from scheduler.fluid import RequestSpec, as_link_map, run_fluid
 
 # Relative safety margin taken off the solver's value for its numerical tolerances.
 BOUND_RTOL = 1e-5
+# Up to this many requests the buckets span the whole provable range of added TTFT by default (see
+# ``offline_bound``); above it they stop at 1.25 x bandwidth_aware's worst and one wide bucket covers the rest.
+EXACT_THETA_MAX_REQUESTS = 8
 
 
 @dataclass(frozen=True)
@@ -105,8 +113,9 @@ def offline_bound(
     """Lower bound on the mean added TTFT over all schedules (see the module docstring).
 
     ``num_slots``: time slots of the grid; ``num_buckets``: added-TTFT buckets per request;
-    ``theta_max_s``: top of the buckets (default: 1.25 x the worst added TTFT bandwidth_aware achieves, a
-    guess that only affects tightness).  ``time_limit_s`` limits the MILP only; the LP relaxation, which the
+    ``theta_max_s``: top of the equal-width buckets (default: the provable cap ``top_i`` for up to 8
+    requests, else 1.25 x the worst added TTFT bandwidth_aware achieves; it only affects tightness, the last
+    bucket covers the rest up to ``top_i``).  ``time_limit_s`` limits the MILP only; the LP relaxation, which the
     bound cannot do without, gets ``lp_time_limit_s``.  ``clock``: a callable returning seconds (e.g. ``time.perf_counter``)
     used only to report ``solve_s``; the scheduler never reads the clock itself (``solve_s`` is nan without).
 
@@ -126,9 +135,19 @@ def offline_bound(
     movers = [i for i, r in enumerate(reqs) if r.total_bytes > 0 and r.num_layers > 0]
     if not movers:
         return BoundResult(0.0, per_alone, dict.fromkeys(per_alone, 0.0), "trivial", 0.0, 0, 0)
+    # A provable cap on each request's added TTFT in an optimal schedule: x_i = n * mean - sum_{j != i} x_j
+    # <= n * (best policy's mean) - sum_{j != i} alone_j.  The last bucket ends there (and must deliver its
+    # bytes like the others), so no request can buy its way out of its deadlines by paying theta_max.
+    runs = {
+        name: run_fluid(reqs, link_map, get_policy(name)) for name in ("equal", "srtf", "bandwidth_aware")
+    }
+    best_mean_s = min(float(np.mean([r.added_ttft_s for r in res])) for res in runs.values())
+    theta_top = np.maximum(n * best_mean_s - (alone.sum() - alone), alone) * (1 + 1e-9) + 1e-9
     if theta_max_s is None:
-        heuristic = run_fluid(reqs, link_map, get_policy("bandwidth_aware"))
-        theta_max_s = 1.25 * max(r.added_ttft_s for r in heuristic) + 1e-9
+        if n <= EXACT_THETA_MAX_REQUESTS:
+            theta_max_s = float(theta_top.max())
+        else:
+            theta_max_s = 1.25 * max(r.added_ttft_s for r in runs["bandwidth_aware"]) + 1e-9
     theta_max_s = max(theta_max_s, float(alone.max()) + 1e-9)
 
     # Time grid: uniform over [min start, last deadline a bucket can impose], plus every start.
@@ -179,9 +198,10 @@ def offline_bound(
                 if (i, k - 1) in s_index:  # non-decreasing
                     add_row([(s_index[i, k], 1.0), (s_index[i, k - 1], -1.0)], 0.0, np.inf)
         # Buckets: [a, a], then J - 1 equal widths up to theta_max, then the overflow [theta_max, inf).
-        theta = np.linspace(alone[i], max(theta_max_s, alone[i]), J)
+        top = min(max(theta_max_s, alone[i]), theta_top[i])
+        theta = np.linspace(alone[i], top, J)
         b_lo = np.concatenate([[alone[i]], theta[:-1], [theta[-1]]])
-        b_hi = np.concatenate([[alone[i]], theta[1:], [np.inf]])
+        b_hi = np.concatenate([[alone[i]], theta[1:], [max(theta_top[i], theta[-1])]])
         vb = v_base + m_idx * 2 * nb  # v columns
         xb = vb + nb  # x columns
         cost[xb : xb + nb] = 1.0 / n
@@ -198,15 +218,15 @@ def offline_bound(
         layers = np.arange(r.num_layers)
         need_bytes = (layers + 1) * r.layer_bytes
         d0 = r.start_s + layers * r.compute_per_layer_s
-        blo, bhi = b_lo[:J], b_hi[:J]
+        blo, bhi = b_lo, b_hi
         width = bhi - blo
         for k in range(K):
             tk = grid[k]
             g_lo = need_bytes[None, :] - rate[i] * np.maximum(0.0, d0[None, :] + blo[:, None] - tk)  # (J, L)
             g_hi = need_bytes[None, :] - rate[i] * np.maximum(0.0, d0[None, :] + bhi[:, None] - tk)
             best = np.argmax(g_lo + g_hi, axis=1)
-            v_lo = g_lo[np.arange(J), best]
-            v_hi = g_hi[np.arange(J), best]
+            v_lo = g_lo[np.arange(nb), best]
+            v_hi = g_hi[np.arange(nb), best]
             gamma = np.where(width > 0, (v_hi - v_lo) / np.where(width > 0, width, 1.0), 0.0)
             alpha = v_lo - gamma * blo
             # Float guard: never demand more than a real schedule must deliver.
@@ -241,10 +261,11 @@ def offline_bound(
                 add_row(entries, -np.inf, link.capacity_Bps * (grid[k] - grid[k - 1]) * (1 + 1e-9) + 1e-6)
 
     A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nvar)).tocsr()
-    # Scale bytes to keep HiGHS well conditioned: divide S columns by the largest request.
-    scale = max(reqs[i].total_bytes for i in movers)
+    # Scale bytes to keep HiGHS well conditioned: each request's S columns in units of its own total bytes
+    # (one global unit made a small request's bytes vanish below the solver's tolerances next to a huge one).
     col_scale = np.ones(nvar)
-    col_scale[:n_s] = scale
+    for (i, _), col in s_index.items():
+        col_scale[col] = reqs[i].total_bytes
     A = A.multiply(col_scale[None, :]).tocsr()
     row_scale = 1.0 / np.maximum(1e-30, abs(A).max(axis=1).toarray().ravel())
     A = A.multiply(row_scale[:, None]).tocsr()
@@ -287,6 +308,7 @@ def offline_bound(
     if x is not None:
         curves = {}
         for i in movers:
+            scale = reqs[i].total_bytes
             cum = np.array([x[s_index[i, k]] * scale if (i, k) in s_index else 0.0 for k in range(K)])
             curves[i] = np.minimum(np.maximum.accumulate(cum), reqs[i].total_bytes)
         # Leftovers at the horizon are sent one request after another at its path rate: still feasible.
