@@ -46,6 +46,7 @@ well under 1 % to the LP there; on tiny instances (<= 4 requests) both match the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -296,6 +297,7 @@ def offline_bound(
     if not math.isfinite(value):
         value = float(alone.mean())
         status = f"failed ({status}); alone bound"
+        warnings.warn(f"offline_bound: solver {status}", RuntimeWarning, stacklevel=2)
     # Margin for the solver's feasibility tolerances (1e-7 on scaled rows): keep the bound a bound.
     value = max(value * (1 - BOUND_RTOL), float(alone.mean()))
     per_req = dict.fromkeys(per_alone, 0.0)
