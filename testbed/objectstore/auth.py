@@ -157,6 +157,7 @@ class AuthResult:
     scope: str
     key: bytes  # the signing key, for chunk signatures
     seed_signature: str
+    signed_headers: tuple[str, ...] = ()  # lower-case names the signature covers
 
 
 def _parse_time(amz_date: str) -> datetime:
@@ -281,4 +282,4 @@ def verify_request(
             "SignatureDoesNotMatch",
             "the request signature we calculated does not match the signature you provided",
         )
-    return AuthResult(cred, sig.payload_hash, sig.amz_date, scope, key, sig.signature)
+    return AuthResult(cred, sig.payload_hash, sig.amz_date, scope, key, sig.signature, tuple(signed))

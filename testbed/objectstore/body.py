@@ -3,7 +3,9 @@
 A body is checked against everything the request declares about it: the signed SHA-256
 (``x-amz-content-sha256`` as 64 hex digits), ``aws-chunked`` framing with its chunk signatures and trailer
 (``testbed.objectstore.auth.ChunkedDecoder``), ``x-amz-checksum-*`` headers or trailers, ``Content-MD5``, and
-the declared length (``Content-Length``, or ``x-amz-decoded-content-length`` for ``aws-chunked``).  Hashing
+the declared length (``Content-Length``, or ``x-amz-decoded-content-length`` for ``aws-chunked``), and, when
+the signed header ``x-oc-verify: kvchunk`` asks for it, the KV chunk object format (header and every slice's
+xxh3, ``testbed.wire.kvformat.ChunkVerifier``; the answer then carries ``x-oc-verified: kvchunk``).  Hashing
 runs in the I/O thread pool in batches of ``BATCH_BYTES`` while the next batch arrives from the network.
 """
 
@@ -23,7 +25,12 @@ from testbed.objectstore.auth import AuthResult
 from testbed.objectstore.chunked import ChunkedDecoder, checksum_b64, new_checksum
 from testbed.objectstore.config import BATCH_BYTES
 from testbed.objectstore.sigv4 import STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER
-from testbed.wire.errors import S3Error
+from testbed.wire.errors import ChecksumMismatch, CorruptObject, S3Error
+from testbed.wire.kvformat import ChunkVerifier
+
+VERIFY_HEADER = "x-oc-verify"  # request: "kvchunk" asks for the KV chunk check of the body
+VERIFIED_HEADER = "x-oc-verified"  # response: the check was made
+VERIFY_KVCHUNK = "kvchunk"
 
 # Bodies up to this size are hashed in the event loop: cheaper than a hop to the busy thread pool.
 INLINE_HASH_BYTES = 64 * 1024
@@ -88,6 +95,17 @@ class BodyChecks:
         self.hashers = [h for h in (self.sha, self.md5) if h is not None] + [
             h for h, _ in self.checks.values()
         ]
+        # ``x-oc-verify: kvchunk`` (signed): the body is a KV chunk object; its header and per-slice xxh3
+        # checksums are verified as it streams in (what lets a PUT skip the payload's SHA-256).
+        self.chunk: ChunkVerifier | None = None
+        self.chunk_error: Exception | None = None
+        verify = headers.get(VERIFY_HEADER)
+        if verify is not None:
+            if verify.strip().lower() != VERIFY_KVCHUNK:
+                raise S3Error("InvalidArgument", f"unknown {VERIFY_HEADER} {verify!r}", 400)
+            if VERIFY_HEADER not in auth.signed_headers:
+                raise S3Error("AccessDenied", f"the {VERIFY_HEADER} header must be signed", 403)
+            self.chunk = ChunkVerifier()
 
     def decoder(self, auth: AuthResult) -> ChunkedDecoder | None:
         return ChunkedDecoder(auth, self.mode) if self.chunked else None
@@ -95,6 +113,11 @@ class BodyChecks:
     def update(self, batch: bytes) -> None:
         for h in self.hashers:
             h.update(batch)
+        if self.chunk is not None and self.chunk_error is None:
+            try:
+                self.chunk.update(batch)
+            except (CorruptObject, ChecksumMismatch) as e:
+                self.chunk_error = e
 
     def verify(self, size_bytes: int, trailers: Mapping[str, str]) -> dict[str, str]:
         """Check the received body; return the verified ``x-amz-checksum-*`` values (base64)."""
@@ -122,6 +145,16 @@ class BodyChecks:
                     "BadDigest", f"the {alg.upper()} you specified did not match the calculated checksum", 400
                 )
             results[f"x-amz-checksum-{alg}"] = got
+        if self.chunk is not None:
+            try:
+                if self.chunk_error is not None:
+                    raise self.chunk_error
+                self.chunk.verify()
+            except (CorruptObject, ChecksumMismatch) as e:
+                raise S3Error(
+                    "BadDigest", f"the body is not the KV chunk object it declares: {e}", 400
+                ) from None
+            results[VERIFIED_HEADER] = VERIFY_KVCHUNK
         return results
 
 
@@ -140,14 +173,18 @@ async def read_body(
     checks = BodyChecks(request.headers, auth, max_bytes, request.method)
     decoder = checks.decoder(auth)
 
-    def consume(batch: bytes) -> None:
-        checks.update(batch)
+    def consume(batch: list) -> None:
+        for piece in batch:
+            checks.update(piece)
         if sink is not None:
-            sink(batch)
+            for piece in batch:
+                sink(piece)
 
     loop = asyncio.get_running_loop()
-    kept = bytearray()
-    chunks: list[bytes] = []
+    # The pieces as received (no joining copy): hashed and written piece by piece in a pool thread.
+    kept: list = []
+    kept_bytes = 0
+    chunks: list = []
     pending = None
     size = 0
     async for data in request.content.iter_any():
@@ -155,22 +192,22 @@ async def read_body(
             size += len(piece)
             if size > max_bytes:
                 raise S3Error("EntityTooLarge", f"body exceeds the limit of {max_bytes} bytes", 413)
-            kept += piece
-        if len(kept) >= BATCH_BYTES:
-            batch = bytes(kept)
-            kept.clear()
+            kept.append(piece)
+            kept_bytes += len(piece)
+        if kept_bytes >= BATCH_BYTES:
+            batch, kept, kept_bytes = kept, [], 0
             if sink is None:
-                chunks.append(batch)
+                chunks.extend(batch)
             if pending is not None:
                 await pending
             pending = loop.run_in_executor(executor, consume, batch)
     trailers = decoder.finish() if decoder else {}
-    batch = bytes(kept)
+    batch = kept
     if sink is None:
-        chunks.append(batch)
+        chunks.extend(batch)
     if pending is not None:
         await pending
-    if sink is None and len(batch) <= INLINE_HASH_BYTES:
+    if sink is None and kept_bytes <= INLINE_HASH_BYTES:
         consume(batch)  # a small body (a gather request): cheaper than a hop to the busy thread pool
     else:
         await loop.run_in_executor(executor, consume, batch)

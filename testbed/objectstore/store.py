@@ -87,7 +87,8 @@ class _FileWriter(ObjectWriter):
     def commit(self, if_none_match: bool = False, etag: str | None = None) -> ObjectInfo:
         meta = dict(self._meta, etag=etag or self._hash.hexdigest(), mtime_s=time.time())
         os.write(self._fd, trailer_bytes(meta))
-        os.fsync(self._fd)
+        if self._store._fsync:  # --no-fsync (benchmarks only) skips the file's fsync too, not just the dir's
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         try:

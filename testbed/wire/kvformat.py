@@ -42,6 +42,7 @@ VERSION = 1
 ALIGN_BYTES = 4096
 # A reader fetches this many bytes to get the whole header of any model with up to 503 layers.
 HEADER_PROBE_BYTES = 4096
+MAX_HEADER_BYTES = 1 << 20  # what a streaming verifier accepts as a header size
 
 _FIXED = struct.Struct("<4sHHI16sIIIIB3xQ")  # 56 bytes
 _U64 = struct.Struct("<Q")
@@ -183,6 +184,85 @@ def encode_chunk(
         start, end = header.layer_range(layer)
         out[start:end] = v
     return bytes(out)
+
+
+def encode_chunk_parts(
+    model: ModelSpec,
+    layers: Sequence,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    dtype: str | None = None,
+) -> list[memoryview]:
+    """The chunk object ``encode_chunk`` builds, as parts to send back to back without copying: the encoded
+    header, then the caller's layer buffers (views of them; they must not change until the parts are sent).
+    Each slice's checksum is computed once, here."""
+    slice_bytes = model.kv_bytes_per_chunk_layer(chunk_tokens)
+    views = [memoryview(layer).cast("B") for layer in layers]
+    if len(views) != model.num_layers:
+        raise GeometryMismatch(f"need {model.num_layers} layers, got {len(views)}")
+    for i, v in enumerate(views):
+        if v.nbytes != slice_bytes:
+            raise GeometryMismatch(f"layer {i}: {v.nbytes} bytes, expected slice_bytes={slice_bytes}")
+    header = make_header(model, [slice_checksum(v) for v in views], chunk_tokens, dtype)
+    return [memoryview(header.encode()), *views]
+
+
+class ChunkVerifier:
+    """Checks a chunk object as its bytes stream past (``update`` with consecutive pieces, then ``verify``):
+    the header, the total size it declares, and every slice's xxh3 against the header, with no second pass
+    and no copy beyond the header.  Raises ``CorruptObject`` / ``ChecksumMismatch``."""
+
+    def __init__(self, key: str = "?") -> None:
+        self.key = key
+        self._head = bytearray()
+        self.header: ChunkHeader | None = None
+        self._layer = 0
+        self._in_slice = 0
+        self._hash = xxhash.xxh3_64()
+        self.size_bytes = 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.size_bytes += view.nbytes
+        while self.header is None and view.nbytes:  # gather the header (its size is in its first 12 bytes)
+            want = 12
+            if len(self._head) >= 12:
+                want = declared_header_bytes(self._head)
+                if not _FIXED.size < want <= MAX_HEADER_BYTES:
+                    raise CorruptObject(f"chunk {self.key}: bad header_bytes {want}", key=self.key)
+            take = min(view.nbytes, want - len(self._head))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) == want and want > 12:
+                self.header = parse_header(self._head)
+                self._head = bytearray()
+        if self.header is None:
+            return
+        h, sb = self.header, self.header.slice_bytes
+        while view.nbytes:
+            if self._layer >= h.num_layers:
+                raise CorruptObject(f"chunk {self.key}: longer than its header says", key=self.key)
+            take = min(view.nbytes, sb - self._in_slice)
+            self._hash.update(view[:take])
+            view = view[take:]
+            self._in_slice += take
+            if self._in_slice == sb:
+                if self._hash.intdigest() != h.checksums[self._layer]:
+                    raise ChecksumMismatch(
+                        f"chunk {self.key} layer {self._layer}: checksum mismatch",
+                        key=self.key,
+                        layer=self._layer,
+                    )
+                self._hash.reset()
+                self._in_slice = 0
+                self._layer += 1
+
+    def verify(self) -> ChunkHeader:
+        """The header, once every byte arrived and matched; raises if the object is short or not a chunk."""
+        if self.header is None or self._layer != self.header.num_layers or self._in_slice:
+            raise CorruptObject(
+                f"chunk {self.key}: {self.size_bytes} bytes, shorter than its header says", key=self.key
+            )
+        return self.header
 
 
 def parse_header(buf) -> ChunkHeader:
