@@ -23,17 +23,22 @@ bytes one picosecond-per-second of the current time moves): ``next_event_s`` nev
 ``now_s`` and the loop cannot spin on float dust.
 
 ``advance`` and ``next_event_s`` cost O(flows) per call plus O(1) per layer whose compute starts, so the
-simulator can drive them from one central timer; ``run_fluid`` is the same loop without SimPy.
+simulator can drive them from one central timer; ``run_fluid`` is the same loop without SimPy.  Both pass
+them only the flows that have started (``run_fluid`` keeps the others in start order), so a run costs
+O(events x concurrent flows), linear in the number of requests at a given load.
+
+Inputs are checked where they enter: a ``RequestSpec`` with a NaN or infinite time or size, or a negative
+one, is a ``ValueError`` naming the field, not a "not finished" or "stuck" error deep in the loop.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link, check_feasible
-from scheduler.layerwise import layer_times
 
 # Relative time resolution used to snap byte counts onto layer boundaries (see module docstring).
 _TIME_RTOL = 1e-12
@@ -63,21 +68,38 @@ class RequestSpec:
     extra_compute_s: float = 0.0
 
     def __post_init__(self) -> None:
+        # NaN passes every ``< 0`` test and infinity never finishes: reject both here, with the field's name,
+        # rather than as "not finished" / "stuck" deep inside the event loop.
+        for name in ("arrival_s", "layer_bytes", "compute_per_layer_s", "start_delay_s", "extra_compute_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(
+                    f"request {self.request_id!r}: {name} must be a finite number, got {value!r}"
+                )
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, numbers.Integral):
+            raise ValueError(
+                f"request {self.request_id!r}: num_layers must be an int, got {self.num_layers!r}"
+            )
         if self.num_layers < 0 or self.layer_bytes < 0 or self.compute_per_layer_s < 0:
             raise ValueError(f"request {self.request_id!r}: negative size or time")
         if self.start_delay_s < 0 or self.extra_compute_s < 0:
             raise ValueError(f"request {self.request_id!r}: negative delay")
+        # Cached: the event loop reads them for every flow at every event.
+        object.__setattr__(self, "_start_s", self.arrival_s + self.start_delay_s)
+        object.__setattr__(self, "_total_bytes", self.layer_bytes * self.num_layers)
+        if not (math.isfinite(self._start_s) and math.isfinite(self._total_bytes)):
+            raise ValueError(f"request {self.request_id!r}: start time or total bytes overflow")
         if not isinstance(self.path, tuple):
             object.__setattr__(self, "path", tuple(self.path))
 
     @property
     def total_bytes(self) -> float:
-        return self.layer_bytes * self.num_layers
+        return self._total_bytes
 
     @property
     def start_s(self) -> float:
         """When bytes start to flow."""
-        return self.arrival_s + self.start_delay_s
+        return self._start_s
 
     @property
     def ideal_ttft_s(self) -> float:
@@ -163,31 +185,49 @@ class FluidResult:
 
 
 def _start_layers(st: FlowState, now_s: float, until_s: float) -> None:
-    """Start every layer compute that can start in ``(now_s, until_s]`` and accrue GPU stall time."""
-    s = st.spec
-    idle_from = max(st.gpu_busy_until_s, now_s)
+    """Start every layer compute that can start in ``(now_s, until_s]`` and accrue GPU stall time.
+
+    ``layerwise.layer_times`` written out (this runs for every flow at every event); the float operations
+    are the same, in the same order (``max(a, b)`` is ``b if b > a else a``).
+    """
+    c = st.spec.compute_per_layer_s
+    end = st.gpu_busy_until_s
+    idle_from = now_s if now_s > end else end
     arrived = st._layers_arrived
-    pending = arrived[st.layers_computed :]
-    for start, end in layer_times(pending, s.compute_per_layer_s, st.gpu_busy_until_s, until_s):
-        if st.layers_computed >= 1:
-            st.stall_s += max(0.0, start - idle_from)
-        st.layers_computed += 1
-        st.gpu_busy_until_s = end
+    n = len(arrived)
+    k = st.layers_computed
+    stall = st.stall_s
+    while k < n:
+        a = arrived[k]
+        start = end if end > a else a
+        if start > until_s:
+            break
+        if k >= 1:
+            gap = start - idle_from
+            stall += gap if gap > 0.0 else 0.0
+        end = start + c
+        k += 1
         idle_from = end
-    if 1 <= st.layers_computed < s.num_layers and st.layers_computed == len(arrived):
-        st.stall_s += max(0.0, until_s - idle_from)
+    if 1 <= k < st.spec.num_layers and k == n:
+        gap = until_s - idle_from
+        stall += gap if gap > 0.0 else 0.0
+    st.layers_computed = k
+    st.gpu_busy_until_s = end
+    st.stall_s = stall
 
 
 def _finish_if_complete(st: FlowState) -> None:
     """Once every layer has arrived nothing can stall any more: the prefill end is fixed."""
-    if st.transfer_done and not st.finished:
-        s = st.spec
+    s = st.spec
+    arrived = st._layers_arrived
+    if len(arrived) >= s.num_layers and math.isnan(st.done_s):
+        c = s.compute_per_layer_s
         t = st.gpu_busy_until_s
-        pending = st._layers_arrived[st.layers_computed : s.num_layers]
-        for _, t in layer_times(pending, s.compute_per_layer_s, st.gpu_busy_until_s):  # noqa: B007
-            pass
+        for k in range(st.layers_computed, s.num_layers):
+            a = arrived[k]
+            t = (t if t > a else a) + c
         if s.num_layers == 0:
-            t = s.start_s
+            t = s._start_s
         st.done_s = t + s.extra_compute_s
 
 
@@ -203,33 +243,47 @@ def advance(
     """
     if until_s < now_s:
         raise ValueError(f"advance backwards: {until_s} < {now_s}")
+    t_scale = max(1.0, abs(until_s))
     for st in states:
         s = st.spec
-        if st.finished and st.layers_computed >= s.num_layers:
+        L = s.num_layers
+        if st.layers_computed >= L and not math.isnan(st.done_s):
             continue
-        if s.start_s > until_s:
+        start = s._start_s
+        if start > until_s:
             continue
-        t0 = max(now_s, s.start_s)
-        if not st.transfer_done:
-            if s.total_bytes <= 0:
-                st._layers_arrived.extend([s.start_s] * s.num_layers)
+        t0 = start if start > now_s else now_s
+        arrived = st._layers_arrived
+        n = len(arrived)
+        if n < L:
+            total = s._total_bytes
+            if total <= 0:
+                arrived.extend([start] * L)
             else:
-                r = max(0.0, rates_Bps.get(s.request_id, 0.0))
+                r = rates_Bps.get(s.request_id, 0.0)
+                if not r > 0.0:
+                    r = 0.0
                 d0 = st.delivered_bytes
-                d1 = min(s.total_bytes, d0 + r * (until_s - t0))
-                tol = _snap_tol_bytes(r, until_s)
+                d1 = d0 + r * (until_s - t0)
+                if not d1 < total:
+                    d1 = total
+                tol = BYTES_EPS + r * _TIME_RTOL * t_scale  # _snap_tol_bytes(r, until_s)
                 B = s.layer_bytes
                 # Record the exact arrival time of every layer boundary crossed (within tolerance).
-                while st.layers_delivered < s.num_layers:
-                    boundary = (st.layers_delivered + 1) * B
+                while n < L:
+                    boundary = (n + 1) * B
                     if d1 + tol < boundary:
                         break
                     t_arr = t0 + (boundary - d0) / r if r > 0 else until_s
-                    st._layers_arrived.append(min(until_s, max(t0, t_arr)))
-                    d1 = max(d1, boundary) if boundary - d1 <= tol else d1
-                st.delivered_bytes = s.total_bytes if st.transfer_done else d1
-            if st.layers_delivered and math.isnan(st.first_layer_s):
-                st.first_layer_s = st._layers_arrived[0]
+                    if not t_arr > t0:
+                        t_arr = t0
+                    arrived.append(t_arr if t_arr < until_s else until_s)
+                    if boundary - d1 <= tol and boundary > d1:
+                        d1 = boundary
+                    n += 1
+                st.delivered_bytes = total if n >= L else d1
+            if arrived and math.isnan(st.first_layer_s):
+                st.first_layer_s = arrived[0]
         _start_layers(st, now_s, until_s)
         _finish_if_complete(st)
 
@@ -244,21 +298,52 @@ def next_event_s(states: Iterable[FlowState], rates_Bps: Mapping[FlowId, float],
     t_next = math.inf
     for st in states:
         s = st.spec
-        if st.transfer_done:
+        L = s.num_layers
+        n = len(st._layers_arrived)
+        if n >= L:
             continue
-        if s.start_s > now_s:
-            t_next = min(t_next, s.start_s)
+        start = s._start_s
+        if start > now_s:
+            if start < t_next:
+                t_next = start
             continue
-        if 0 < st.layers_computed < s.num_layers and st.gpu_busy_until_s > now_s:
-            t_next = min(t_next, st.gpu_busy_until_s)
+        busy = st.gpu_busy_until_s
+        if 0 < st.layers_computed < L and busy > now_s and busy < t_next:
+            t_next = busy
         r = rates_Bps.get(s.request_id, 0.0)
         if r > 0:
-            boundary = (st.layers_delivered + 1) * s.layer_bytes
-            t_next = min(t_next, now_s + max(0.0, boundary - st.delivered_bytes) / r)
+            gap = (n + 1) * s.layer_bytes - st.delivered_bytes
+            t = now_s + (gap if gap > 0.0 else 0.0) / r
+            if t < t_next:
+                t_next = t
     if t_next <= now_s:
         # A boundary within float resolution of now: step by the smallest representable amount.
         t_next = math.nextafter(now_s, math.inf)
     return t_next
+
+
+def single_flow_shortcut(policy) -> bool:
+    """Whether ``policy`` gives a lone flow exactly ``single_flow_rates`` (so the call can be skipped).
+
+    True only for the exact classes of the ``equal`` and ``srtf`` policies: on one flow their float
+    arithmetic reduces to ``min(path capacities)`` bit for bit (``x / 1.0``, ``0.0 + x``, ``inf - 0.0``);
+    tests/scheduler/test_fluid.py checks it on random flows.  ``bandwidth_aware`` reserves a JIT rate and
+    then the rest (``jit + (c - jit)`` need not round to ``c``), so it is always asked.
+    """
+    from scheduler.policies import EqualShare, ShortestRemainingTransferFirst
+
+    return type(policy) in (EqualShare, ShortestRemainingTransferFirst)
+
+
+def single_flow_rates(view: FlowView, links: Mapping[str, Link]) -> dict[FlowId, float] | None:
+    """The lone flow's rate under a ``single_flow_shortcut`` policy, or None where the shortcut's
+    preconditions fail (no or repeated links on its path, a rate cap, nothing left to move)."""
+    path = view.path
+    if not path or view.max_rate_Bps != math.inf or view.remaining_bytes <= BYTES_EPS:
+        return None
+    if len(path) > 1 and len(set(path)) != len(path):
+        return None
+    return {view.flow_id: min(links[n].capacity_Bps for n in path)}
 
 
 def as_link_map(links: Mapping[str, Link] | Sequence[Link]) -> dict[str, Link]:
@@ -295,7 +380,9 @@ def run_fluid(
     """Run the fluid model to completion; the policy is asked for rates only at events.
 
     ``policy`` is any object with ``allocate(now_s, flows, links)``.  ``check`` verifies every allocation
-    against the link capacities (for tests).  Results come back in the order of ``requests``.
+    against the link capacities (for tests).  Results come back in the order of ``requests``.  The policy
+    sees the started flows in the order of ``requests``; a lone flow under ``equal`` or ``srtf`` gets its
+    path's capacity without a call (``single_flow_shortcut``).
     """
     link_map = as_link_map(links)
     ids = [r.request_id for r in requests]
@@ -308,28 +395,64 @@ def run_fluid(
     states = [FlowState(spec=r) for r in requests]
     if not states:
         return []
-    now = min(r.start_s for r in requests)
-    advance(states, {}, now, now)
+    # Flows that have not started wait in start order (ties in request order) and join ``running`` when
+    # the clock reaches their start, so an event costs O(running flows), not O(requests): the whole run is
+    # linear in the number of requests for a bounded number of concurrent flows.  ``running`` keeps request
+    # order, which is the order the policy sees (its float sums depend on it).
+    # A request with no layers has nothing to transfer and is no event: its prefill end is fixed now.
+    for st in states:
+        if st.spec.num_layers == 0:
+            _finish_if_complete(st)
+    waiting = sorted(
+        (i for i, st in enumerate(states) if st.spec.num_layers), key=lambda i: states[i].spec.start_s
+    )
+    if not waiting:
+        return [result_of(st) for st in states]
+    next_wait = 0
+    now = states[waiting[0]].spec.start_s
+    running: list[tuple[int, FlowState]] = []
+
+    def admit(until_s: float) -> None:
+        nonlocal next_wait, running
+        n0 = len(running)
+        while next_wait < len(waiting) and states[waiting[next_wait]].spec.start_s <= until_s:
+            i = waiting[next_wait]
+            running.append((i, states[i]))
+            next_wait += 1
+        if n0 and len(running) > n0:
+            running.sort(key=lambda t: t[0])  # two sorted runs: linear
+
+    admit(now)
+    advance([st for _, st in running], {}, now, now)
+    running = [t for t in running if not t[1].transfer_done]
     # Each event is a flow start, a layer arrival or a layer compute end: at most 2L+1 per flow; the slack
     # covers boundaries that float rounding splits into two events.
     max_events = 4 * sum(r.num_layers + 2 for r in requests) + 16
-    pending = [st for st in states if not st.transfer_done]
+    shortcut = single_flow_shortcut(policy)
     for _ in range(max_events):
-        if not pending:
+        if not running and next_wait >= len(waiting):
             break
-        active = [st for st in pending if st.started(now)]
+        pending = [st for _, st in running]
         rates: dict[FlowId, float] = {}
-        if active:
-            views = [st.view(now) for st in active]
-            rates = policy.allocate(now, views, link_map)
+        if pending:
+            views = [st.view(now) for st in pending]
+            one = single_flow_rates(views[0], link_map) if shortcut and len(views) == 1 else None
+            rates = one if one is not None else policy.allocate(now, views, link_map)
             if check:
                 check_feasible(views, link_map, rates)
         t_next = next_event_s(pending, rates, now)
+        if next_wait < len(waiting):
+            t_start = states[waiting[next_wait]].spec.start_s
+            if t_start > now:
+                t_next = min(t_next, t_start)
         if math.isinf(t_next):
             raise RuntimeError(f"fluid model stuck at t={now}: active flows get no bandwidth and no event")
-        advance(pending, rates, now, t_next)
+        # Flows starting by ``t_next`` join before the step: ``advance`` starts them at their start time
+        # (a zero-byte flow completes there), exactly as if they had been pending all along.
+        admit(t_next)
+        advance([st for _, st in running], rates, now, t_next)
         now = t_next
-        pending = [st for st in pending if not st.transfer_done]
+        running = [t for t in running if not t[1].transfer_done]
     else:
         raise RuntimeError(f"fluid model did not finish within {max_events} events")
     return [result_of(st) for st in states]

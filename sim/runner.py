@@ -58,6 +58,7 @@ class SimStats:
     timer_events: int = 0
     stale_timers: int = 0
     policy_calls: int = 0
+    single_flow_skips: int = 0
     simpy_events: int = 0
     utilisation: dict = field(default_factory=dict)
 
@@ -129,6 +130,7 @@ def simulate(
         timer_events=network.timer_events,
         stale_timers=network.stale_timers,
         policy_calls=network.policy_calls,
+        single_flow_skips=network.single_flow_skips,
         simpy_events=env.events_scheduled,
         utilisation=network.utilisation(env.now),
     )

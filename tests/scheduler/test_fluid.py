@@ -134,3 +134,200 @@ def test_unknown_link_and_duplicate_ids_are_rejected():
         run_fluid([RequestSpec(1, 0.0, 1.0, 1, 0.0, ("nope",))], LINK, get_policy("equal"))
     with pytest.raises(ValueError):
         run_fluid([RequestSpec(1, 0.0, 1.0, 1, 0.0, ("l",))] * 2, LINK, get_policy("equal"))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("arrival_s", math.nan),
+        ("arrival_s", math.inf),
+        ("compute_per_layer_s", math.nan),
+        ("compute_per_layer_s", math.inf),
+        ("layer_bytes", math.nan),
+        ("layer_bytes", math.inf),
+        ("start_delay_s", math.nan),
+        ("extra_compute_s", math.inf),
+    ],
+)
+def test_non_finite_inputs_are_rejected_by_name(field, value):
+    kw = dict(
+        request_id=0, arrival_s=0.0, layer_bytes=1.0, num_layers=2, compute_per_layer_s=0.1, path=("l",)
+    )
+    kw[field] = value
+    with pytest.raises(ValueError, match=field):
+        RequestSpec(**kw)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("layer_bytes", -1.0), ("num_layers", -1), ("compute_per_layer_s", -0.1), ("start_delay_s", -1e-3)],
+)
+def test_negative_inputs_are_rejected(field, value):
+    kw = dict(
+        request_id=0, arrival_s=0.0, layer_bytes=1.0, num_layers=2, compute_per_layer_s=0.1, path=("l",)
+    )
+    kw[field] = value
+    with pytest.raises(ValueError, match="negative"):
+        RequestSpec(**kw)
+
+
+def test_overflowing_totals_and_non_int_layers_are_rejected():
+    with pytest.raises(ValueError, match="overflow"):
+        RequestSpec(0, 0.0, 1e308, 10, 0.0, ("l",))
+    with pytest.raises(ValueError, match="num_layers"):
+        RequestSpec(0, 0.0, 1.0, 2.5, 0.0, ("l",))
+
+
+def test_a_zero_layer_request_that_starts_later_finishes():
+    # It used to be dropped as "transfer done" before it had started, and never got a done time.
+    reqs = [RequestSpec(0, 0.0, 10.0, 2, 0.1, ("l",)), RequestSpec(1, 0.5, 10.0, 0, 0.0, ("l",), 0.1, 0.2)]
+    r0, r1 = run_fluid(reqs, LINK, get_policy("equal"))
+    assert r1.ttft_s == pytest.approx(0.1 + 0.2)
+
+
+# -- the fast event loop equals a straightforward one, bit for bit ----------------------------------------
+
+
+def _reference_advance(states, rates, now_s, until_s):
+    """``advance`` as first written (before it was specialised for speed): kept as the test's reference."""
+    from scheduler.fluid import _snap_tol_bytes
+    from scheduler.layerwise import layer_times
+
+    for s_ in states:
+        s = s_.spec
+        if s_.finished and s_.layers_computed >= s.num_layers:
+            continue
+        if s.start_s > until_s:
+            continue
+        t0 = max(now_s, s.start_s)
+        if not s_.transfer_done:
+            if s.total_bytes <= 0:
+                s_._layers_arrived.extend([s.start_s] * s.num_layers)
+            else:
+                r = max(0.0, rates.get(s.request_id, 0.0))
+                d0 = s_.delivered_bytes
+                d1 = min(s.total_bytes, d0 + r * (until_s - t0))
+                tol = _snap_tol_bytes(r, until_s)
+                while s_.layers_delivered < s.num_layers:
+                    boundary = (s_.layers_delivered + 1) * s.layer_bytes
+                    if d1 + tol < boundary:
+                        break
+                    t_arr = t0 + (boundary - d0) / r if r > 0 else until_s
+                    s_._layers_arrived.append(min(until_s, max(t0, t_arr)))
+                    d1 = max(d1, boundary) if boundary - d1 <= tol else d1
+                s_.delivered_bytes = s.total_bytes if s_.transfer_done else d1
+            if s_.layers_delivered and math.isnan(s_.first_layer_s):
+                s_.first_layer_s = s_._layers_arrived[0]
+        idle_from = max(s_.gpu_busy_until_s, now_s)
+        pending = s_._layers_arrived[s_.layers_computed :]
+        for start, end in layer_times(pending, s.compute_per_layer_s, s_.gpu_busy_until_s, until_s):
+            if s_.layers_computed >= 1:
+                s_.stall_s += max(0.0, start - idle_from)
+            s_.layers_computed += 1
+            s_.gpu_busy_until_s = end
+            idle_from = end
+        if 1 <= s_.layers_computed < s.num_layers and s_.layers_computed == len(s_._layers_arrived):
+            s_.stall_s += max(0.0, until_s - idle_from)
+        if s_.transfer_done and not s_.finished:
+            t = s_.gpu_busy_until_s
+            rest = s_._layers_arrived[s_.layers_computed : s.num_layers]
+            for _, t in layer_times(rest, s.compute_per_layer_s, s_.gpu_busy_until_s):  # noqa: B007
+                pass
+            s_.done_s = (s.start_s if s.num_layers == 0 else t) + s.extra_compute_s
+
+
+def _reference_next_event_s(states, rates, now_s):
+    t_next = math.inf
+    for s_ in states:
+        s = s_.spec
+        if s_.transfer_done:
+            continue
+        if s.start_s > now_s:
+            t_next = min(t_next, s.start_s)
+            continue
+        if 0 < s_.layers_computed < s.num_layers and s_.gpu_busy_until_s > now_s:
+            t_next = min(t_next, s_.gpu_busy_until_s)
+        r = rates.get(s.request_id, 0.0)
+        if r > 0:
+            boundary = (s_.layers_delivered + 1) * s.layer_bytes
+            t_next = min(t_next, now_s + max(0.0, boundary - s_.delivered_bytes) / r)
+    return math.nextafter(now_s, math.inf) if t_next <= now_s else t_next
+
+
+def _reference_run(reqs, links, policy):
+    """Scan every flow at every event (quadratic in requests): the plain loop ``run_fluid`` must equal."""
+    states = [FlowState(spec=r) for r in reqs]
+    now = min(r.start_s for r in reqs)
+    _reference_advance(states, {}, now, now)
+    for _ in range(100_000):
+        if all(s.finished for s in states):
+            break
+        active = [s for s in states if s.active(now)]
+        rates = policy.allocate(now, [s.view(now) for s in active], links) if active else {}
+        t = _reference_next_event_s(states, rates, now)
+        _reference_advance(states, rates, now, t)
+        now = t
+    return [result_of(s) for s in states]
+
+
+mixed_requests = st.lists(
+    st.tuples(
+        st.one_of(st.just(0.0), st.floats(0.0, 2.0), st.integers(0, 2).map(float)),  # arrival (with ties)
+        st.one_of(st.just(0.0), st.floats(0.5, 30.0)),  # layer bytes (some zero-byte requests)
+        st.integers(0, 5),  # layers
+        st.one_of(st.just(0.0), st.floats(0.0, 0.3)),  # compute per layer
+        st.one_of(st.just(0.0), st.floats(0.0, 0.2)),  # start delay
+        st.floats(0.0, 0.2),  # extra compute
+        st.sampled_from([("a",), ("b",), ("a", "b")]),  # path
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixed_requests, st.sampled_from(["equal", "srtf", "bandwidth_aware"]))
+def test_run_fluid_equals_the_straightforward_loop_exactly(raw, policy):
+    links = {"a": Link("a", 40.0), "b": Link("b", 25.0)}
+    # Request ids in reverse order: the policy's tie-breaking must not depend on the loop's bookkeeping.
+    reqs = [
+        RequestSpec(len(raw) - i, a, b, n, c, path, d, e) for i, (a, b, n, c, d, e, path) in enumerate(raw)
+    ]
+    got = run_fluid(reqs, links, get_policy(policy))
+    want = _reference_run(reqs, links, get_policy(policy))
+    assert got == want  # dataclass equality: every float bit for bit (no nan in finished results)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["equal", "srtf"]),
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3, unique=True),
+    st.floats(1e-3, 1e12),
+    st.integers(1, 80),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 0.1),
+    st.floats(0.0, 1.0),
+    st.integers(0, 80),
+)
+def test_single_flow_shortcut_is_what_the_policy_answers(
+    name, path, layer_bytes, layers, done, c, busy, computed
+):
+    """The simulator skips equal's and srtf's call for a lone flow: the shortcut must be their answer."""
+    from scheduler.flows import FlowView
+    from scheduler.fluid import single_flow_rates, single_flow_shortcut
+
+    links = {"a": Link("a", 1.25e10), "b": Link("b", 3.3e9 / 7), "c": Link("c", 0.1)}
+    view = FlowView(
+        flow_id="f",
+        path=tuple(path),
+        layer_bytes=layer_bytes,
+        layers_total=layers,
+        delivered_bytes=layer_bytes * layers * done * 0.999,
+        compute_per_layer_s=c,
+        gpu_busy_until_s=busy,
+        layers_computed=min(computed, layers),
+    )
+    policy = get_policy(name)
+    assert single_flow_shortcut(policy)
+    assert single_flow_rates(view, links) == policy.allocate(0.5, [view], links)
+    assert not single_flow_shortcut(get_policy("bandwidth_aware"))

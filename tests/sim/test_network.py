@@ -127,3 +127,27 @@ def test_unknown_link_is_rejected():
     net = FluidNetwork(env, {"net": Link("net", 1e9)}, get_policy("equal"))
     with pytest.raises(ValueError, match="unknown link"):
         net.add(RequestSpec("a", 0.0, 1.0, 1, 0.0, ("nope",)))
+
+
+@pytest.mark.parametrize("policy", ["equal", "srtf"])
+def test_single_flow_shortcut_changes_no_result(policy, monkeypatch):
+    """Skipping the policy call for a lone flow (equal, srtf) gives the same floats as asking it."""
+    rng = np.random.default_rng(3)
+    links = [Link("a", 1e9), Link("b", 4e8)]
+    specs = [
+        RequestSpec(i, float(t), float(rng.uniform(1e6, 5e7)), 8, float(rng.uniform(0, 0.01)), p)
+        for i, (t, p) in enumerate(zip(np.cumsum(rng.exponential(0.05, 40)), [("a",), ("a", "b")] * 20))
+    ]
+    fast, net = _run(specs, links, policy)
+    assert net.single_flow_skips > 0
+    monkeypatch.setattr("sim.network.single_flow_shortcut", lambda _policy: False)
+    slow, net = _run(specs, links, policy)
+    assert net.single_flow_skips == 0
+    for i in fast:
+        a, b = fast[i][0], slow[i][0]
+        assert (fast[i][1], a.done_s, a.stall_s, a.first_layer_s) == (
+            slow[i][1],
+            b.done_s,
+            b.stall_s,
+            b.first_layer_s,
+        )
