@@ -325,14 +325,17 @@ def next_event_s(states: Iterable[FlowState], rates_Bps: Mapping[FlowId, float],
 def single_flow_shortcut(policy) -> bool:
     """Whether ``policy`` gives a lone flow exactly ``single_flow_rates`` (so the call can be skipped).
 
-    True only for the exact classes of the ``equal`` and ``srtf`` policies: on one flow their float
-    arithmetic reduces to ``min(path capacities)`` bit for bit (``x / 1.0``, ``0.0 + x``, ``inf - 0.0``);
-    tests/scheduler/test_fluid.py checks it on random flows.  ``bandwidth_aware`` reserves a JIT rate and
-    then the rest (``jit + (c - jit)`` need not round to ``c``), so it is always asked.
+    True for the exact classes of the ``equal`` and ``srtf`` policies: on one flow their float arithmetic
+    reduces to ``min(path capacities)`` bit for bit (``x / 1.0``, ``0.0 + x``, ``inf - 0.0``).
+    ``bandwidth_aware`` reserves a JIT rate and then the rest (``jit + (c - jit)`` need not round to
+    ``c``), so it is asked.  Another policy opts in with a class attribute ``single_flow_is_path_capacity
+    = True``; tests/scheduler/test_fluid.py checks every registered policy that says yes on random flows.
     """
     from scheduler.policies import EqualShare, ShortestRemainingTransferFirst
 
-    return type(policy) in (EqualShare, ShortestRemainingTransferFirst)
+    if type(policy) in (EqualShare, ShortestRemainingTransferFirst):
+        return True
+    return getattr(policy, "single_flow_is_path_capacity", False) is True
 
 
 def single_flow_rates(view: FlowView, links: Mapping[str, Link]) -> dict[FlowId, float] | None:
