@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class ReceivedBody:
     data: bytes
     size_bytes: int
     checksums: dict[str, str] = field(default_factory=dict)
+    direct: bool = False  # received off the event loop (``read_body_direct``): the connection must close
 
 
 class BodyChecks:
@@ -212,3 +215,83 @@ async def read_body(
     else:
         await loop.run_in_executor(executor, consume, batch)
     return ReceivedBody(b"".join(chunks), size, checks.verify(size, trailers))
+
+
+DIRECT_MIN_BYTES = 1 << 20  # smaller bodies are not worth a thread hop of their own
+DIRECT_RECV_BYTES = 1 << 20
+
+
+async def read_body_direct(
+    request: web.Request,
+    auth: AuthResult,
+    max_bytes: int,
+    executor: Executor,
+    sink: Callable,
+    on_taken: Callable[[web.Request], None],
+    timeout_s: float = 60.0,
+) -> ReceivedBody | None:
+    """``read_body`` for a large plain-length body of a chunk PUT (``x-oc-verify: kvchunk``), received off
+    the event loop: the transport stops reading, a pool thread ``recv_into``s a reused buffer from (a
+    duplicate of) the connection's socket, and hashes, verifies and writes each piece there, so parallel
+    PUT streams are received in parallel.  The connection is not reused afterwards (the HTTP parser never
+    saw the body): ``on_taken(request)`` is called once the body is taken from the parser, and the caller
+    answers with ``Connection: close``.  None when the request does not
+    qualify (the caller then uses ``read_body``)."""
+    checks = BodyChecks(request.headers, auth, max_bytes, request.method)
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    declared = checks.declared_bytes
+    if (
+        checks.chunk is None
+        or checks.chunked
+        or declared is None
+        or declared < DIRECT_MIN_BYTES
+        or sock is None
+        or transport.get_extra_info("sslcontext") is not None
+        or "chunked" in request.headers.get("Transfer-Encoding", "")
+        or request.headers.get("Expect", "").lower() == "100-continue"
+    ):
+        return None
+    # What the parser already buffered, then no more reads on the loop (no await in between).
+    pre: list[bytes] = []
+    while True:
+        b = request.content.read_nowait(-1)
+        if not b:
+            break
+        pre.append(b)
+    transport.pause_reading()
+    on_taken(request)
+    fd = os.dup(sock.fileno())
+    have = sum(len(b) for b in pre)
+    if have > declared:
+        os.close(fd)
+        raise S3Error("IncompleteBody", f"received more than the declared {declared} bytes", 400)
+
+    def pump() -> int:
+        s = socket.socket(fileno=fd)
+        try:
+            s.settimeout(timeout_s)
+            for b in pre:
+                checks.update(b)
+                sink(b)
+            remaining = declared - have
+            buf = memoryview(bytearray(min(max(remaining, 1), DIRECT_RECV_BYTES)))
+            while remaining:
+                n = s.recv_into(buf, min(remaining, len(buf)))
+                if not n:
+                    raise S3Error(
+                        "IncompleteBody", f"received {declared - remaining} of {declared} bytes", 400
+                    )
+                piece = buf[:n]
+                checks.update(piece)
+                sink(piece)
+                remaining -= n
+            return declared
+        finally:
+            s.close()  # the duplicate only
+
+    try:
+        size = await asyncio.get_running_loop().run_in_executor(executor, pump)
+    finally:
+        request.content.feed_eof()  # aiohttp: the body is done (no lingering read), the connection closes
+    return ReceivedBody(b"", size, checks.verify(size, {}), direct=True)

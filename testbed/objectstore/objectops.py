@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from testbed.objectstore.body import read_body_direct
 from testbed.objectstore.config import BATCH_BYTES
 from testbed.objectstore.context import RequestContext, xml_response
 from testbed.objectstore.storeapi import ObjectHandle, Store, validate_key
@@ -253,12 +254,26 @@ async def put_object(ctx: RequestContext) -> web.Response:
         lambda: ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, user_metadata(request))
     )
     try:
-        sums = (await ctx.read_body(ctx.services.config.max_object_bytes, sink=writer.write)).checksums
+        max_bytes = ctx.services.config.max_object_bytes
+        body = await read_body_direct(
+            request, ctx.auth, max_bytes, ctx.services.executor, writer.write, _no_keepalive
+        )
+        if body is None:
+            body = await ctx.read_body(max_bytes, sink=writer.write)
+        else:
+            ctx.services.metrics.add_bytes_received(request["op"], body.size_bytes)
         info = await ctx.run(writer.commit, conditional)
     except BaseException:
         await ctx.run(writer.abort)
         raise
-    return web.Response(status=200, headers={"ETag": f'"{info.etag}"', **sums})
+    return web.Response(status=200, headers={"ETag": f'"{info.etag}"', **body.checksums})
+
+
+def _no_keepalive(request: web.Request) -> None:
+    """Answer this request with ``Connection: close`` and close the connection after it, whatever the answer
+    (an error built elsewhere included): its body was read past aiohttp's HTTP parser.  aiohttp takes
+    keep-alive from the request message (``should_close``); it has no public switch for that."""
+    request._message = request._message._replace(should_close=True)
 
 
 async def object_exists(ctx: RequestContext) -> bool:

@@ -101,3 +101,30 @@ def test_an_unsigned_verify_header_is_refused(objectcache_server, objectcache_bu
         assert resp.status == 403
     finally:
         http.close()
+
+
+def test_large_chunk_puts_are_received_off_the_loop(objectcache_server, objectcache_bucket):
+    """Bodies of 1 MiB and more (``read_body_direct``): written intact, a corrupt one refused before commit,
+    and the connection closed after each (the client reconnects)."""
+    big = get_model("llama-3.1-8b")
+    sb = big.kv_bytes_per_chunk_layer(256)
+    rng = np.random.default_rng(5)
+    pool = [rng.integers(0, 256, size=sb, dtype=np.uint8).tobytes() for _ in range(4)]
+    chunks = [[pool[(i + layer) % 4] for layer in range(big.num_layers)] for i in range(3)]
+    with client(objectcache_server, objectcache_bucket, put_streams=2) as c:
+        items = [(f"ns/big-{i}", encode_chunk_parts(big, chunks[i])) for i in range(2)]
+        assert c.put_chunks(items) == 2
+        assert c.put_chunk(*items[0]) is False
+        layers = dict(c.load_layers([n for n, _ in items], layer_start=30))
+        assert bytes(layers[31]) == chunks[0][31] + chunks[1][31]
+        parts = encode_chunk_parts(big, chunks[2])
+        bad = bytearray(parts[-1])
+        bad[-1] ^= 1
+        parts[-1] = memoryview(bytes(bad))
+        with pytest.raises(ChecksumMismatch):
+            c.put_chunk("ns/big-bad", parts)
+        assert c.exists(["ns/big-bad", "ns/big-0"]) == [False, True]
+        short = encode_chunk_parts(big, chunks[2])[:-1]  # a header that promises one more slice
+        with pytest.raises(ChecksumMismatch):
+            c.put_chunk("ns/big-short", short)
+        assert c.put_chunk("ns/big-2", encode_chunk_parts(big, chunks[2])) is True
