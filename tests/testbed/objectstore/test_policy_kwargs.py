@@ -33,10 +33,20 @@ def on_schedule_stream_rate_Bps(policy_kwargs: dict | None) -> float:
 
 
 def test_a_policy_kwarg_changes_the_pacers_rates():
-    # By default an on-schedule stream keeps its just-in-time rate; protect="never" gives the late one all.
-    assert on_schedule_stream_rate_Bps(None) > 0
-    assert on_schedule_stream_rate_Bps({"protect": "always"}) > 0
-    assert on_schedule_stream_rate_Bps({"protect": "never"}) == 0.0
+    # The bare rule (no lookahead) keeps an on-schedule stream at its just-in-time rate; protect="never"
+    # gives the late one all of the link.
+    bare = {"lookahead": False}
+    assert on_schedule_stream_rate_Bps(bare) > 0
+    assert on_schedule_stream_rate_Bps({**bare, "protect": "always"}) > 0
+    assert on_schedule_stream_rate_Bps({**bare, "protect": "never"}) == 0.0
+
+
+def test_the_lookahead_kwarg_reaches_the_pacer():
+    # With the lookahead the policy may overrule the bare rule's protect="never" (it compares the rule's
+    # rates with the baselines' by their cost-to-go); without it the rule's rates stand.
+    p = Pacer("bandwidth_aware", 1e9, clock=FakeClock(), policy_kwargs={"lookahead": False, "protect": "never"})
+    assert p.policy.lookahead is False and p.policy.protect == "never"
+    assert Pacer("bandwidth_aware", 1e9, clock=FakeClock()).policy.lookahead is True
 
 
 def test_configure_switches_the_tunables_and_settings_show_them():
