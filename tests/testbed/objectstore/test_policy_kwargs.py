@@ -44,7 +44,9 @@ def test_a_policy_kwarg_changes_the_pacers_rates():
 def test_the_lookahead_kwarg_reaches_the_pacer():
     # With the lookahead the policy may overrule the bare rule's protect="never" (it compares the rule's
     # rates with the baselines' by their cost-to-go); without it the rule's rates stand.
-    p = Pacer("bandwidth_aware", 1e9, clock=FakeClock(), policy_kwargs={"lookahead": False, "protect": "never"})
+    p = Pacer(
+        "bandwidth_aware", 1e9, clock=FakeClock(), policy_kwargs={"lookahead": False, "protect": "never"}
+    )
     assert p.policy.lookahead is False and p.policy.protect == "never"
     assert Pacer("bandwidth_aware", 1e9, clock=FakeClock()).policy.lookahead is True
 
