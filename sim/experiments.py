@@ -9,6 +9,8 @@ needs.  Every row carries the run's config hash and seed.
 4. ``first_layer``       the first layer's fetch cannot overlap compute; hide it with the first k layers in
                          DRAM or a prefetch at admission.
 5. ``trace``             (``sim.trace``) a Mooncake-format trace through HBM/DRAM/object tiers.
+6. ``load_sweep``        (``sim.regimes``) the policies across offered load, links and arrival processes,
+                         each point over several seeds with 95 % intervals.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from scheduler.fluid import RequestSpec
 from scheduler.records import RequestRecord
 from sim.config import PolicyConfig, WorkloadConfig
 from sim.draws import MixedDraw, draw_mixed, sub_seed
-from sim.metrics import summarize, to_frame
+from sim.metrics import mean_ci95, ratio_ci95, summarize, to_frame
 from sim.paths import OBJECT_LINKS, PATHS
 from sim.runner import SimRequest, SimStats, simulate
 from sim.setup import Setup, overhead_time_s, setup_compute
@@ -73,6 +75,8 @@ def job_count(name: str, p: dict) -> int:
         return len(p["prefix_tokens"]) * (3 + len(p["dram_first_layers"]) + len(p["prefetch_lead_ms"]))
     if name == "trace":
         return len(p["dram_capacity_GiB"]) * len(p["object_tier"])
+    if name == "load_sweep":
+        return len(p["links_Gbps"]) * len(p["arrivals"]) * len(p["loads"]) * int(p["seeds"])
     return 1
 
 
@@ -231,6 +235,7 @@ def shared_bandwidth(ctx: Context, p: dict) -> ExperimentResult:
         summary = summary.rename(columns={col: f"{col}_added_ms"})
         summary[f"{col}_added_ms"] *= 1e3
     summary.insert(0, "experiment", exp)
+    summary = summary.merge(_repeat_intervals(pts, p["policies"], ctx.seed), on=["concurrency", "link_Gbps"])
     summary["equal_over_bw_aware"] = summary["equal_added_ms"] / summary["bandwidth_aware_added_ms"]
     summary["bw_aware_over_bound"] = summary["bandwidth_aware_added_ms"] / summary["bound_added_ms"]
     summary["bound_time_limited"] = summary["bound_time_limited"].map(
@@ -238,6 +243,23 @@ def shared_bandwidth(ctx: Context, p: dict) -> ExperimentResult:
     )
     summary["contention"] = summary["equal_added_ms"] >= float(p["contention_min_added_ms"])
     return ExperimentResult(exp, df, summary, shared_headline(summary, p))
+
+
+def _repeat_intervals(pts: pd.DataFrame, policies: list[str], seed: int) -> pd.DataFrame:
+    """Per sweep point: each policy's 95 % interval half-width over the repeats (ms) and the paired
+    bootstrap interval of each baseline's added TTFT over bandwidth_aware's."""
+    rows = []
+    for (n, cap), g in pts.groupby(["concurrency", "link_Gbps"], sort=True):
+        row: dict = {"concurrency": n, "link_Gbps": cap, "repeats": len(g)}
+        for pol in policies:
+            row[f"{pol}_added_ms_ci95"] = mean_ci95(g[pol].to_numpy() * 1e3)[1]
+        for base in [b for b in ("equal", "srtf") if b in policies and "bandwidth_aware" in policies]:
+            r, lo, hi = ratio_ci95(g[base].to_numpy(), g["bandwidth_aware"].to_numpy(), seed=seed)
+            row[f"{base}_over_bw_aware_lo"], row[f"{base}_over_bw_aware_hi"] = lo, hi
+            if base == "srtf":
+                row["srtf_over_bw_aware"] = r
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def shared_headline(summary: pd.DataFrame, p: dict) -> dict:
@@ -254,7 +276,31 @@ def shared_headline(summary: pd.DataFrame, p: dict) -> dict:
     # gives a valid but looser bound, so the ratio there overstates the gap.
     b = c[c.bound_added_ms.notna() & (c.bound_added_ms > float(p["contention_min_added_ms"]) * 0.1)]
     bmax = b.loc[b.bw_aware_over_bound.idxmax()] if len(b) else None
+    srtf = {}
+    if "srtf_over_bw_aware" in c.columns:
+        sb, sw = c.loc[c.srtf_over_bw_aware.idxmax()], c.loc[c.srtf_over_bw_aware.idxmin()]
+        for which, row in (("best", sb), ("min", sw)):
+            srtf[f"bw_aware_vs_srtf_{which}"] = float(row.srtf_over_bw_aware)
+            srtf[f"bw_aware_vs_srtf_{which}_ci95"] = [
+                float(row.srtf_over_bw_aware_lo),
+                float(row.srtf_over_bw_aware_hi),
+            ]
+            srtf[f"bw_aware_vs_srtf_{which}_at"] = {
+                "concurrency": int(row.concurrency),
+                "link_Gbps": float(row.link_Gbps),
+            }
     return {
+        **srtf,
+        "bw_aware_vs_equal_best_ci95": [
+            float(best.equal_over_bw_aware_lo),
+            float(best.equal_over_bw_aware_hi),
+        ],
+        "bw_aware_vs_equal_min_ci95": [
+            float(worst.equal_over_bw_aware_lo),
+            float(worst.equal_over_bw_aware_hi),
+        ],
+        "repeats_per_point": int(p["repeats"]),
+        "interval": "95% percentile bootstrap over repeats (paired draws); NaN with one repeat",
         "bw_aware_vs_equal_best": float(best.equal_over_bw_aware),
         "bw_aware_vs_equal_best_at": {
             "concurrency": int(best.concurrency),

@@ -24,6 +24,29 @@ PATH_STYLE = {
 }
 
 
+POLICY_STYLE = {
+    "equal": ("tab:blue", "s", "equal sharing"),
+    "srtf": ("tab:orange", "^", "shortest remaining first (srtf)"),
+    "bandwidth_aware": ("tab:green", "o", "bandwidth-aware"),
+}
+ARRIVAL_WORDS = {"poisson": "open loop (Poisson arrivals)", "closed": "closed loop (clients with think time)"}
+
+
+def _k(tokens: float) -> str:
+    return f"{tokens / 1024:g}K" if tokens >= 1024 else f"{tokens:g}"
+
+
+def _mix_words(requests: pd.DataFrame) -> str:
+    """The model and request mix of a run, from its per-request table (for figure titles)."""
+    if not len(requests):
+        return ""
+    c, n = requests.cached_tokens, requests.new_tokens
+    return (
+        f"{requests.model.iloc[0]} (simulated), "
+        f"cached {_k(c.min())}-{_k(c.max())} / new {_k(n.min())}-{_k(n.max())} tokens"
+    )
+
+
 def _save(fig, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
@@ -73,18 +96,28 @@ def shared_bandwidth(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Pat
     caps = sorted(summary.link_Gbps.unique())
     fig, axes = plt.subplots(1, len(caps), figsize=(4.5 * len(caps), 3.8), squeeze=False, sharey=False)
     cols = [c for c in summary.columns if c.endswith("_added_ms")]
+    repeats = int(summary.repeats.max()) if "repeats" in summary.columns else 1
     for ax, cap in zip(axes[0], caps):
         g = summary[summary.link_Gbps == cap].sort_values("concurrency")
         for col in cols:
-            ax.plot(
-                g.concurrency, g[col], marker="o", ls="--" if col.startswith("bound") else "-", label=col[:-9]
-            )
+            pol = col[: -len("_added_ms")]
+            color, marker, words = POLICY_STYLE.get(pol, ("k", "x", "offline lower bound (MILP)"))
+            err = g[f"{col}_ci95"].fillna(0) if f"{col}_ci95" in g.columns else None
+            ax.errorbar(
+                g.concurrency, g[col], yerr=err, color=color, marker=marker, capsize=3,
+                ls="--" if pol == "bound" else "-", label=words,
+            )  # fmt: skip
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
+        ax.set_xlabel("concurrent requests (arriving within 50 ms)")
         ax.set_ylabel("mean added TTFT (ms)")
-        ax.set_title(f"{cap:g} Gbps")
+        ax.set_title(f"{cap:g} Gbps link")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"Added TTFT over infinite bandwidth; {_mix_words(requests)}; "
+        + (f"error bars: 95 % interval over {repeats} draws" if repeats > 1 else "one draw per point"),
+        fontsize=9,
+    )
     return [_save(fig, out_dir, "shared_bandwidth_added_ttft")]
 
 
@@ -170,12 +203,66 @@ def trace(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[
     return [_save(fig, out_dir, "trace_tiers")]
 
 
+def load_sweep(requests: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean added TTFT per policy against offered load (rows: arrival process, columns: link), and the
+    ratios of the baselines to bandwidth_aware; error bars are 95 % intervals over the seeds."""
+    arrivals, caps = list(dict.fromkeys(summary.arrival)), sorted(summary.link_Gbps.unique())
+    seeds = int(summary.seeds.max())
+    setup = f"{_mix_words(requests)}, {seeds} seeds per point"
+    fig, axes = plt.subplots(
+        len(arrivals), len(caps), figsize=(4.2 * len(caps), 3.4 * len(arrivals)), squeeze=False
+    )
+    for i, arrival in enumerate(arrivals):
+        for j, cap in enumerate(caps):
+            ax = axes[i][j]
+            g = summary[(summary.arrival == arrival) & (summary.link_Gbps == cap)].sort_values("load")
+            for pol, (color, marker, words) in POLICY_STYLE.items():
+                if f"{pol}_added_ms" in g.columns:
+                    ax.errorbar(
+                        g.load * 100, g[f"{pol}_added_ms"], yerr=g[f"{pol}_added_ms_ci95"].fillna(0),
+                        color=color, marker=marker, capsize=3, label=words,
+                    )  # fmt: skip
+            ax.set_yscale("log")
+            ax.set_title(f"{cap:g} Gbps link, {ARRIVAL_WORDS.get(arrival, arrival)}", fontsize=9)
+            ax.set_xlabel("offered load (% of the link)")
+            ax.set_ylabel("mean added TTFT (ms)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Added TTFT over local DRAM layerwise by policy ({setup})", fontsize=10)
+    paths = [_save(fig, out_dir, "load_sweep_added_ttft")]
+
+    fig, axes = plt.subplots(1, len(arrivals), figsize=(5.5 * len(arrivals), 4), squeeze=False)
+    for ax, arrival in zip(axes[0], arrivals):
+        for cap, ls in zip(caps, ("-", "--", ":", "-.")):
+            g = summary[(summary.arrival == arrival) & (summary.link_Gbps == cap)].sort_values("load")
+            for base in ("srtf", "equal"):
+                col = f"{base}_over_bw_aware"
+                if col not in g.columns:
+                    continue
+                color, marker, words = POLICY_STYLE[base]
+                err = [g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]]
+                ax.errorbar(
+                    g.load * 100, g[col], yerr=[e.fillna(0) for e in err], color=color, marker=marker,
+                    ls=ls, capsize=3, label=f"{words} / bandwidth-aware, {cap:g} Gbps",
+                )  # fmt: skip
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(ARRIVAL_WORDS.get(arrival, arrival), fontsize=9)
+        ax.set_xlabel("offered load (% of the link)")
+        ax.set_ylabel("added TTFT ratio (> 1: bandwidth-aware better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Each baseline's added TTFT over bandwidth-aware's ({setup})", fontsize=10)
+    paths.append(_save(fig, out_dir, "load_sweep_ratios"))
+    return paths
+
+
 PLOTTERS = {
     "context_sweep": context_sweep,
     "shared_bandwidth": shared_bandwidth,
     "chunk_size": chunk_size,
     "first_layer": first_layer,
     "trace": trace,
+    "load_sweep": load_sweep,
 }
 
 

@@ -90,3 +90,29 @@ def summarize(
     if "requests" in out.columns:
         out["requests"] = out["requests"].astype(int)
     return out
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student's t over the values, e.g. one per
+    seed); the half-width is NaN for fewer than two values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean()) if len(x) else float("nan")
+    if len(x) < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def ratio_ci95(num: Sequence[float], den: Sequence[float], seed: int = 0, resamples: int = 2000) -> tuple:
+    """``mean(num) / mean(den)`` over paired samples (one pair per seed) and its 95 % percentile-bootstrap
+    interval (``lo``, ``hi``): the seeds are resampled with their pairs, so a seed that is hard for both
+    policies moves both means.  The interval is NaN for fewer than two pairs."""
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    ratio = float(a.mean() / b.mean())
+    if len(a) < 2:
+        return ratio, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    boot = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return ratio, float(lo), float(hi)

@@ -18,7 +18,7 @@ from sim.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "results" / "golden"
-EXPERIMENTS = ("context_sweep", "shared_bandwidth", "chunk_size", "first_layer", "trace")
+EXPERIMENTS = ("context_sweep", "shared_bandwidth", "chunk_size", "first_layer", "trace", "load_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,10 @@ def test_headline_has_the_required_keys(smoke_run):
         "bw_aware_vs_equal_best",
         "bw_aware_vs_equal_min",
         "bw_aware_vs_bound_max",
+        "bw_aware_vs_srtf_best",
+        "bw_aware_vs_srtf_min",
+        "load_sweep",
+        "command",
         "sim_requests_per_s",
     ):
         assert key in h, key
@@ -72,7 +76,7 @@ def test_headline_has_the_required_keys(smoke_run):
     assert set(h["targets"]) >= {"bw_aware_vs_equal_best", "added_ms_4k_vs_dram_layerwise"}
 
 
-@pytest.mark.parametrize("name", ["context_sweep", "chunk_size", "first_layer", "trace", "shared_bandwidth"])
+@pytest.mark.parametrize("name", EXPERIMENTS)
 def test_golden_results_are_reproduced_exactly(smoke_run, name):
     """results/golden/ is `python -m sim experiment=smoke results_dir=results/golden figures=false`."""
     out, _ = smoke_run
