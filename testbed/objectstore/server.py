@@ -75,7 +75,9 @@ class S3Server:
         self.services = Services(
             config=config,
             store=store,
-            spool=MultipartSpool(config.spool_dir or os.path.join(config.data_dir, "multipart")),
+            spool=MultipartSpool(
+                config.spool_dir or os.path.join(config.data_dir, "multipart"), config.multipart_expiry_s
+            ),
             pacer=pacer,
             metrics=ServerMetrics(pacer),
             executor=ThreadPoolExecutor(config.io_threads, thread_name_prefix="oc-io"),
