@@ -243,7 +243,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     server = S3Server(config, store, credentials)
     if config.idle_timeout_s <= 0:
         raise ValueError("--idle-timeout-s must be > 0")
-    runner = web.AppRunner(server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s)
+    # auto_decompress=False: a body sent with Content-Encoding: gzip is stored as sent, like S3 does.
+    runner = web.AppRunner(
+        server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s, auto_decompress=False
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()
