@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from testbed.objectstore.objectfile import TRAILER_MAGIC, trailer_bytes
-from testbed.objectstore.spool import multipart_etag
+from testbed.objectstore.spool import COMPLETED_RECORD_S, MultipartSpool, multipart_etag
 from testbed.objectstore.store import FilesystemStore
 from testbed.objectstore.storeapi import validate_bucket_name
 from testbed.wire.errors import InvalidBucketName
@@ -438,3 +438,20 @@ def test_checksum_json_is_what_the_trailer_holds(tmp_path):
     raw = (tmp_path / "buckets" / "bkt" / "obj" / "k").read_bytes()
     doc = json.loads(raw[3:-16])
     assert doc["checksums"] == {"crc32": "NSRBwg=="} and doc["headers"] == {"Cache-Control": "no-store"}
+
+
+def test_spool_sweeps_expired_uploads_at_start_and_forgets_old_completions(tmp_path):
+    old = MultipartSpool(tmp_path)
+    stale = old.create("bkt", "stale", "text/plain", {})
+    live = old.create("bkt", "live", "text/plain", {})
+    doc = json.loads((tmp_path / stale.upload_id / "upload.json").read_text())
+    doc["initiated_s"] -= 2 * 86400
+    (tmp_path / stale.upload_id / "upload.json").write_text(json.dumps(doc))
+    old.complete(live.upload_id, "bkt", "live", "e" * 32 + "-1")
+    assert old.completed_etag(live.upload_id, "bkt", "live") == "e" * 32 + "-1"
+    restarted = MultipartSpool(tmp_path, expiry_s=86400)  # a server start sweeps
+    assert not (tmp_path / stale.upload_id).exists()
+    assert restarted.uploads("bkt") == []
+    later_s = time.time() + COMPLETED_RECORD_S + 1
+    restarted.sweep(now_s=later_s)
+    assert not (tmp_path / "completed" / f"{live.upload_id}.json").exists()
