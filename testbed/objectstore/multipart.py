@@ -268,12 +268,17 @@ async def list_multipart_uploads(ctx: RequestContext) -> web.Response:
         if u.key.startswith(prefix) and ctx.cred.allows_key(u.key)
     ]
     marker_b = key_marker.encode("utf-8", "surrogatepass")
+    # Uploads of the marker key continue after ``upload-id-marker`` (in initiation order); without it,
+    # the marker key is done.
+    same_key_ids = [u.upload_id for u in uploads if u.key == key_marker]
+    skip_ids = set(
+        same_key_ids[: same_key_ids.index(id_marker) + 1] if id_marker in same_key_ids else same_key_ids
+    )
     entries: list[tuple[str, object]] = []
     seen_prefixes: set[str] = set()
     truncated = False
     for u in uploads:
-        kb = u.key.encode("utf-8", "surrogatepass")
-        if key_marker and (kb < marker_b or (kb == marker_b and (not id_marker or u.upload_id <= id_marker))):
+        if key_marker and (u.key.encode("utf-8", "surrogatepass") < marker_b or u.upload_id in skip_ids):
             continue
         rest = u.key[len(prefix) :]
         i = rest.find(delimiter) if delimiter else -1
