@@ -80,6 +80,9 @@ class ServerConfig:
     min_part_bytes: int = setting(
         5 * MiB, "minimum multipart part size (not the last), MiB", flag="--min-part-mib", scale=MiB
     )
+    multipart_expiry_s: float = setting(
+        7 * 86400.0, "abandon a multipart upload (its parts deleted) this long after it was initiated, s"
+    )
     io_threads: int = setting(16, "thread pool for blocking store calls and body hashing")
     send_threads: int = setting(64, "thread pool for socket sends (a send blocks while the client reads)")
     sendfile: bool = setting(True, "gather with sendfile; --no-sendfile: through read buffers (A/B)")

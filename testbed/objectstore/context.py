@@ -84,5 +84,5 @@ class RequestContext:
         return WriterSink(resp.write)
 
 
-def xml_response(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/xml")
+def xml_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/xml", headers=headers)

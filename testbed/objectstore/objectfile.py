@@ -1,9 +1,14 @@
 """The filesystem store's object file: the object bytes, then a trailer with the object's metadata.
 
 One file per object, named by ``file_name`` (the percent-encoded key).  The file is the object bytes followed
-by the metadata as compact JSON (``etag``, ``mtime_s``, ``content_type``, user ``metadata``), the JSON's
-length and a magic (``TRAILER_TAIL``: little-endian u64 length, 8-byte ``TRAILER_MAGIC``).  Object byte
+by the metadata as compact JSON (``etag``, ``mtime_s``, ``content_type``, user ``metadata``, and, when the
+upload set them, the stored HTTP ``headers`` and the verified ``checksums``), the JSON's length and a magic (``TRAILER_TAIL``: little-endian u64 length, 8-byte ``TRAILER_MAGIC``).  Object byte
 ``i`` is file byte ``i``, so ranged GETs and gathers ``sendfile`` / ``preadv`` the file directly.
+
+A missing JSON field reads as its empty default, so files written before a field existed stay readable.
+Files written before ETags were MD5s keep the ETag they were stored with (an xxh3_128, 32 hex digits):
+it still identifies the bytes for conditional requests, but MD5-checking clients see a mismatch until the
+object is rewritten.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ def info_from(key: str, size: int, meta: dict, mtime_s: float) -> ObjectInfo:
         last_modified_s=meta.get("mtime_s", mtime_s),
         content_type=meta.get("content_type", "application/octet-stream"),
         metadata=dict(meta.get("metadata", {})),
+        headers=dict(meta.get("headers", {})),
+        checksums=dict(meta.get("checksums", {})),
     )
 
 

@@ -1,28 +1,40 @@
 """The ObjectCache S3 server's bucket and object operations: the plain S3 API subset.
 
-Buckets (ListBuckets, CreateBucket, HeadBucket, DeleteBucket, GetBucketLocation, ListObjects v1/v2,
-DeleteObjects) and objects (PutObject with ``If-None-Match: *``, GetObject / HeadObject with conditional
-headers and a single ``bytes=`` range, DeleteObject).  Each is an async function of the request's
+Buckets (ListBuckets, CreateBucket, HeadBucket, DeleteBucket, GetBucketLocation, GetBucketVersioning,
+ListObjects v1/v2, ListObjectVersions, DeleteObjects) and objects (PutObject with ``If-None-Match: *``,
+CopyObject, GetObject / HeadObject with conditional headers and a single ``bytes=`` range, DeleteObject).
+Objects keep what S3 keeps: Content-Type, the ``STORED_HEADERS`` (Content-Encoding, Cache-Control, ...),
+user metadata, the MD5 ETag and the ``x-amz-checksum-*`` values verified on upload (returned when the
+request says ``x-amz-checksum-mode: ENABLED``).  Versioning is never enabled: a bucket's objects are
+listed as their only version, ``VersionId`` "null".  Each is an async function of the request's
 ``RequestContext`` (``testbed.objectstore.context``), mapped to its method and sub-resource by
 ``testbed.objectstore.routes``.  Blocking store calls run in the server's thread pool
 (``ctx.run``); payload bytes go out with ``sendfile`` where the store has file descriptors.
-The request-header helpers (``user_metadata``, ``if_none_match_star``, ``check_conditions``,
-``parse_range``) are shared with the multipart operations.
+The request-header helpers (``user_metadata``, ``stored_headers``, ``if_none_match_star``,
+``check_conditions``, ``parse_range``, ``copy_source``) are shared with the multipart operations.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 
 from testbed.objectstore.body import read_body_direct
 from testbed.objectstore.config import BATCH_BYTES
 from testbed.objectstore.context import RequestContext, xml_response
-from testbed.objectstore.storeapi import ObjectHandle, Store, validate_key
+from testbed.objectstore.storeapi import (
+    STORED_HEADERS,
+    ObjectHandle,
+    ObjectInfo,
+    Store,
+    validate_bucket_name,
+    validate_key,
+)
 from testbed.wire import s3xml
 from testbed.wire.errors import CorruptObject, ObjectCacheError, S3Error
 
@@ -96,6 +108,13 @@ def list_entries(store: Store, bucket: str, prefix: str, delimiter: str, start_a
     cursor to continue from; and whether more entries follow."""
     entries: list[tuple[str, object]] = []
     cursor = start_after
+    if delimiter and start_after.startswith(prefix):
+        # A marker inside (or equal to) a common prefix: that prefix was already returned, skip all of it.
+        i = start_after.find(delimiter, len(prefix))
+        if i >= 0:
+            cursor = start_after[: i + len(delimiter)] + "\U0010ffff"
+    if max_keys == 0:
+        return entries, cursor, False
     while len(entries) < max_keys:
         page = store.list_objects(bucket, prefix, cursor, min(1000, max_keys - len(entries) + 1))
         if not page.objects:
@@ -127,10 +146,7 @@ async def list_objects(ctx: RequestContext) -> web.Response:
     delimiter = q.get("delimiter", "")
     if not ctx.cred.allows_prefix(prefix):
         raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
-    try:
-        max_keys = max(0, min(1000, int(q.get("max-keys", "1000"))))
-    except ValueError:
-        raise S3Error("InvalidArgument", "max-keys must be an integer", 400) from None
+    max_keys = max(0, min(1000, int_param(q, "max-keys", 1000)))
     token = q.get("continuation-token")
     if v2 and token is not None:
         try:
@@ -165,10 +181,11 @@ async def list_objects(ctx: RequestContext) -> web.Response:
             nxt = base64.urlsafe_b64encode(cursor.encode("utf-8", "surrogatepass")).decode()
             parts.append(s3xml.el("NextContinuationToken", nxt))
     else:
-        parts.append(s3xml.el("Marker", enc(q.get("marker", ""))))
+        parts.insert(2, s3xml.el("Marker", enc(q.get("marker", ""))))
         if truncated and delimiter and entries:
             last = entries[-1]
             parts.append(s3xml.el("NextMarker", enc(last[1] if last[0] == "cp" else last[1].key)))
+    owner = s3xml.owner() if not v2 or q.get("fetch-owner") == "true" else ""
     for kind, item in entries:
         if kind == "obj":
             parts.append(
@@ -177,12 +194,76 @@ async def list_objects(ctx: RequestContext) -> web.Response:
                 + s3xml.el("LastModified", s3xml.iso8601(item.last_modified_s))
                 + s3xml.el("ETag", f'"{item.etag}"')
                 + s3xml.el("Size", item.size_bytes)
+                + owner
                 + s3xml.el("StorageClass", "STANDARD")
                 + "</Contents>"
             )
         else:
             parts.append(f"<CommonPrefixes>{s3xml.el('Prefix', enc(item))}</CommonPrefixes>")
     return xml_response(s3xml.doc("ListBucketResult", "".join(parts)))
+
+
+async def bucket_versioning(ctx: RequestContext) -> web.Response:
+    """GetBucketVersioning: never enabled (an empty ``VersioningConfiguration``, as S3 answers for a bucket
+    whose versioning was never switched on)."""
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    return xml_response(s3xml.doc("VersioningConfiguration", ""))
+
+
+async def list_object_versions(ctx: RequestContext) -> web.Response:
+    """ListObjectVersions (``GET /bucket?versions``): every object is its only version, ``VersionId``
+    "null", latest; no delete markers.  ``key-marker`` continues after a key (one version per key, so
+    ``version-id-marker`` adds nothing)."""
+    q = ctx.query
+    prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
+    if not ctx.cred.allows_prefix(prefix):
+        raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
+    max_keys = max(0, min(1000, int_param(q, "max-keys", 1000)))
+    key_marker = q.get("key-marker", "")
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    entries, _, truncated = await ctx.run(
+        list_entries, ctx.services.store, ctx.bucket, prefix, delimiter, key_marker, max_keys
+    )
+    url = q.get("encoding-type") == "url"
+
+    def enc(s: str) -> str:
+        return quote(s, safe="/") if url else s
+
+    parts = [
+        s3xml.el("Name", ctx.bucket),
+        s3xml.el("Prefix", enc(prefix)),
+        s3xml.el("KeyMarker", enc(key_marker)),
+        s3xml.el("VersionIdMarker", q.get("version-id-marker", "")),
+        s3xml.el("MaxKeys", max_keys),
+    ]
+    if delimiter:
+        parts.append(s3xml.el("Delimiter", enc(delimiter)))
+    if url:
+        parts.append(s3xml.el("EncodingType", "url"))
+    parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
+    if truncated and entries:
+        kind, last = entries[-1]
+        parts.append(s3xml.el("NextKeyMarker", enc(last if kind == "cp" else last.key)))
+        parts.append(s3xml.el("NextVersionIdMarker", "null"))
+    for kind, item in entries:
+        if kind == "obj":
+            parts.append(
+                "<Version>"
+                + s3xml.el("Key", enc(item.key))
+                + s3xml.el("VersionId", "null")
+                + s3xml.el("IsLatest", "true")
+                + s3xml.el("LastModified", s3xml.iso8601(item.last_modified_s))
+                + s3xml.el("ETag", f'"{item.etag}"')
+                + s3xml.el("Size", item.size_bytes)
+                + s3xml.owner()
+                + s3xml.el("StorageClass", "STANDARD")
+                + "</Version>"
+            )
+        else:
+            parts.append(f"<CommonPrefixes>{s3xml.el('Prefix', enc(item))}</CommonPrefixes>")
+    return xml_response(s3xml.doc("ListVersionsResult", "".join(parts)))
 
 
 async def delete_objects(ctx: RequestContext) -> web.Response:
@@ -213,15 +294,95 @@ async def delete_objects(ctx: RequestContext) -> web.Response:
 # --- objects ------------------------------------------------------------------------------------------
 
 
+def int_param(query: Mapping[str, str], name: str, default: int) -> int:
+    """An integer query parameter (``max-keys``, ``partNumber``, ...); InvalidArgument if it is not one."""
+    try:
+        return int(query.get(name, default))
+    except ValueError:
+        raise S3Error("InvalidArgument", f"{name} must be an integer", 400) from None
+
+
 def user_metadata(request: web.Request) -> dict[str, str]:
+    """The ``x-amz-meta-*`` headers, names lowercased, values exactly as sent (an RFC 2047 encoded word or
+    raw UTF-8 alike: they are returned byte for byte)."""
     meta = {}
     for k, v in request.headers.items():
         lk = k.lower()
         if lk.startswith("x-amz-meta-"):
+            try:
+                v.encode()
+            except UnicodeEncodeError:  # aiohttp keeps undecodable bytes as surrogates
+                raise S3Error("InvalidArgument", f"header {k} is not valid UTF-8", 400) from None
             meta[lk[len("x-amz-meta-") :]] = v
-    if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
+    if sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) > 2048:
         raise S3Error("MetadataTooLarge", "user metadata exceeds 2 KiB", 400)
     return meta
+
+
+def stored_headers(request: web.Request) -> dict[str, str]:
+    """The ``STORED_HEADERS`` a write sets, as S3 keeps them (``aws-chunked``, a transfer framing, is not
+    part of the stored Content-Encoding)."""
+    out = {}
+    for name in STORED_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if name == "Content-Encoding":
+            value = ",".join(c.strip() for c in value.split(",") if c.strip() and c.strip() != "aws-chunked")
+            if not value:
+                continue
+        out[name] = value
+    return out
+
+
+# ``x-amz-checksum-<algorithm>`` -> the XML element that carries it (CompleteMultipartUpload, ListParts).
+CHECKSUM_ELEMENTS = {
+    "crc32": "ChecksumCRC32",
+    "crc32c": "ChecksumCRC32C",
+    "crc64nvme": "ChecksumCRC64NVME",
+    "sha1": "ChecksumSHA1",
+    "sha256": "ChecksumSHA256",
+}
+
+
+def body_checksums(verified: Mapping[str, str]) -> dict[str, str]:
+    """algorithm -> base64 value of the ``x-amz-checksum-*`` a body was verified against (what is stored)."""
+    prefix = "x-amz-checksum-"
+    return {k[len(prefix) :]: v for k, v in verified.items() if k.startswith(prefix)}
+
+
+def checksum_element(algorithm: str, value: str) -> str:
+    return s3xml.el(CHECKSUM_ELEMENTS[algorithm], value) if algorithm in CHECKSUM_ELEMENTS else ""
+
+
+def checksum_headers(checksums: Mapping[str, str]) -> dict[str, str]:
+    """The response headers of stored checksums: each value, and ``x-amz-checksum-type`` (COMPOSITE for a
+    multipart object's ``<checksum of part checksums>-<n>``, else FULL_OBJECT)."""
+    out = {f"x-amz-checksum-{alg}": v for alg, v in checksums.items()}
+    if out:
+        out["x-amz-checksum-type"] = (
+            "COMPOSITE" if any("-" in v for v in checksums.values()) else "FULL_OBJECT"
+        )
+    return out
+
+
+def copy_source(ctx: RequestContext) -> tuple[str, str]:
+    """The (bucket, key) of ``x-amz-copy-source`` (``[/]bucket/key``, percent-encoded, optionally
+    ``?versionId=null``), checked against S3's naming rules and the credential."""
+    raw = ctx.request.headers["x-amz-copy-source"]
+    path, _, query = raw.partition("?")
+    bucket, _, key = unquote(path).lstrip("/").partition("/")
+    if query:
+        name, _, version = query.partition("=")
+        if name != "versionId" or version != "null":
+            raise S3Error("InvalidArgument", "invalid version id specified in x-amz-copy-source", 400)
+    if not bucket or not key:
+        raise S3Error("InvalidArgument", "x-amz-copy-source must name a bucket and a key", 400)
+    validate_bucket_name(bucket)
+    validate_key(key)
+    if not ctx.cred.allows_bucket(bucket) or not ctx.cred.allows_key(key):
+        raise S3Error("AccessDenied", f"the credential may not read {bucket}/{key}", 403, key=key)
+    return bucket, key
 
 
 def if_none_match_star(request: web.Request) -> bool:
@@ -233,9 +394,73 @@ def if_none_match_star(request: web.Request) -> bool:
     return True
 
 
+def copy_source_conditions(headers: Mapping[str, str], info: ObjectInfo) -> None:
+    """The ``x-amz-copy-source-if-*`` preconditions on the source object; PreconditionFailed if one fails."""
+    cond = {
+        name[len("x-amz-copy-source-") :]: value
+        for name, value in headers.items()
+        if name.lower().startswith("x-amz-copy-source-if-")
+    }
+    renamed = {k.title(): v for k, v in cond.items()}  # if-none-match -> If-None-Match
+    if check_conditions(renamed, info.etag, info.last_modified_s) is not None:
+        raise S3Error("PreconditionFailed", "at least one of the copy source preconditions did not hold", 412)
+
+
 async def copy_object(ctx: RequestContext) -> web.Response:
-    """A PUT with ``x-amz-copy-source``: not implemented (it must not be taken for a PutObject)."""
-    raise S3Error("NotImplemented", "CopyObject is not implemented", 501)
+    """CopyObject (a PUT with ``x-amz-copy-source``): the source's bytes into this key, within the
+    credential's buckets and namespaces.  ``x-amz-metadata-directive: COPY`` (the default) keeps the
+    source's Content-Type, stored headers, metadata and checksums; ``REPLACE`` takes them from this request.
+    Copying an object onto itself is only allowed with REPLACE (S3's rule)."""
+    request = ctx.request
+    await ctx.read_body(ctx.services.config.max_request_body_bytes)
+    src_bucket, src_key = copy_source(ctx)
+    directive = request.headers.get("x-amz-metadata-directive", "COPY").strip().upper()
+    if directive not in ("COPY", "REPLACE"):
+        raise S3Error("InvalidArgument", f"unknown x-amz-metadata-directive {directive!r}", 400)
+    if (src_bucket, src_key) == (ctx.bucket, ctx.key) and directive == "COPY":
+        raise S3Error(
+            "InvalidRequest",
+            "This copy request is illegal because it is trying to copy an object to itself without "
+            "changing the object's metadata, storage class, website redirect location or encryption "
+            "attributes.",
+            400,
+        )
+    conditional = if_none_match_star(request)
+    handle = await ctx.run(ctx.services.store.open_object, src_bucket, src_key)
+    try:
+        src = handle.info
+        copy_source_conditions(request.headers, src)
+        if src.size_bytes > ctx.services.config.max_object_bytes:
+            raise S3Error("EntityTooLarge", "the source object exceeds the size limit", 400)
+        if directive == "COPY":
+            content_type, metadata, headers = src.content_type, src.metadata, src.headers
+        else:
+            content_type = request.headers.get("Content-Type", "application/octet-stream")
+            metadata, headers = user_metadata(request), stored_headers(request)
+        # A composite checksum describes the source's parts; the copy is one part.
+        checksums = {a: v for a, v in src.checksums.items() if "-" not in v}
+
+        def copy() -> ObjectInfo:
+            writer = ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, metadata, headers)
+            try:
+                off = 0
+                while off < src.size_bytes:
+                    buf = bytearray(min(BATCH_BYTES, src.size_bytes - off))
+                    got = handle.read_into(off, memoryview(buf))
+                    if got != len(buf):
+                        raise S3Error("InternalError", "short read from the store", 500)
+                    writer.write(buf)
+                    off += got
+                return writer.commit(conditional, None, checksums)
+            except BaseException:
+                writer.abort()
+                raise
+
+        info = await ctx.run(copy)
+    finally:
+        handle.close()
+    body = s3xml.el("LastModified", s3xml.iso8601(info.last_modified_s)) + s3xml.el("ETag", f'"{info.etag}"')
+    return xml_response(s3xml.doc("CopyObjectResult", body))
 
 
 async def put_object(ctx: RequestContext) -> web.Response:
@@ -250,8 +475,9 @@ async def put_object(ctx: RequestContext) -> web.Response:
             key=ctx.key,
         )
     content_type = request.headers.get("Content-Type", "application/octet-stream")
+    metadata, headers = user_metadata(request), stored_headers(request)
     writer = await ctx.run(
-        lambda: ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, user_metadata(request))
+        lambda: ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, metadata, headers)
     )
     try:
         max_bytes = ctx.services.config.max_object_bytes
@@ -262,7 +488,7 @@ async def put_object(ctx: RequestContext) -> web.Response:
             body = await ctx.read_body(max_bytes, sink=writer.write)
         else:
             ctx.services.metrics.add_bytes_received(request["op"], body.size_bytes)
-        info = await ctx.run(writer.commit, conditional)
+        info = await ctx.run(writer.commit, conditional, None, body_checksums(body.checksums))
     except BaseException:
         await ctx.run(writer.abort)
         raise
@@ -286,8 +512,9 @@ async def object_exists(ctx: RequestContext) -> bool:
         raise
 
 
-def check_conditions(request: web.Request, etag: str, mtime_s: float) -> int | None:
-    h = request.headers
+def check_conditions(h: Mapping[str, str], etag: str, mtime_s: float) -> int | None:
+    """The status the conditional headers ``h`` (If-Match, If-None-Match, If-Modified-Since,
+    If-Unmodified-Since) call for against an object's ETag and mtime: 412, 304, or None to go on."""
     quoted = f'"{etag}"'
     if "If-Match" in h and h["If-Match"].strip() not in (quoted, etag, "*"):
         return 412
@@ -319,10 +546,16 @@ async def get_object(ctx: RequestContext) -> web.StreamResponse:
             "Last-Modified": s3xml.http_date(info.last_modified_s),
             "Accept-Ranges": "bytes",
             "Content-Type": info.content_type,
+            **info.headers,
         }
         for k, v in info.metadata.items():
             headers[f"x-amz-meta-{k}"] = v
-        cond = check_conditions(request, info.etag, info.last_modified_s)
+        # A presigned GET may choose the answer's headers (``response-content-disposition=...``).
+        for name in ("Content-Type", *STORED_HEADERS):
+            override = ctx.query.get("response-" + name.lower())
+            if override is not None:
+                headers[name] = override
+        cond = check_conditions(request.headers, info.etag, info.last_modified_s)
         if cond == 412:
             raise S3Error("PreconditionFailed", "at least one of the preconditions did not hold", 412)
         if cond == 304:
@@ -332,6 +565,8 @@ async def get_object(ctx: RequestContext) -> web.StreamResponse:
             rng = parse_range(request.headers["Range"], info.size_bytes)
         if rng is None:
             start, count, status = 0, info.size_bytes, 200
+            if request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED":
+                headers.update(checksum_headers(info.checksums))
         else:
             start, count, status = rng[0], rng[1] - rng[0] + 1, 206
             headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size_bytes}"

@@ -42,6 +42,13 @@ LIST_PARAMS = frozenset(
     }
 )
 NONE: frozenset[str] = frozenset()
+VERSIONS_PARAMS = frozenset(
+    {"prefix", "delimiter", "key-marker", "version-id-marker", "max-keys", "encoding-type"}
+)
+UPLOADS_PARAMS = frozenset(
+    {"prefix", "delimiter", "key-marker", "upload-id-marker", "max-uploads", "encoding-type"}
+)
+LIST_PARTS_PARAMS = frozenset({"max-parts", "part-number-marker", "encoding-type"})
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class Route:
 # Sub-resources in precedence order: the first one present with a route for the method wins.
 SUBRESOURCES = {
     SERVICE: ("objectcache-pacer",),
-    BUCKET: ("gather", "delete", "location"),
+    BUCKET: ("gather", "delete", "location", "versioning", "versions", "uploads"),
     OBJECT: ("uploads", "quarantine", "uploadId", COPY_SOURCE),
 }
 
@@ -85,12 +92,20 @@ ROUTES: dict[str, dict[tuple[str, str], Route]] = {
         ("HEAD", ""): Route("HeadBucket", objectops.head_bucket),
         ("DELETE", ""): Route("DeleteBucket", objectops.delete_bucket, allowed=NONE),
         ("GET", "location"): Route("GetBucketLocation", objectops.bucket_location),
+        ("GET", "versioning"): Route("GetBucketVersioning", objectops.bucket_versioning, allowed=NONE),
+        ("GET", "versions"): Route(
+            "ListObjectVersions", objectops.list_object_versions, allowed=VERSIONS_PARAMS
+        ),
+        ("GET", "uploads"): Route(
+            "ListMultipartUploads", multipart.list_multipart_uploads, allowed=UPLOADS_PARAMS
+        ),
         ("GET", ""): Route("ListObjects", objectops.list_objects, allowed=LIST_PARAMS),
     },
     OBJECT: {
         ("PUT", "uploadId"): Route("UploadPart", multipart.upload_part, requires=frozenset({"partNumber"})),
         ("PUT", COPY_SOURCE): Route("CopyObject", objectops.copy_object),
         ("PUT", ""): Route("PutObject", objectops.put_object, allowed=NONE),
+        ("GET", "uploadId"): Route("ListParts", multipart.list_parts, allowed=LIST_PARTS_PARAMS),
         ("GET", ""): Route("GetObject", objectops.get_object, refused=_NOT_FOR_GET),
         ("HEAD", ""): Route("HeadObject", objectops.get_object, refused=_NOT_FOR_GET),
         ("DELETE", "uploadId"): Route("AbortMultipartUpload", multipart.abort_multipart),

@@ -44,6 +44,13 @@ from testbed.wire.errors import (
 )
 
 _SPOOL_MEMORY_BYTES = 64 << 20  # uploads bigger than this spill to a temp file before the PUT
+# boto3's put_object parameter of each stored header (``storeapi.STORED_HEADERS``).
+_PUT_PARAM = {
+    "Cache-Control": "CacheControl",
+    "Content-Disposition": "ContentDisposition",
+    "Content-Encoding": "ContentEncoding",
+    "Content-Language": "ContentLanguage",
+}
 
 
 def _status(e: ClientError) -> int:
@@ -172,10 +179,11 @@ class S3ProxyStore(Store):
         key: str,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> ObjectWriter:
         if not self.bucket_exists(bucket):
             raise BucketMissing(f"bucket {bucket!r} does not exist")
-        return _ProxyWriter(self, bucket, key, content_type, dict(metadata or {}))
+        return _ProxyWriter(self, bucket, key, content_type, dict(metadata or {}), dict(headers or {}))
 
     def delete_object(self, bucket: str, key: str) -> None:
         self._call(
@@ -272,8 +280,11 @@ class _ProxyHandle(ObjectHandle):
 class _ProxyWriter(ObjectWriter):
     """Spools the upload (memory, then a temp file) and PUTs it on commit (atomic on any S3 service)."""
 
-    def __init__(self, store: S3ProxyStore, bucket: str, key: str, content_type: str, metadata: dict) -> None:
+    def __init__(
+        self, store: S3ProxyStore, bucket: str, key: str, content_type: str, metadata: dict, headers: dict
+    ) -> None:
         self._store = store
+        self._headers = headers
         self._bucket = bucket
         self._key = key
         self._content_type = content_type
@@ -285,7 +296,11 @@ class _ProxyWriter(ObjectWriter):
     def write(self, data: bytes | memoryview) -> None:
         self._size += self._spool.write(data)
 
-    def commit(self, if_none_match: bool = False) -> ObjectInfo:
+    def commit(
+        self, if_none_match: bool = False, etag: str | None = None, checksums: dict[str, str] | None = None
+    ) -> ObjectInfo:
+        """PUT the spooled bytes; the backend computes the ETag and stores the headers (``etag`` and
+        ``checksums`` are the backend's business: it answers its own)."""
         self._spool.seek(0)
         kwargs = dict(
             Bucket=self._store.backend_bucket(self._bucket),
@@ -294,6 +309,7 @@ class _ProxyWriter(ObjectWriter):
             ContentLength=self._size,
             ContentType=self._content_type,
             Metadata=self._metadata,
+            **{_PUT_PARAM[h]: v for h, v in self._headers.items() if h in _PUT_PARAM},
         )
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"

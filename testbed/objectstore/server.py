@@ -75,7 +75,9 @@ class S3Server:
         self.services = Services(
             config=config,
             store=store,
-            spool=MultipartSpool(config.spool_dir or os.path.join(config.data_dir, "multipart")),
+            spool=MultipartSpool(
+                config.spool_dir or os.path.join(config.data_dir, "multipart"), config.multipart_expiry_s
+            ),
             pacer=pacer,
             metrics=ServerMetrics(pacer),
             executor=ThreadPoolExecutor(config.io_threads, thread_name_prefix="oc-io"),
@@ -241,7 +243,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     server = S3Server(config, store, credentials)
     if config.idle_timeout_s <= 0:
         raise ValueError("--idle-timeout-s must be > 0")
-    runner = web.AppRunner(server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s)
+    # auto_decompress=False: a body sent with Content-Encoding: gzip is stored as sent, like S3 does.
+    runner = web.AppRunner(
+        server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s, auto_decompress=False
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()

@@ -9,14 +9,13 @@ survives a crash or restart.  Corrupt objects are moved to ``<root>/buckets/<buc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote
-
-import xxhash
 
 from testbed.objectstore.objectfile import file_name, info_from, read_trailer, trailer_bytes
 from testbed.objectstore.storeapi import (
@@ -64,7 +63,7 @@ class _FileHandle(ObjectHandle):
 
 class _FileWriter(ObjectWriter):
     def __init__(
-        self, store: FilesystemStore, bucket: str, key: str, content_type: str, metadata: dict
+        self, store: FilesystemStore, bucket: str, key: str, content_type: str, metadata: dict, headers: dict
     ) -> None:
         self._store = store
         self._bucket = bucket
@@ -72,20 +71,26 @@ class _FileWriter(ObjectWriter):
         self._final = store._obj_dir(bucket) / file_name(key)
         self._tmp = store._bucket_dir(bucket) / "tmp" / f"{uuid.uuid4().hex}.part"
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._hash = xxhash.xxh3_128()
+        self._md5 = hashlib.md5()  # the ETag, as the bytes stream in (no second pass)
         self._size = 0
         self._meta = {"content_type": content_type, "metadata": dict(metadata or {})}
+        if headers:
+            self._meta["headers"] = dict(headers)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        self._hash.update(view)
+        self._md5.update(view)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
             self._size += n
 
-    def commit(self, if_none_match: bool = False, etag: str | None = None) -> ObjectInfo:
-        meta = dict(self._meta, etag=etag or self._hash.hexdigest(), mtime_s=time.time())
+    def commit(
+        self, if_none_match: bool = False, etag: str | None = None, checksums: dict[str, str] | None = None
+    ) -> ObjectInfo:
+        meta = dict(self._meta, etag=etag or self._md5.hexdigest(), mtime_s=time.time())
+        if checksums:
+            meta["checksums"] = dict(checksums)
         os.write(self._fd, trailer_bytes(meta))
         if self._store._fsync:  # --no-fsync (benchmarks only) skips the file's fsync too, not just the dir's
             os.fsync(self._fd)
@@ -220,10 +225,11 @@ class FilesystemStore(Store):
         key: str,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> ObjectWriter:
         self._require_bucket(bucket)
         validate_key(key)
-        return _FileWriter(self, bucket, key, content_type, metadata or {})
+        return _FileWriter(self, bucket, key, content_type, metadata or {}, headers or {})
 
     def quarantine(self, bucket: str, key: str, reason: str) -> bool:
         """Move a corrupt object's file to ``<bucket>/quarantine/`` (with a ``.reason`` note) so it is no

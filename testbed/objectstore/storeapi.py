@@ -14,17 +14,21 @@ thread pool, never on its event loop.  Errors are ``testbed.wire.errors`` classe
         handle.read_into(offset, buf) -> int          fill the writable buffer from object byte ``offset``
         handle.fileno() -> int | None                 a file descriptor whose byte i is object byte i, or None
         handle.close()                                (handles are context managers)
-    begin_write(bucket, key, content_type=..., metadata=...) -> ObjectWriter   streaming upload
-        writer.write(data) ; writer.commit(if_none_match=False, etag=None) -> ObjectInfo ; writer.abort()
+    begin_write(bucket, key, content_type=..., metadata=..., headers=...) -> ObjectWriter   streaming upload
+        writer.write(data) ; writer.commit(if_none_match=False, etag=None, checksums=None) -> ObjectInfo
+        writer.abort()
         commit is atomic: readers see the old object or the whole new one, never a torn one; with
         ``if_none_match`` it raises PreconditionFailed if the key exists (and never overwrites it).
+        ``headers`` are the stored HTTP headers (``STORED_HEADERS``: Content-Encoding, Cache-Control, ...)
+        and ``checksums`` the verified ``x-amz-checksum-*`` values (algorithm -> base64), both returned in
+        ``ObjectInfo``.
     delete_object(bucket, key) -> None               deleting a missing key is not an error (S3 semantics)
     list_objects(bucket, prefix="", start_after="", max_keys=1000) -> ListPage   keys in UTF-8 byte order
 
-The ETag is the hex xxh3_128 of the object bytes (32 hex digits, like an MD5 ETag), or
-``<xxh3_128 of the part ETags>-<n>`` for multipart objects (the server passes it as
-``commit(etag=...)``, ``testbed.objectstore.spool.multipart_etag``): S3 clients treat ETags as opaque, and
-xxh3 is ~20x cheaper than MD5 on the upload path.
+The ETag is S3's: the hex MD5 of the object bytes, computed by the writer as the bytes stream in, or
+``<MD5 of the parts' binary MD5s>-<n>`` for multipart objects (the server passes it as
+``commit(etag=...)``, ``testbed.objectstore.spool.multipart_etag``).  Clients (rclone, s3cmd, awscli)
+compare a single-part ETag with the MD5 of what they sent.
 
 Implementations: ``testbed.objectstore.store.FilesystemStore`` (the embedded default) and
 ``testbed.objectstore.s3proxy.S3ProxyStore``.  ``validate_bucket_name`` / ``validate_key`` are S3's naming
@@ -37,15 +41,32 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from testbed.wire.errors import ChunkMissing, CorruptObject, InvalidRequest, KeyTooLong
+from testbed.wire.errors import ChunkMissing, CorruptObject, InvalidBucketName, InvalidRequest, KeyTooLong
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IPV4_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 MAX_KEY_BYTES = 1024
+
+# The HTTP headers of a PUT that S3 stores with the object and returns on GET / HEAD (besides Content-Type).
+STORED_HEADERS = ("Cache-Control", "Content-Disposition", "Content-Encoding", "Content-Language", "Expires")
 
 
 def validate_bucket_name(bucket: str) -> str:
-    if not _BUCKET_RE.match(bucket or "") or ".." in bucket:
-        raise InvalidRequest(f"invalid bucket name {bucket!r}")
+    """S3's bucket naming rules (general purpose buckets): 3-63 characters of lowercase letters, digits,
+    dots and hyphens, starting and ending with a letter or digit, no ``..``, ``.-`` or ``-.``, not shaped
+    like an IPv4 address, no ``xn--`` or ``sthree-`` prefix, no ``-s3alias`` / ``--ol-s3`` suffix.  Raises
+    ``InvalidBucketName`` (400)."""
+    name = bucket or ""
+    if (
+        not _BUCKET_RE.match(name)
+        or ".." in name
+        or ".-" in name
+        or "-." in name
+        or _IPV4_RE.match(name)
+        or name.startswith(("xn--", "sthree-"))
+        or name.endswith(("-s3alias", "--ol-s3"))
+    ):
+        raise InvalidBucketName(f"invalid bucket name {bucket!r}")
     return bucket
 
 
@@ -72,6 +93,8 @@ class ObjectInfo:
     last_modified_s: float
     content_type: str = "application/octet-stream"
     metadata: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # STORED_HEADERS that the upload set
+    checksums: dict[str, str] = field(default_factory=dict)  # algorithm ("crc32", ...) -> base64 value
 
 
 @dataclass
@@ -104,7 +127,9 @@ class ObjectWriter(ABC):
     def write(self, data: bytes | memoryview) -> None: ...
 
     @abstractmethod
-    def commit(self, if_none_match: bool = False, etag: str | None = None) -> ObjectInfo: ...
+    def commit(
+        self, if_none_match: bool = False, etag: str | None = None, checksums: dict[str, str] | None = None
+    ) -> ObjectInfo: ...
 
     @abstractmethod
     def abort(self) -> None: ...
@@ -138,6 +163,7 @@ class Store(ABC):
         key: str,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> ObjectWriter: ...
 
     @abstractmethod

@@ -77,6 +77,12 @@ class InvalidRequest(ObjectCacheError):
     http_status = 400
 
 
+class InvalidBucketName(InvalidRequest):
+    """A bucket name that breaks S3's naming rules (``storeapi.validate_bucket_name``)."""
+
+    s3_code = "InvalidBucketName"
+
+
 class RequestTooLarge(ObjectCacheError):
     s3_code = "EntityTooLarge"
     http_status = 413
@@ -142,6 +148,7 @@ _BY_S3_CODE: dict[str, type[ObjectCacheError]] = {
     "BadDigest": ChecksumMismatch,
     "InvalidObjectState": CorruptObject,
     "InvalidRequest": InvalidRequest,
+    "InvalidBucketName": InvalidBucketName,
     "EntityTooLarge": RequestTooLarge,
     "AccessDenied": AccessDenied,
     "InvalidAccessKeyId": AccessDenied,

@@ -48,6 +48,10 @@ def owner() -> str:
     return "<Owner><ID>objectcache</ID><DisplayName>objectcache</DisplayName></Owner>"
 
 
+def initiator() -> str:
+    return "<Initiator><ID>objectcache</ID><DisplayName>objectcache</DisplayName></Initiator>"
+
+
 def parse_complete_multipart(body: bytes) -> list[tuple[int, str]]:
     """(part number, etag) pairs of a CompleteMultipartUpload body; raises ValueError if malformed."""
     root = ET.fromstring(body)
