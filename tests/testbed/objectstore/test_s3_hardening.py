@@ -453,3 +453,17 @@ def test_connections_per_client_are_capped(tmp_path):
         assert resp.status == 200
         for s in held:
             s.close()
+
+
+def test_stalled_direct_chunk_body_is_timed_out(srv):
+    """A large ``x-oc-verify: kvchunk`` PUT is received off the event loop (``read_body_direct``): the same
+    body pace holds there."""
+    path = f"/{BUCKET}/direct"
+    head = signed_headers(srv, "PUT", path, {"Content-Length": str(2 << 20), "x-oc-verify": "kvchunk"})
+    with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+        s.sendall(raw_head(srv, "PUT", path, head) + b"z" * 100)
+        t0 = time.monotonic()
+        reply = read_until_closed(s, 10)
+        waited_s = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 400 ") and code_of(reply) == "RequestTimeout", reply[:300]
+    assert 0.5 < waited_s < 5
