@@ -9,6 +9,10 @@ bucket and key are checked against the credential's buckets and namespaces, and 
 (``testbed.objectstore.routes``) picks the operation by scope, method and sub-resource; the operation gets a
 ``RequestContext`` (``testbed.objectstore.context``) with the server's shared ``Services``.  Errors are S3
 XML documents; an unexpected exception is logged and answered ``500 InternalError`` without internals.
+A request with ``Expect: 100-continue`` is authenticated from its headers before the server invites its
+body (``S3Server._expect``).  Request bodies keep a minimum pace (``testbed.objectstore.body.BodyPace``);
+connections per client address are capped (``ClientConnectionCap``); the server refuses to listen beyond
+loopback with the documented default credential (``check_exposure``).
 Unauthenticated endpoints: ``GET /_objectcache/health`` (JSON) and ``GET /_objectcache/metrics``
 (Prometheus text, ``testbed.objectstore.metrics``) -- names no bucket can have.
 
