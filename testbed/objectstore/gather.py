@@ -68,8 +68,9 @@ class GatherRequest:
 
 
 def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRequest:
-    """Validate a gather request body; raise ``InvalidRequest`` / ``RequestTooLarge`` / ``S3Error``
-    (``InvalidArgument`` for a key named twice: it would be sent twice, amplifying the response)."""
+    """Validate a gather request body; raise ``InvalidRequest`` (a key named twice too: it would be sent
+    twice, amplifying the response) / ``RequestTooLarge``.  Not ``InvalidArgument``: clients read that
+    code as "this endpoint has no gather" (``testbed.client.gather_path``) and fall back to plain GETs."""
     try:
         doc = json.loads(body)
     except (
@@ -92,7 +93,7 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
         dup = next(k for k in keys if k in seen or seen.add(k))
-        raise S3Error("InvalidArgument", f"gather names key {dup!r} more than once", 400, key=dup)
+        raise InvalidRequest(f"gather names key {dup!r} more than once", key=dup)
     start = doc.get("layer_start", 0)
     end = doc.get("layer_end")
     if not _is_int(start) or start < 0 or (end is not None and (not _is_int(end) or end <= start)):
@@ -136,7 +137,7 @@ class GatherBudget:
     and at most ``max_tenant_bytes`` of responses in flight per tenant (access key): the sum of the
     ``Content-Length`` of its open gather streams, reserved when a stream opens and released when it ends.
 
-    A gather over the first bound is refused ``400 InvalidArgument`` (it can never be served: split it);
+    A gather over the first bound is refused ``400 InvalidRequest`` (it can never be served: split it);
     one over its tenant's bound ``503 SlowDown`` (retry when the tenant's other gathers end).  Both before
     any response byte."""
 
@@ -149,11 +150,9 @@ class GatherBudget:
         """Reserve ``response_bytes`` for ``tenant`` or raise; the caller ``release``s what was admitted.
         Synchronous: the check and the reservation are one step of the event loop."""
         if response_bytes > self.max_response_bytes:
-            raise S3Error(
-                "InvalidArgument",
+            raise InvalidRequest(
                 f"the gather response would be {response_bytes} bytes; the limit is "
-                f"{self.max_response_bytes} per gather: gather fewer keys or layers per request",
-                400,
+                f"{self.max_response_bytes} per gather: gather fewer keys or layers per request"
             )
         held = self.in_flight_bytes.get(tenant, 0)
         if held + response_bytes > self.max_tenant_bytes:
