@@ -91,7 +91,11 @@ async def _timed_reads(request: web.Request):
             async with asyncio.timeout(wait_s):
                 data = await request.content.readany()
         except TimeoutError:
-            request.content.feed_eof()  # no lingering read of the rest: the connection closes after the answer
+            # Read no more (the parser must not feed a finished stream), skip aiohttp's lingering read of
+            # the rest, and close the connection after the answer.
+            if request.transport is not None:
+                request.transport.pause_reading()
+            request.content.feed_eof()
             request["close_connection"] = True
             raise body_timeout_error(received, pace) from None
         if not data:

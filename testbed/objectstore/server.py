@@ -313,10 +313,15 @@ class ClientConnectionCap:
     ``connection_made`` / ``connection_lost`` callbacks of the runner's ``web.Server`` (every connection's
     ``RequestHandler`` reports to them)."""
 
-    def __init__(self, max_per_client: int) -> None:
+    LOG_EVERY_S = 10.0  # a flood of refused connections is one log line per this many seconds
+
+    def __init__(self, max_per_client: int, metrics: ServerMetrics | None = None) -> None:
         self.max_per_client = max_per_client
+        self.metrics = metrics
         self.open: dict[str, int] = {}
+        self.refused = 0
         self._peer: dict[object, str] = {}  # admitted handler -> its client address
+        self._logged_s = -float("inf")
 
     def install(self, server: web.Server) -> None:
         made, lost = server.connection_made, server.connection_lost
@@ -343,7 +348,18 @@ class ClientConnectionCap:
         server.connection_lost = connection_lost
 
     def _refuse(self, transport, ip: str) -> None:
-        log.info("refused a connection from %s: %d open (--max-connections-per-client)", ip, self.open[ip])
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.count_error("SlowDown")
+        now_s = time.monotonic()
+        if now_s - self._logged_s >= self.LOG_EVERY_S:
+            self._logged_s = now_s
+            log.info(
+                "refused a connection from %s: %d open (--max-connections-per-client); %d refused in all",
+                ip,
+                self.open[ip],
+                self.refused,
+            )
         body = s3xml.error_xml(
             "SlowDown",
             f"too many open connections from {ip} (at most {self.max_per_client}); reuse connections",
@@ -375,7 +391,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     server = S3Server(config, store, credentials)
     runner = web.AppRunner(server.app(), access_log=None, keepalive_timeout=config.idle_timeout_s)
     await runner.setup()
-    ClientConnectionCap(config.max_connections_per_client).install(runner.server)
+    ClientConnectionCap(config.max_connections_per_client, server.services.metrics).install(runner.server)
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()
     sock = site._server.sockets[0]  # the bound socket: the real port when --port 0

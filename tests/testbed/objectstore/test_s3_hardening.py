@@ -350,11 +350,6 @@ def test_fuzz_gather_fields_never_5xx(srv, fuzz_names, data):
         assert code_of(reply), reply[:300]
 
 
-def test_fuzzed_requests_logged_no_traceback(srv):
-    """Runs after the fuzz and the malformed-field tests (file order): none of them logged a traceback."""
-    assert "Traceback" not in srv.log_path.read_text(errors="replace")
-
-
 def test_parse_gather_body_field_checks():
     for bad in (b"[" * 100_000, json.dumps({"keys": ["a"], "stream_id": "a\nb"}).encode()):
         with pytest.raises(InvalidRequest):
@@ -450,6 +445,7 @@ def test_connections_per_client_are_capped(tmp_path):
                 break
             time.sleep(0.05)
         assert resp.status == 200
+        assert 'objectcache_errors_total{code="SlowDown"} 2.0' in srv.metrics_text()
         for s in held:
             s.close()
 
@@ -466,3 +462,10 @@ def test_stalled_direct_chunk_body_is_timed_out(srv):
         waited_s = time.monotonic() - t0
     assert reply.startswith(b"HTTP/1.1 400 ") and code_of(reply) == "RequestTimeout", reply[:300]
     assert 0.5 < waited_s < 5
+
+
+def test_no_traceback_logged(srv):
+    """Runs last (file order): none of the module's malformed, fuzzed, timed-out or refused requests logged
+    a traceback."""
+    text = srv.log_path.read_text(errors="replace")
+    assert "Traceback" not in text and " ERROR " not in text
