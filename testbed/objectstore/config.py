@@ -87,13 +87,13 @@ class ServerConfig:
     )
     max_gather_keys: int = setting(DEFAULT_MAX_KEYS, "most keys in one gather")
     max_gather_response_bytes: int = setting(
-        16 * 1024 * MiB,
+        128 * 1024 * MiB,  # the largest preset's fullest gather (1024 llama-3.1-70b chunks) is 80 GiB
         "largest response of one gather (its exact Content-Length), MiB",
         flag="--max-gather-response-mib",
         scale=MiB,
     )
     max_tenant_gather_bytes: int = setting(
-        64 * 1024 * MiB,
+        1024 * 1024 * MiB,  # room for many concurrent full-prompt gathers of one shared experiment key
         "most gather response bytes one access key may have in flight (open gather streams), MiB",
         flag="--max-tenant-gather-mib",
         scale=MiB,
