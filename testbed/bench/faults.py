@@ -408,6 +408,8 @@ class VethNamespace:
             os.close(fd)
             os.chmod(name, 0o755)
             self._wrapper = Path(name)
+        # ns_ip is on a veth pair private to this machine; the tests sign with the default credential.
+        kwargs["args"] = [*kwargs.get("args", ()), "--insecure-default-credentials"]
         return start_server(data_dir, host=self.ns_ip, python=str(self._wrapper), **kwargs)
 
     def link_down(self) -> None:

@@ -42,6 +42,7 @@ def _start_server_in(link, side: str, data_dir: Path, extra: list[str]) -> subpr
         "--no-fsync",
         "--log-level",
         "WARNING",
+        "--insecure-default-credentials",  # the link's addresses are private to this machine's namespaces
         *extra,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

@@ -1,7 +1,7 @@
 """The ``cluster`` topology: real machines, driven from this process (the *coordinator*).
 
 The storage server runs on the storage node (``python -m testbed.objectstore --host <addr> --port 9000
---allow-pacer-control ...``), one agent per GPU node (``python -m testbed.harness.agent``); the harness sets
+--credentials F --allow-pacer-control ...``: beyond loopback it needs credentials of its own), one agent per GPU node (``python -m testbed.harness.agent``); the harness sets
 the server's pacer through its admin operation instead of restarting it, measures every agent's clock offset
 before each run and releases all hosts at one common start (``testbed.harness.coordinator``).
 """
@@ -39,7 +39,8 @@ class ClusterTopology(Topology):
         if not cfg.storage_url:
             raise TopologyError(
                 "topology=cluster needs topology.storage_url=http://<storage node>:<port> (start the server "
-                "there: python -m testbed.objectstore --host <addr> --port 9000 --allow-pacer-control ...)"
+                "there: python -m testbed.objectstore --host <addr> --port 9000 --credentials F "
+                "--allow-pacer-control ...)"
             )
         if not cfg.workers:
             raise TopologyError(

@@ -14,7 +14,7 @@ start a meaning across hosts, and ``close`` tears everything down.
   ``cleanup_stale`` removes namespaces left by a process that no longer exists (after a SIGKILL), so nothing
   is left behind.
 * ``cluster``: real machines, driven from this process (the *coordinator*).  The storage server runs on the
-  storage node (``python -m testbed.objectstore --host <addr> --port 9000 --allow-pacer-control ...``), one agent
+  storage node (``python -m testbed.objectstore --host <addr> --port 9000 --credentials F --allow-pacer-control ...``), one agent
   per GPU node (``python -m testbed.harness.agent``, ``testbed/harness/agent.py``); the harness sets the server's pacer
   through its admin operation instead of restarting it, measures every agent's clock offset before each
   run and releases all hosts at one common start (``testbed.harness.coordinator``).

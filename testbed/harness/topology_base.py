@@ -102,6 +102,7 @@ class Topology:
 
     name = "local"
     storage_host = "127.0.0.1"
+    storage_flags: tuple[str, ...] = ()  # server flags the topology needs (beyond ``cfg.server_args``)
     start_lead_s = 0.2  # the common start is this far after the release (s): every host sees the go file
 
     def __init__(self, cfg: TopologyConfig) -> None:
@@ -149,7 +150,7 @@ class Topology:
             cmd += ["--policy-kwargs", json.dumps(policy_kwargs, sort_keys=True)]
         if egress_Gbps and egress_Gbps > 0:
             cmd += ["--egress-gbps", f"{egress_Gbps:.6f}"]
-        cmd += list(self.cfg.server_args) + list(extra or [])
+        cmd += list(self.storage_flags) + list(self.cfg.server_args) + list(extra or [])
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env(), cwd=REPO_ROOT

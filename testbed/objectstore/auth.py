@@ -81,6 +81,9 @@ class CredentialStore:
     def __len__(self) -> int:
         return len(self._by_key)
 
+    def all(self) -> list[Credential]:
+        return list(self._by_key.values())
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CredentialStore:
         with open(path) as f:
@@ -181,9 +184,17 @@ class _Signature:
     )  # the query parameter left out of the canonical query (presigned: the signature)
 
 
+SIGV2_UNSUPPORTED = (
+    "AWS Signature Version 2 is not supported; sign with AWS Signature Version 4 "
+    "(AWS4-HMAC-SHA256; boto3/awscli: signature_version='s3v4')"
+)
+
+
 def _header_signature(lower: Mapping[str, str], now: datetime) -> _Signature:
     """The signature of a header-signed request; its ``x-amz-date`` must be within ``MAX_SKEW_S``."""
     auth = lower["authorization"]
+    if auth.startswith("AWS "):
+        raise S3AuthError("InvalidRequest", SIGV2_UNSUPPORTED, 400)
     if not auth.startswith(ALGORITHM + " "):
         raise S3AuthError("AccessDenied", "only AWS4-HMAC-SHA256 signatures are supported")
     parts = {}
@@ -249,6 +260,8 @@ def verify_request(
         sig = _header_signature(lower, now)
     elif "X-Amz-Signature" in qdict:
         sig = _presigned_signature(qdict, now)
+    elif "AWSAccessKeyId" in qdict or "Signature" in qdict:
+        raise S3AuthError("InvalidRequest", SIGV2_UNSUPPORTED, 400)
     else:
         raise S3AuthError("AccessDenied", "anonymous requests are not allowed; sign with SigV4")
     scope_parts = sig.credential.split("/")

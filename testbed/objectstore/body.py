@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -38,6 +39,69 @@ VERIFY_KVCHUNK = "kvchunk"
 INLINE_HASH_BYTES = 64 * 1024
 CHECKSUM_ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BodyPace:
+    """How slowly a request body may arrive: the next bytes within ``timeout_s``, and, once ``timeout_s``
+    has passed since the body began, an average of at least ``min_bytes_per_s`` (0: no rate floor).  A body
+    that falls behind is answered ``400 RequestTimeout`` and its connection closed, so a client that
+    trickles a body (slowloris on the body) cannot hold a connection and its handler for long.
+
+    The server puts its pace on every request (``request[BODY_PACE]``); ``DEFAULT_BODY_PACE`` is for
+    requests without one."""
+
+    timeout_s: float
+    min_bytes_per_s: float = 0.0
+
+    def wait_s(self, elapsed_s: float, received_bytes: int) -> float:
+        """How long the next read may wait, ``elapsed_s`` after the body began with ``received_bytes``
+        received (wire bytes); <= 0: the body is already too slow."""
+        if self.min_bytes_per_s <= 0:
+            return self.timeout_s
+        return min(self.timeout_s, self.timeout_s + received_bytes / self.min_bytes_per_s - elapsed_s)
+
+
+BODY_PACE = "objectcache.body_pace"
+DEFAULT_BODY_PACE = BodyPace(60.0)
+
+
+def body_timeout_error(received_bytes: int, pace: BodyPace) -> S3Error:
+    return S3Error(
+        "RequestTimeout",
+        f"the request body was not sent fast enough (received {received_bytes} bytes; the server waits "
+        f"{pace.timeout_s:g} s for more and then wants at least {pace.min_bytes_per_s:g} bytes/s on "
+        "average); the connection is closed",
+        400,
+    )
+
+
+async def _timed_reads(request: web.Request):
+    """``request.content``'s pieces as they arrive, each read bounded by the request's ``BodyPace``; a
+    body that falls behind ends the connection (no lingering read of the rest) with ``RequestTimeout``."""
+    pace: BodyPace = request.get(BODY_PACE, DEFAULT_BODY_PACE)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    received = 0
+    while True:
+        wait_s = pace.wait_s(loop.time() - t0, received)
+        try:
+            if wait_s <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(wait_s):
+                data = await request.content.readany()
+        except TimeoutError:
+            # Read no more (the parser must not feed a finished stream), skip aiohttp's lingering read of
+            # the rest, and close the connection after the answer.
+            if request.transport is not None:
+                request.transport.pause_reading()
+            request.content.feed_eof()
+            request["close_connection"] = True
+            raise body_timeout_error(received, pace) from None
+        if not data:
+            return
+        received += len(data)
+        yield data
 
 
 @dataclass
@@ -190,7 +254,7 @@ async def read_body(
     chunks: list = []
     pending = None
     size = 0
-    async for data in request.content.iter_any():
+    async for data in _timed_reads(request):
         for piece in decoder.feed(data) if decoder else (data,):
             size += len(piece)
             if size > max_bytes:
@@ -228,15 +292,16 @@ async def read_body_direct(
     executor: Executor,
     sink: Callable,
     on_taken: Callable[[web.Request], None],
-    timeout_s: float = 60.0,
+    pace: BodyPace | None = None,
 ) -> ReceivedBody | None:
     """``read_body`` for a large plain-length body of a chunk PUT (``x-oc-verify: kvchunk``), received off
     the event loop: the transport stops reading, a pool thread ``recv_into``s a reused buffer from (a
     duplicate of) the connection's socket, and hashes, verifies and writes each piece there, so parallel
     PUT streams are received in parallel.  The connection is not reused afterwards (the HTTP parser never
     saw the body): ``on_taken(request)`` is called once the body is taken from the parser, and the caller
-    answers with ``Connection: close``.  None when the request does not
-    qualify (the caller then uses ``read_body``)."""
+    answers with ``Connection: close``.  The body must keep ``pace`` (default: the request's ``BodyPace``).
+    None when the request does not qualify (the caller then uses ``read_body``)."""
+    pace = pace or request.get(BODY_PACE, DEFAULT_BODY_PACE)
     checks = BodyChecks(request.headers, auth, max_bytes, request.method)
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -269,15 +334,22 @@ async def read_body_direct(
 
     def pump() -> int:
         s = socket.socket(fileno=fd)
+        t0 = time.monotonic()
         try:
-            s.settimeout(timeout_s)
             for b in pre:
                 checks.update(b)
                 sink(b)
             remaining = declared - have
             buf = memoryview(bytearray(min(max(remaining, 1), DIRECT_RECV_BYTES)))
             while remaining:
-                n = s.recv_into(buf, min(remaining, len(buf)))
+                wait_s = pace.wait_s(time.monotonic() - t0, declared - remaining)
+                if wait_s <= 0:
+                    raise body_timeout_error(declared - remaining, pace)
+                s.settimeout(wait_s)
+                try:
+                    n = s.recv_into(buf, min(remaining, len(buf)))
+                except TimeoutError:
+                    raise body_timeout_error(declared - remaining, pace) from None
                 if not n:
                     raise S3Error(
                         "IncompleteBody", f"received {declared - remaining} of {declared} bytes", 400

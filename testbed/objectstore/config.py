@@ -41,7 +41,11 @@ def setting(default=MISSING, help: str = "", *, factory=MISSING, **cli) -> Field
 
 @dataclass
 class ServerConfig:
-    host: str = setting("127.0.0.1", "bind address; anything but loopback is logged as a warning")
+    host: str = setting(
+        "127.0.0.1",
+        "bind address; anything but loopback needs explicit credentials (--credentials or the environment) "
+        "and refuses the documented default credential",
+    )
     port: int = setting(9000, "TCP port; 0 picks a free one (see --ready-file)")
     data_dir: str = setting("objectcache-data", "filesystem store (DATA_DIR/store) and multipart spool")
     store: str = setting("fs", "object store: fs (embedded filesystem) or s3proxy", choices=("fs", "s3proxy"))
@@ -54,6 +58,11 @@ class ServerConfig:
     spool_dir: str | None = setting(None, "multipart part files (default DATA_DIR/multipart)")
     credentials_file: str | None = setting(
         None, "JSON credentials file (see docs/object_tier.md)", flag="--credentials"
+    )
+    insecure_default_credentials: bool = setting(
+        False,
+        "INSECURE: allow the documented default credential (or no credentials) on a non-loopback --host; "
+        "only for networks private to this machine (network namespaces of a test rig)",
     )
     region: str = setting("us-east-1", "the region the server reports")
     policy: str = setting("equal", f"bandwidth policy of the pacer: {', '.join(policy_names())}")
@@ -77,6 +86,18 @@ class ServerConfig:
         MiB, "largest body of an XML / JSON operation (gather, delete), bytes"
     )
     max_gather_keys: int = setting(DEFAULT_MAX_KEYS, "most keys in one gather")
+    max_gather_response_bytes: int = setting(
+        128 * 1024 * MiB,  # the largest preset's fullest gather (1024 llama-3.1-70b chunks) is 80 GiB
+        "largest response of one gather (its exact Content-Length), MiB",
+        flag="--max-gather-response-mib",
+        scale=MiB,
+    )
+    max_tenant_gather_bytes: int = setting(
+        1024 * 1024 * MiB,  # room for many concurrent full-prompt gathers of one shared experiment key
+        "most gather response bytes one access key may have in flight (open gather streams), MiB",
+        flag="--max-tenant-gather-mib",
+        scale=MiB,
+    )
     min_part_bytes: int = setting(
         5 * MiB, "minimum multipart part size (not the last), MiB", flag="--min-part-mib", scale=MiB
     )
@@ -93,7 +114,22 @@ class ServerConfig:
         "(POST /?objectcache-pacer)",
     )
     idle_timeout_s: float = setting(
-        75.0, "close a connection idle this long, s (no request, or request headers never finished)"
+        75.0,
+        "close a connection with no request in flight this long after it opened or its last answer, s "
+        "(request-head bytes that trickle in do not restart the clock: slowloris)",
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "longest wait for the next bytes of a request body, s; also the grace period of --min-body-kib-per-s",
+    )
+    min_body_bytes_per_s: int = setting(
+        16 * KiB,
+        "slowest average rate a request body may arrive at once --body-timeout-s has passed, KiB/s",
+        flag="--min-body-kib-per-s",
+        scale=KiB,
+    )
+    max_connections_per_client: int = setting(
+        1024, "most open connections from one client IP address; more are answered 503 SlowDown and closed"
     )
     ready_file: str | None = setting(None, "write {host, port, pid, url} JSON here once listening")
     log_level: str = setting("INFO", "log level", env="OBJECTCACHE_LOG_LEVEL")

@@ -19,6 +19,7 @@ from aiohttp import web
 from testbed.objectstore.auth import AuthResult, Credential
 from testbed.objectstore.body import ReceivedBody, read_body
 from testbed.objectstore.config import ServerConfig
+from testbed.objectstore.gather import GatherBudget
 from testbed.objectstore.gather_sinks import SocketSink, WriterSink
 from testbed.objectstore.metrics import ServerMetrics
 from testbed.objectstore.pacer import Pacer
@@ -32,7 +33,7 @@ class Services:
 
     ``executor`` runs blocking store calls and body hashing; ``send_executor`` runs socket sends, which
     block a thread for as long as the client takes to read (a pool of their own, so slow readers never
-    starve the store calls)."""
+    starve the store calls); ``gather_budget`` bounds gather responses per request and per tenant."""
 
     config: ServerConfig
     store: Store
@@ -41,6 +42,7 @@ class Services:
     metrics: ServerMetrics
     executor: ThreadPoolExecutor
     send_executor: ThreadPoolExecutor
+    gather_budget: GatherBudget
 
     async def run(self, fn: Callable, *args):
         """``fn(*args)`` in the I/O thread pool (store calls are blocking; never call them on the loop)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from testbed.wire.errors import (
     GeometryMismatch,
     InvalidRequest,
     RequestTooLarge,
+    S3Error,
 )
 from testbed.wire.frames import (
     END_FRAME_BYTES,
@@ -47,6 +49,8 @@ from testbed.wire.kvformat import HEADER_PROBE_BYTES, ChunkHeader, parse_header
 DEFAULT_MAX_KEYS = 1024  # 256k tokens of 256-token chunks; each key holds a file open during its gather
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _HEADER_BATCH_KEYS = 16  # keys per executor task while reading headers
+MAX_COMPUTE_PER_LAYER_S = 3600.0  # a pacing hint beyond an hour per layer is a mistake, not a model
+_STREAM_ID = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -64,37 +68,50 @@ class GatherRequest:
 
 
 def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRequest:
-    """Validate a gather request body; raise ``InvalidRequest`` / ``RequestTooLarge``."""
+    """Validate a gather request body; raise ``InvalidRequest`` (a key named twice too: it would be sent
+    twice, amplifying the response) / ``RequestTooLarge``.  Not ``InvalidArgument``: clients read that
+    code as "this endpoint has no gather" (``testbed.client.gather_path``) and fall back to plain GETs."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (
+        ValueError,
+        UnicodeDecodeError,
+        RecursionError,
+    ):  # RecursionError: nesting deeper than the parser's stack
         raise InvalidRequest("gather body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("gather body must be a JSON object")
     if doc.get("version", GATHER_VERSION) != GATHER_VERSION:
         raise InvalidRequest(
-            f"unsupported gather version {doc.get('version')!r}; this server speaks {GATHER_VERSION}"
+            f"unsupported gather version {_shown(doc.get('version'))}; this server speaks {GATHER_VERSION}"
         )
     keys = doc.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise InvalidRequest("gather 'keys' must be a non-empty list of object names")
     if len(keys) > max_keys:
         raise RequestTooLarge(f"gather names {len(keys)} keys; the limit is {max_keys}")
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise InvalidRequest(f"gather names key {dup!r} more than once", key=dup)
     start = doc.get("layer_start", 0)
     end = doc.get("layer_end")
     if not _is_int(start) or start < 0 or (end is not None and (not _is_int(end) or end <= start)):
-        raise InvalidRequest(f"bad layer range [{start!r}, {end!r})")
+        raise InvalidRequest(f"bad layer range [{_shown(start)}, {_shown(end)})")
     compute_per_layer_s = doc.get("compute_per_layer_s")
     if compute_per_layer_s is not None and (
         not isinstance(compute_per_layer_s, int | float)
         or isinstance(compute_per_layer_s, bool)
         or not math.isfinite(compute_per_layer_s)
-        or compute_per_layer_s < 0
+        or not 0 <= compute_per_layer_s <= MAX_COMPUTE_PER_LAYER_S
     ):
-        raise InvalidRequest("compute_per_layer_s must be a non-negative number")
+        raise InvalidRequest(
+            f"compute_per_layer_s must be a number of seconds in [0, {MAX_COMPUTE_PER_LAYER_S:g}]"
+        )
     sid = doc.get("stream_id")
-    if sid is not None and (not isinstance(sid, str) or len(sid) > 128):
-        raise InvalidRequest("stream_id must be a string of at most 128 characters")
+    if sid is not None and (not isinstance(sid, str) or not _STREAM_ID.fullmatch(sid)):
+        # It is echoed in a response header and labels metrics: no control characters.
+        raise InvalidRequest("stream_id must be 1 to 128 printable ASCII characters")
     if compute_per_layer_s is not None:
         compute_per_layer_s = float(compute_per_layer_s)
     return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid)
@@ -102,6 +119,57 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shown(value, max_chars: int = 64) -> str:
+    """A client's value in an error message: short, and safe for any JSON (a deep nesting's ``repr``
+    would exceed the recursion limit; a long integer's would exceed the digit limit)."""
+    if isinstance(value, list | dict):
+        return f"<a JSON {'array' if isinstance(value, list) else 'object'}>"
+    if _is_int(value) and abs(value) >= 10**max_chars:
+        return "<a huge integer>"
+    text = repr(value)
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
+class GatherBudget:
+    """What gathers may send: at most ``max_response_bytes`` per gather (its exact ``Content-Length``)
+    and at most ``max_tenant_bytes`` of responses in flight per tenant (access key): the sum of the
+    ``Content-Length`` of its open gather streams, reserved when a stream opens and released when it ends.
+
+    A gather over the first bound is refused ``400 InvalidRequest`` (it can never be served: split it);
+    one over its tenant's bound ``503 SlowDown`` (retry when the tenant's other gathers end).  Both before
+    any response byte."""
+
+    def __init__(self, max_response_bytes: int, max_tenant_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self.max_tenant_bytes = max_tenant_bytes
+        self.in_flight_bytes: dict[str, int] = {}
+
+    def admit(self, tenant: str, response_bytes: int) -> None:
+        """Reserve ``response_bytes`` for ``tenant`` or raise; the caller ``release``s what was admitted.
+        Synchronous: the check and the reservation are one step of the event loop."""
+        if response_bytes > self.max_response_bytes:
+            raise InvalidRequest(
+                f"the gather response would be {response_bytes} bytes; the limit is "
+                f"{self.max_response_bytes} per gather: gather fewer keys or layers per request"
+            )
+        held = self.in_flight_bytes.get(tenant, 0)
+        if held + response_bytes > self.max_tenant_bytes:
+            raise S3Error(
+                "SlowDown",
+                f"access key {tenant!r} has {held} gather response bytes in flight; another "
+                f"{response_bytes} would exceed its limit of {self.max_tenant_bytes}: retry later",
+                503,
+            )
+        self.in_flight_bytes[tenant] = held + response_bytes
+
+    def release(self, tenant: str, response_bytes: int) -> None:
+        left = self.in_flight_bytes.get(tenant, 0) - response_bytes
+        if left > 0:
+            self.in_flight_bytes[tenant] = left
+        else:
+            self.in_flight_bytes.pop(tenant, None)
 
 
 @dataclass

@@ -145,6 +145,12 @@ async def gather(ctx: RequestContext) -> web.StreamResponse:
         if e.key:
             await ctx.run(check_and_quarantine, svc.store, svc.metrics, ctx.bucket, e.key)
         raise
+    tenant, response_bytes = ctx.cred.access_key, plan.content_length
+    try:
+        svc.gather_budget.admit(tenant, response_bytes)
+    except BaseException:
+        plan.close()
+        raise
     stream = svc.pacer.open_stream(
         plan.layer_payload_bytes, plan.num_layers, req.compute_per_layer_s, req.stream_id
     )
@@ -156,6 +162,7 @@ async def gather(ctx: RequestContext) -> web.StreamResponse:
     finally:
         svc.pacer.close_stream(stream)
         svc.metrics.active_streams.dec()
+        svc.gather_budget.release(tenant, response_bytes)
         plan.close()
 
 

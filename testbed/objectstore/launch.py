@@ -153,6 +153,9 @@ def start_server(
     """Start ``python -m testbed.objectstore`` on ``host`` with a free port; return once it is healthy.
 
     ``args`` are extra server flags (e.g. ``["--egress-gbps", "10", "--policy", "bandwidth_aware"]``).
+    A ``host`` beyond loopback needs ``credentials`` without the documented default pair, or
+    ``--insecure-default-credentials`` in ``args`` (addresses private to this machine only): the server
+    refuses to start otherwise, and the error below carries its message.
     A temporary data directory is created (and removed on ``stop``) when ``data_dir`` is None.
 
     Kept whole: the steps (credentials, argv, spawn, wait for the ready file, clean up on failure) share the
