@@ -120,13 +120,22 @@ def test_tampered_signature_and_tampered_request(tenancy_server):
     assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body
 
 
+def _set_signing_clock(monkeypatch, when: dt.datetime) -> None:
+    """Make boto3 sign as if the time were ``when``: botocore's own SigV4 signer and, with awscrt
+    installed (boto3 then signs S3 requests with the CRT signer), the CRT one."""
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda remove_tzinfo=True: when)
+    try:
+        import botocore.crt.auth as crt_auth
+    except ImportError:
+        return
+    monkeypatch.setattr(crt_auth, "get_current_datetime", lambda remove_tzinfo=True: when)
+
+
 def test_clock_skew_beyond_window_is_rejected(tenancy_server, monkeypatch):
     srv = tenancy_server
     real_now = dt.datetime.now(dt.UTC)
     for skew_s, ok in ((-(MAX_SKEW_S - 60), True), (-(MAX_SKEW_S + 60), False), (MAX_SKEW_S + 60, False)):
-        monkeypatch.setattr(
-            botocore.auth, "get_current_datetime", lambda s=skew_s: real_now + dt.timedelta(seconds=s)
-        )
+        _set_signing_clock(monkeypatch, real_now + dt.timedelta(seconds=skew_s))
         s3 = srv.boto3_client(access_key="key-a", secret_key="secret-a")
         if ok:
             s3.list_objects_v2(Bucket="kvb", Prefix="tenant-a/")
@@ -147,7 +156,7 @@ def test_expired_presigned_url(tenancy_server, monkeypatch):
         assert r.read() == b"presigned"
     # Signed two minutes ago, valid for 60 s: expired.
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: past)
+    _set_signing_clock(monkeypatch, past)
     old = s3.generate_presigned_url(
         "get_object", Params={"Bucket": "kvb", "Key": "tenant-a/fp/p"}, ExpiresIn=60
     )
