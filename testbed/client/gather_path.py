@@ -112,6 +112,11 @@ class GatherReader:
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             raise StorageUnavailable(f"gather from {self.endpoint_url}: {e}") from e
+        except ChunkMissing as e:  # a key found missing after an early stream had begun
+            conn.close()
+            e.keys = [k for k in names if k in str(e)] or e.keys
+            e.key = e.keys[0] if e.keys else e.key
+            raise
         except BaseException:
             conn.close()  # also on GeneratorExit: the rest of the stream is not read
             raise

@@ -39,7 +39,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from testbed.wire.errors import ChecksumMismatch, ProtocolError, TruncatedStream
+from testbed.wire.errors import ChecksumMismatch, ChunkMissing, ProtocolError, TruncatedStream
 from testbed.wire.kvformat import slice_checksum
 
 CONTENT_TYPE = "application/x-objectcache-gather"
@@ -171,8 +171,9 @@ class FrameDecoder:
     end of the body (``http.client.HTTPResponse.readinto``, ``testbed.client.signed.RawBody.readinto``).
     ``next_frame()`` reads one frame head: for a layer frame it returns the ``LayerFrameHead``, and the caller
     then reads exactly ``payload_bytes`` from the same source into its own buffer before asking for the next
-    frame; for the end frame it checks the layer count and returns None; an error frame raises
-    ``TruncatedStream`` with the server's message.  ``max_slices`` bounds the checksum array a frame may
+    frame (a parts frame: ``next_part()`` and its payload, until the frame's slices are read); for the end
+    frame it checks the layer count and returns None; an error frame raises ``TruncatedStream`` with the
+    server's message (``ChunkMissing`` for the server's ``NoSuchKey``).  ``max_slices`` bounds the checksum array a frame may
     claim (a client passes the slice count it asked for); ``first_layer``, where known, lets errors before the
     first layer frame name the layer.
     """
@@ -237,9 +238,10 @@ class FrameDecoder:
                 raise ProtocolError(f"gather end frame says {value} layers, received {self.layers_read}")
             return None
         if magic == ERROR_MAGIC:
-            raise TruncatedStream(
-                f"server aborted the gather after {self.layers_read} layers: {self._error_message(value)}",
-                layer=self.next_layer,
+            raise _aborted(
+                f"server aborted the gather after {self.layers_read} layers: ",
+                self._error_message(value),
+                self.next_layer,
             )
         raise ProtocolError(f"unknown gather frame magic {magic!r}", layer=self.next_layer)
 
@@ -277,10 +279,10 @@ class FrameDecoder:
         magic, count = SHORT_HEAD.unpack(self._short)
         if magic == ERROR_MAGIC:
             self._part_left = 0
-            raise TruncatedStream(
-                f"server aborted the gather in layer {layer} after {self.layers_read} layers: "
-                f"{self._error_message(count)}",
-                layer=layer,
+            raise _aborted(
+                f"server aborted the gather in layer {layer} after {self.layers_read} layers: ",
+                self._error_message(count),
+                layer,
             )
         if magic != PART_MAGIC:
             raise ProtocolError(
@@ -304,6 +306,14 @@ class FrameDecoder:
         raw = memoryview(bytearray(message_bytes))
         got = self._fill(raw)
         return bytes(raw[:got]).decode("utf-8", "replace")
+
+
+def _aborted(prefix: str, message: str, layer: int | None) -> Exception:
+    """The error an error frame stands for: ``ChunkMissing`` when the server found a key missing (its
+    message starts with ``NoSuchKey``: an early stream's late key), else ``TruncatedStream``."""
+    if message.startswith("NoSuchKey:"):
+        return ChunkMissing(prefix + message)
+    return TruncatedStream(prefix + message, layer=layer)
 
 
 # --- whole frames, for tests and tools ---------------------------------------------------------------------
