@@ -21,6 +21,14 @@ Three measurements, Llama-3.1-8B geometry (32 layers, 256-token chunks: 1 MiB pe
    configured capacity and at the aggregate rate the pacer actually delivered (``testbed.bench.shaped``).
 
 Needs root for (3) (skipped with the reason otherwise) and Ceph RGW for the RGW rows (skipped likewise).
+
+``python -m testbed.bench.gather first-byte`` (writes ``results/bench/gather_first_layer.json``): one gather
+of N distinct chunk objects (N = 16, 256) from our server on loopback, plain (every object opened and checked
+before the answer: the behaviour before early streams) and early (``stream_early``: the first layer leaves as
+soon as the first 2 objects are checked, the rest are opened meanwhile), interleaved round by round.  Per
+gather the client's stamps in ms from the request: ``response`` (status and headers in), ``first_byte``
+(the first layer frame's head in: its payload follows), ``first_layer`` (layer 0 received and verified),
+``end``.  Medians over ``--repeats`` after a warm-up round.
 """
 
 from __future__ import annotations
@@ -255,6 +263,74 @@ def run_gather(args) -> dict:
     return report
 
 
+def run_first_byte(args) -> dict:
+    """The ``first-byte`` subcommand (module docstring)."""
+    from testbed.wire.kvformat import encode_chunk
+
+    model = get_model(args.model)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    ct = args.chunk_tokens
+    sb = model.kv_bytes_per_chunk_layer(ct)
+    n_store = max(sizes)
+    rows: dict = {}
+    with start_server(args=["--no-fsync"]) as srv:
+        c = ObjectCacheClient(srv.url, BUCKET, srv.access_key, srv.secret_key, mode="gather", timeout_s=60)
+        c.ensure_bucket()
+        names = [f"fb/{model.fingerprint()}/{i:064x}" for i in range(n_store)]
+        layer = bytes(range(256)) * (sb // 256) + bytes(sb % 256)
+        blob = encode_chunk(model, [layer] * model.num_layers, ct)
+        for i in range(0, n_store, 16):
+            c.put_chunks([(n, blob) for n in names[i : i + 16]])
+        reader = c._gather_reader
+        for n in sizes:
+            bufs = [bytearray(n * sb) for _ in range(model.num_layers)]
+            runs: dict = {"plain": [], "early": []}
+            for r in range(args.repeats + 1):
+                for label in ("plain", "early"):
+                    reader.stream_early = label == "early"
+                    st: dict = {}
+                    t0 = time.monotonic()
+                    for _ in c.load_layers(names[:n], out=bufs, timings=st):
+                        pass
+                    end = time.monotonic()
+                    if r:  # the first round warms up
+                        ms = {k[:-2]: (st[k] - st["sent_s"]) * 1e3 for k in ("response_s", "first_byte_s")}
+                        ms["first_layer"] = (st["first_layer_s"] - st["sent_s"]) * 1e3
+                        ms["end"] = (end - st["sent_s"]) * 1e3
+                        ms["client_setup"] = (st["sent_s"] - t0) * 1e3
+                        runs[label].append(ms)
+            row = {}
+            for label, rs in runs.items():
+                row[label] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+                row[label]["runs"] = rs
+            row["first_byte_saved_ms"] = row["plain"]["first_byte"] - row["early"]["first_byte"]
+            rows[str(n)] = row
+            print(
+                f"N={n:4d} first byte: plain {row['plain']['first_byte']:.2f} ms, early "
+                f"{row['early']['first_byte']:.2f} ms; first layer: plain {row['plain']['first_layer']:.2f}"
+                f" ms, early {row['early']['first_layer']:.2f} ms",
+                flush=True,
+            )
+        c.close()
+    report = {
+        "command": " ".join(["python -m testbed.bench.gather", *sys.argv[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": model.name,
+        "chunk_tokens": ct,
+        "slice_bytes": sb,
+        "what": "one gather of N distinct objects on loopback (filesystem store, page cache warm); ms from "
+        "the request being sent; plain: every object checked before the answer (the old behaviour), "
+        "early: stream_early (first layer as parts, 2 objects checked first); medians",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.gather")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -267,10 +343,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--shaped-gbps", type=float, default=2.0)
     g.add_argument("--shaped-chunks", type=int, default=16)
     g.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "gather.json"))
+    f = sub.add_parser("first-byte", help="time to the first layer byte: plain vs early gathers")
+    f.add_argument("--model", default="llama-3.1-8b")
+    f.add_argument("--sizes", default="16,256", help="chunk counts N")
+    f.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=16,
+        help="tokens per stored chunk (small objects: the open cost is per object, not per byte)",
+    )
+    f.add_argument("--repeats", type=int, default=20)
+    f.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "gather_first_layer.json"))
     args = ap.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers, RGW and namespaces started here are stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    run_gather(args)
+    if args.cmd == "first-byte":
+        run_first_byte(args)
+    else:
+        run_gather(args)
     return 0
 
 

@@ -362,7 +362,8 @@ class ObjectCacheClient:
         only after the consumer has asked for the layer after the one it last held.
         ``timings``: optional dict the gather path fills with ``time.monotonic()`` stamps: ``sent_s`` (the
         request is about to be sent), ``response_s`` (status and headers are in: the server has checked every
-        object) and ``first_layer_s`` (layer ``layer_start`` is received and verified).
+        object, or for an early stream the first few), ``first_byte_s`` (the first layer frame's head is in:
+        its payload follows) and ``first_layer_s`` (layer ``layer_start`` is received and verified).
         """
         names = list(names)
         if not names:

@@ -59,6 +59,9 @@ class GatherReader:
         self.endpoint_url = endpoint_url
         self.timeout_s = timeout_s
         self.report_corrupt = report_corrupt
+        # Ask for an early stream (``testbed.wire.frames``): the first layer's first slices leave the server
+        # before it has checked every object; a key found missing later ends the stream with an error.
+        self.stream_early = True
 
     def layers(
         self,
@@ -72,7 +75,9 @@ class GatherReader:
         """Generator of the gathered ``(layer, view)`` pairs (the range is not empty); ``timings`` gets the
         ``time.monotonic()`` stamps ``load_layers`` documents."""
         stamps = timings if timings is not None else {}
-        body = frames.encode_gather_request(names, layer_start, layer_end, compute_per_layer_s)
+        body = frames.encode_gather_request(
+            names, layer_start, layer_end, compute_per_layer_s, stream_early=self.stream_early
+        )
         path = f"/{quote(self.bucket, safe='')}?gather"
         stamps["sent_s"] = time.monotonic()
         conn, resp = self._http.open("POST", path, {"Content-Type": "application/json"}, body)
@@ -94,7 +99,9 @@ class GatherReader:
             decoder = frames.FrameDecoder(readinto, max_slices=len(names), first_layer=first)
             for layer in range(first, end):
                 view = views[layer - first]
-                self._receive_layer(decoder, fill, names, layer, slice_bytes, view)
+                self._receive_layer(
+                    decoder, fill, names, layer, slice_bytes, view, stamps if layer == first else None
+                )
                 if layer == first:
                     stamps["first_layer_s"] = time.monotonic()
                 yield layer, view
@@ -105,6 +112,11 @@ class GatherReader:
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             raise StorageUnavailable(f"gather from {self.endpoint_url}: {e}") from e
+        except ChunkMissing as e:  # a key found missing after an early stream had begun
+            conn.close()
+            e.keys = [k for k in names if k in str(e)] or e.keys
+            e.key = e.keys[0] if e.keys else e.key
+            raise
         except BaseException:
             conn.close()  # also on GeneratorExit: the rest of the stream is not read
             raise
@@ -152,13 +164,18 @@ class GatherReader:
         layer: int,
         slice_bytes: int,
         view: memoryview,
+        stamps: dict | None = None,
     ) -> None:
         """Read layer ``layer``'s frame: its head through ``decoder``, its payload straight into ``view``,
         every slice verified.  A large payload arrives in pieces of whole slices; each piece is verified in
         the pool while the next one is received (xxhash releases the GIL), so verification overlaps the
-        network instead of following it.  The last (or only) piece is verified inline."""
+        network instead of following it.  The last (or only) piece is verified inline.  A parts frame's
+        pieces are its parts.  ``stamps`` (the first layer's) gets ``first_byte_s``: the frame head is in,
+        its payload follows."""
         n = len(names)
         head = decoder.next_frame()
+        if stamps is not None:
+            stamps["first_byte_s"] = time.monotonic()
         if head is None:
             raise ProtocolError(f"gather: the end frame came where layer {layer} was expected", layer=layer)
         if (head.layer, head.n_slices, head.slice_bytes) != (layer, n, slice_bytes):
@@ -167,16 +184,30 @@ class GatherReader:
                 f"expected layer {layer}, {n} x {slice_bytes} B",
                 layer=layer,
             )
-        want = head.checksums
-        piece_slices = max(1, VERIFY_PIECE_BYTES // max(1, slice_bytes))
         checks: list[Future | tuple[int, int] | None] = []
-        for lo in range(0, n, piece_slices):
-            hi = min(n, lo + piece_slices)
-            fill(view[lo * slice_bytes : hi * slice_bytes], f"gather layer {layer} payload")
-            if hi == n:  # the last (or only) piece: nothing left to overlap with
-                checks.append(frames.first_bad_slice(view, want, slice_bytes, lo, hi))
-            else:
-                checks.append(self._pool.submit(frames.first_bad_slice, view, want, slice_bytes, lo, hi))
+        if head.in_parts:
+            want: list[int] | tuple[int, ...] = [0] * n
+            lo = 0
+            while lo < n:
+                part = decoder.next_part()
+                hi = lo + len(part)
+                want[lo:hi] = part
+                fill(view[lo * slice_bytes : hi * slice_bytes], f"gather layer {layer} payload")
+                if hi == n:
+                    checks.append(frames.first_bad_slice(view, want, slice_bytes, lo, hi))
+                else:
+                    checks.append(self._pool.submit(frames.first_bad_slice, view, want, slice_bytes, lo, hi))
+                lo = hi
+        else:
+            want = head.checksums
+            piece_slices = max(1, VERIFY_PIECE_BYTES // max(1, slice_bytes))
+            for lo in range(0, n, piece_slices):
+                hi = min(n, lo + piece_slices)
+                fill(view[lo * slice_bytes : hi * slice_bytes], f"gather layer {layer} payload")
+                if hi == n:  # the last (or only) piece: nothing left to overlap with
+                    checks.append(frames.first_bad_slice(view, want, slice_bytes, lo, hi))
+                else:
+                    checks.append(self._pool.submit(frames.first_bad_slice, view, want, slice_bytes, lo, hi))
         for check in checks:
             bad = check.result() if isinstance(check, Future) else check
             if bad is not None:

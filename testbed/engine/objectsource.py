@@ -67,9 +67,11 @@ class ObjectCacheSource(KVSource):
     layer's host-to-device copy when it learns (through a pipe) that the layer is complete: at its own
     ``wait_for_layer``, for every layer that has arrived by then.  The process path needs a real
     ``testbed.client.core.ObjectCacheClient`` (the reader builds its own from ``client.init_kwargs``).
-    ``stats.timings_ms`` (ms from ``start_load``): ``first_layer`` (one per group) and, for the process
-    reader, ``ipc`` (request reached the reader), ``threads_started``, ``request_sent`` / ``response_headers``
-    (one per group: the server has checked every object of that gather) and ``last_group_end``.
+    ``stats.timings_ms`` (ms from ``start_load``): per group ``request_sent`` / ``response_headers`` (the
+    server has checked every object of that gather, or an early gather's first few) / ``first_byte`` (the
+    first layer frame's head) / ``first_layer``, and for the process reader ``ipc`` (request reached the
+    reader), ``threads_started`` and ``last_group_end``.  ``timeline`` (set by the engine): a
+    ``testbed.engine.timeline.Timeline`` that gets each layer's arrival in the host buffer.
 
     Link rate for the fetch-vs-recompute decision (``expected_Bps``): ``link_Bps`` when configured (bytes/s),
     else ``observed_Bps``, a running average (``OBSERVED_WEIGHT``) of what completed loads achieved
@@ -116,6 +118,7 @@ class ObjectCacheSource(KVSource):
         self.segment = LayerSegment(self.spec.num_layers, cuda=copier.cuda)
         self._req_id = 0
         self._in_flight = False
+        self.timeline = None  # a Timeline the engine sets: layer arrivals are stamped into it
 
     def stream_count(self, n_chunks: int) -> int:
         """Gather streams for a prefix of ``n_chunks`` chunk objects: one per ``min_stream_bytes`` of the
@@ -171,6 +174,7 @@ class ObjectCacheSource(KVSource):
             self._start_load_process(request)
             return
         self._t0 = time.perf_counter()
+        self._t0_mono = time.monotonic()
         n = request.n_chunks
         self.stats = LoadStats(self.name, n)
         self.n = n
@@ -188,6 +192,7 @@ class ObjectCacheSource(KVSource):
         bounds = [round(g * n / groups) for g in range(groups + 1)]
         self._groups = groups
         self._first_ms: list[float | None] = [None] * groups
+        self._stamps: list[dict] = [{} for _ in range(groups)]  # the client's stamps per stream
         self._delivered = [0] * L
         self._last_layer_s: float | None = None
         self._lock = threading.Lock()
@@ -222,7 +227,9 @@ class ObjectCacheSource(KVSource):
         sb = self.copier.slice_bytes
         nbytes = len(names) * sb
         expected = 0
-        stream = self.client.load_layers(names, out=outs, compute_per_layer_s=request.compute_per_layer_s)
+        stream = self.client.load_layers(
+            names, out=outs, compute_per_layer_s=request.compute_per_layer_s, timings=self._stamps[group]
+        )
         try:
             for layer, view in stream:
                 if self._cancel.is_set():
@@ -242,6 +249,8 @@ class ObjectCacheSource(KVSource):
                 with self._lock:
                     self._delivered[layer] += 1
                     if self._delivered[layer] == self._groups:
+                        if self.timeline is not None:
+                            self.timeline.layer_arrived(layer)
                         total = self.n * sb
                         self.copier.copy_layer(
                             layer, [(self._buffers[layer][:total], 0)], request.kv[layer], self.n
@@ -292,6 +301,15 @@ class ObjectCacheSource(KVSource):
         self._join()
         if getattr(self, "_first_ms", None):
             self.stats.timings_ms["first_layer"] = list(self._first_ms)
+            for key, stamp in (
+                ("request_sent", "sent_s"),
+                ("response_headers", "response_s"),
+                ("first_byte", "first_byte_s"),
+            ):
+                self.stats.timings_ms[key] = [
+                    None if st.get(stamp) is None else (st[stamp] - self._t0_mono) * 1e3
+                    for st in self._stamps
+                ]
         if self.n and self._error is None and self._last_layer_s is not None:
             self._observe(self._last_layer_s - self._t0)
         return self.stats
@@ -365,6 +383,8 @@ class ObjectCacheSource(KVSource):
             return  # a late message of an aborted request
         if isinstance(msg, LayerReady):
             layer = msg.layer
+            if self.timeline is not None:
+                self.timeline.layer_arrived(layer, msg.arrived_s)
             total = self.n * self.copier.slice_bytes
             self.copier.copy_layer(layer, [(self.segment.layer(layer, total), 0)], self._kv[layer], self.n)
             self.stats.bytes_loaded += total

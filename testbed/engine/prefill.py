@@ -91,6 +91,8 @@ class PrefillEngine:
         self.scope = KeyScope(model.spec.fingerprint(), namespace)
         self.saver = saver
         self.compute = compute
+        # A ``testbed.engine.timeline.Timeline`` to trace each request's phases into (None: off).
+        self.timeline = None
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +149,11 @@ class PrefillEngine:
         )
         ids = ids.to(torch.long)
         t0 = time.perf_counter()
+        tl = self.timeline
+        if tl is not None:
+            tl.start()
+        if source is not None and hasattr(source, "timeline"):
+            source.timeline = tl
         keys = self.keys(ids)
         decision = self.plan(len(ids), keys, source, max_cached_chunks)
         n_chunks = decision.prefix_tokens // self.chunk_tokens
@@ -157,8 +164,13 @@ class PrefillEngine:
             result = self._run(dev_ids, keys, source, n_chunks, compute_per_layer_s, t0)
         except (KVLoadError, ObjectCacheError) as exc:
             source.abort()
+            if tl is not None:
+                tl.mark("fallback")
+                tl.fallback = f"{type(exc).__name__}: {exc}"
             result = self._run(dev_ids, keys, None, 0, None, t0)
             result.fallback = f"{type(exc).__name__}: {exc}"
+        if tl is not None and result.load is not None:
+            tl.load_timings(result.load.timings_ms)
         result.keys = keys
         result.plan = decision if source is not None else None
         if save and self.saver is not None:
@@ -171,7 +183,10 @@ class PrefillEngine:
         cached = n_chunks * ct
         new = total - cached
         kv = model.new_kv(total)
+        tl = self.timeline
         if n_chunks:
+            if tl is not None:
+                tl.mark("load_start")
             source.start_load(LoadRequest(keys[:n_chunks], kv, compute_per_layer_s))
         saver = self.saver
         full_chunks = total // ct
@@ -181,13 +196,22 @@ class PrefillEngine:
         h = model.embed(ids[cached:])
         for layer in range(model.spec.num_layers):
             if n_chunks:
+                w0 = time.monotonic() if tl is not None else 0.0
                 source.wait_for_layer(layer)
+                if tl is not None:
+                    tl.layer_wait(layer, w0, time.monotonic())
+            if tl is not None:
+                tl.compute_begin(layer)
             h = model.layer_forward(layer, h, cos, sin, kv[layer], cached)
+            if tl is not None:
+                tl.compute_end(layer)
             if saver is not None:
                 saver.save_layer(layer)
         logits = model.head(h[-1:])[0]
         _sync(self.device)
         ttft_s = time.perf_counter() - t0
+        if tl is not None:
+            tl.mark("ttft")
         stats = source.finish_load() if n_chunks else None
         return PrefillResult(
             logits=logits,

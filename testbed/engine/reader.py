@@ -96,6 +96,7 @@ class LayerReady:
 
     req_id: int
     layer: int
+    arrived_s: float | None = None  # time.monotonic() when the last group delivered it
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,15 @@ class ReaderTimings:
     """``time.monotonic()`` stamps (s) of one request in the reader (``None``: did not happen).
     ``engine_sent_s``: the engine sent the command; ``recv_s``: the reader received it;
     ``threads_started_s``: its gather threads were started; per group: ``sent_s`` (request sent),
-    ``response_s`` (response headers: the server has checked every object), ``first_layer_s``, ``end_s``."""
+    ``response_s`` (response headers: the server has checked every object, or an early stream's first
+    few), ``first_byte_s`` (the first layer frame's head), ``first_layer_s``, ``end_s``."""
 
     engine_sent_s: float
     recv_s: float
     threads_started_s: float | None = None
     sent_s: list[float | None] = field(default_factory=list)
     response_s: list[float | None] = field(default_factory=list)
+    first_byte_s: list[float | None] = field(default_factory=list)
     first_layer_s: list[float | None] = field(default_factory=list)
     end_s: list[float | None] = field(default_factory=list)
 
@@ -134,6 +137,7 @@ class ReaderTimings:
             "threads_started": ms(self.threads_started_s),
             "request_sent": [ms(x) for x in self.sent_s],
             "response_headers": [ms(x) for x in self.response_s],
+            "first_byte": [ms(x) for x in self.first_byte_s],
             "first_layer": [ms(x) for x in self.first_layer_s],
             "last_group_end": max((ms(x) for x in self.end_s if x is not None), default=None),
         }
@@ -282,7 +286,7 @@ def _serve_load(
                     delivered[layer] += 1
                     done = delivered[layer] == len(groups)
                 if done:
-                    send(LayerReady(req_id, layer))
+                    send(LayerReady(req_id, layer, time.monotonic()))
                 expected += 1
             if expected != num_layers:
                 raise RuntimeError(f"object tier stream ended after {expected} of {num_layers} layers")
@@ -314,6 +318,7 @@ def _serve_load(
     timings.first_layer_s, timings.end_s = first_layer_s, end_s
     timings.sent_s = [st.get("sent_s") for st in stamps]
     timings.response_s = [st.get("response_s") for st in stamps]
+    timings.first_byte_s = [st.get("first_byte_s") for st in stamps]
     send(LoadDone(req_id, timings))
 
 

@@ -9,6 +9,16 @@ The request and the frames are the wire protocol of ``testbed.wire.frames``.  A 
 3. ``stream_gather`` sends the layer frames, layer_start first, then the end frame, through a sink
    (``testbed.objectstore.gather_sinks``).
 
+An *early* gather (``"stream_early": true``) checks only the first part's objects (``frames.early_parts``:
+2 keys) in step 2, and opens the others meanwhile, in order, in batches of 16 (in the I/O pool, or in the
+event loop for a small gather on the filesystem store, see ``inline``).  Step 3 then sends the first layer
+as a *parts frame*: each part (its stored checksums, then its slices) as soon as its objects are open and
+checked.  The ``Content-Length`` is still exact before the first byte: slice size and layer count come from
+the first part's headers (every later object must agree: it is checked against them), and the parts are
+fixed by the key count.  A later key that is missing, damaged or of another geometry ends the stream with an
+error frame in place of its part (after the parts before it), and the connection is closed; a client
+treats it as a failed fetch.  The later layers need every object and are sent as before.
+
 Payload bytes leave the server with ``sendfile`` straight from the object files when the store exposes file
 descriptors (the filesystem store), otherwise they are read into a layer buffer (``preadv``/ranged reads in a
 thread) while the previous layer is sent.  The server does not re-hash payload bytes: the frame carries the
@@ -23,7 +33,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from testbed.objectstore.gather_sinks import Part, SocketSink, WriterSink
 from testbed.objectstore.paced_stream import PacedStream
@@ -40,8 +50,11 @@ from testbed.wire.errors import (
 from testbed.wire.frames import (
     END_FRAME_BYTES,
     GATHER_VERSION,
+    early_parts,
     encode_end_frame,
     encode_layer_head,
+    encode_part_head,
+    encode_parts_head,
     stream_bytes,
 )
 from testbed.wire.kvformat import HEADER_PROBE_BYTES, ChunkHeader, parse_header
@@ -65,6 +78,7 @@ class GatherRequest:
     layer_end: int | None
     compute_per_layer_s: float | None = None
     stream_id: str | None = None
+    stream_early: bool = False
 
 
 def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRequest:
@@ -112,9 +126,12 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
     if sid is not None and (not isinstance(sid, str) or not _STREAM_ID.fullmatch(sid)):
         # It is echoed in a response header and labels metrics: no control characters.
         raise InvalidRequest("stream_id must be 1 to 128 printable ASCII characters")
+    early = doc.get("stream_early", False)
+    if not isinstance(early, bool):
+        raise InvalidRequest("stream_early must be true or false")
     if compute_per_layer_s is not None:
         compute_per_layer_s = float(compute_per_layer_s)
-    return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid)
+    return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid, early)
 
 
 def _is_int(x) -> bool:
@@ -174,13 +191,21 @@ class GatherBudget:
 
 @dataclass
 class GatherPlan:
-    """Open objects and their headers, checked to agree, for one gather."""
+    """Open objects and their headers, checked to agree, for one gather.
+
+    An early plan (``first_parts`` set) starts with only the first part's objects open; ``open_part(i)``
+    waits for part ``i``'s (``handles[k]`` / ``headers[k]`` are None until then).  ``geometry``: the chunk
+    geometry every object must have (the first object's)."""
 
     keys: tuple[str, ...]
-    handles: list[ObjectHandle]
-    headers: list[ChunkHeader]
+    handles: list[ObjectHandle | None]
+    headers: list[ChunkHeader | None]
     layer_start: int
     layer_end: int
+    first_parts: list[tuple[int, int]] | None = None
+    # Early plans: part index -> what opens it (an asyncio future of ``open_batch``'s results, a function
+    # that opens it in the event loop, or its results already); removed once the part is checked.
+    pending: dict = field(default_factory=dict)
 
     @property
     def slice_bytes(self) -> int:
@@ -205,12 +230,93 @@ class GatherPlan:
     @property
     def content_length(self) -> int:
         """Bytes of the whole response body: every layer frame and the end frame."""
-        return stream_bytes(self.num_layers, self.n_slices, self.slice_bytes)
+        parts = len(self.first_parts) if self.first_parts is not None else 0
+        return stream_bytes(self.num_layers, self.n_slices, self.slice_bytes, parts)
+
+    async def open_part(self, i: int) -> None:
+        """Wait until part ``i``'s objects are open and checked (early plans); raises what a late key
+        is: ``ChunkMissing``, ``CorruptObject``, ``GeometryMismatch``."""
+        opener = self.pending.get(i)
+        if opener is None:
+            return
+        self.pending.pop(i, None)
+        if isinstance(opener, asyncio.Future):
+            results = await opener
+        elif isinstance(opener, list):
+            results = opener
+        else:
+            results = opener()
+        lo, hi = self.first_parts[i]
+        self._accept(lo, hi, results)
+
+    def open_inline_ahead(self, i: int) -> None:
+        """Open part ``i``'s objects now if they are to be opened in the event loop (while a send thread
+        carries the previous part); ``open_part`` checks them.  An unexpected error is raised there."""
+        opener = self.pending.get(i)
+        if opener is None or isinstance(opener, asyncio.Future | list):
+            return
+        try:
+            self.pending[i] = opener()
+        except Exception as e:
+
+            def fail(e=e):
+                raise e
+
+            self.pending[i] = fail
+
+    def _accept(self, lo: int, hi: int, results: list) -> None:
+        try:
+            headers = _check_results(self.keys[lo:hi], results, self.headers[0].geometry(), self.keys[0])
+        except BaseException:
+            _close_all(results)
+            raise
+        self.handles[lo:hi] = [r[0] for r in results]
+        self.headers[lo:hi] = headers
 
     def close(self) -> None:
         for h in self.handles:
-            h.close()
+            if h is not None:
+                h.close()
         self.handles = []
+        for opener in self.pending.values():
+            if isinstance(opener, asyncio.Future):  # an open still running in the pool: close what it opens
+                opener.add_done_callback(_close_results)
+            elif isinstance(opener, list):
+                _close_all(opener)
+        self.pending = {}
+
+
+def _close_results(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        _close_all(fut.result())
+
+
+def _close_all(results: list) -> None:
+    for r in results:
+        if isinstance(r, tuple):
+            r[0].close()
+
+
+def _check_results(
+    keys: Sequence[str], results: list, geometry=None, ref_key: str | None = None
+) -> list[ChunkHeader]:
+    """The headers of ``open_batch``'s ``results`` for ``keys``, or raise: ``ChunkMissing`` naming every
+    missing key, else the first other error, else ``GeometryMismatch`` (against ``geometry``, chunk
+    ``ref_key``'s, or else the first key's).  Closes nothing."""
+    missing = [k for k, r in zip(keys, results) if isinstance(r, ChunkMissing)]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise ChunkMissing(f"{len(missing)} of {len(keys)} keys do not exist: {shown}", keys=missing)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    headers = [r[1] for r in results]
+    first = headers[0].geometry() if geometry is None else geometry
+    ref = keys[0] if ref_key is None else ref_key
+    for key, h in zip(keys, headers):
+        if h.geometry() != first:
+            raise GeometryMismatch(f"chunk {key} has geometry {h.geometry()}, but {ref} has {first}", key=key)
+    return headers
 
 
 def open_batch(store: Store, bucket: str, keys: Sequence[str]) -> list:
@@ -243,15 +349,26 @@ def open_batch(store: Store, bucket: str, keys: Sequence[str]) -> list:
 
 
 async def prepare_gather(
-    store: Store, bucket: str, req: GatherRequest, executor: Executor | None = None, inline: bool = False
+    store: Store,
+    bucket: str,
+    req: GatherRequest,
+    executor: Executor | None = None,
+    inline: bool = False,
+    first_inline: bool = False,
 ) -> GatherPlan:
-    """Open all objects and check them (see the module docstring); nothing is sent yet.
+    """Open all objects and check them (see the module docstring); nothing is sent yet.  An early request
+    (``req.stream_early``) opens only the first part's objects here and starts opening the rest.
 
     ``inline=True`` opens the objects in the calling thread (the event loop) instead of ``executor``: for a
     few keys on a local filesystem store this is tens of microseconds, whereas a hop to a thread pool that
     is busy streaming other gathers waits for a free thread and the GIL (measured 2-42 ms with ~7 streams
-    running on 2 cores), which delays the stream's open unpredictably.
+    running on 2 cores), which delays the stream's open unpredictably.  An early gather opens its first
+    part in the event loop whenever ``inline`` or ``first_inline`` is set, and its other parts in the
+    event loop (``inline``: one part at a time, when the stream needs it) or in the pool (all submitted at
+    once, in order).
     """
+    if req.stream_early:
+        return await _prepare_early(store, bucket, req, executor, inline, first_inline)
     batches = [req.keys[i : i + _HEADER_BATCH_KEYS] for i in range(0, len(req.keys), _HEADER_BATCH_KEYS)]
     if inline:
         results: list = []
@@ -271,26 +388,8 @@ async def prepare_gather(
         flat.extend(r if isinstance(r, list) else [r])
     handles = [r[0] for r in flat if isinstance(r, tuple)]
     try:
-        missing = [k for k, r in zip(req.keys, flat) if isinstance(r, ChunkMissing)]
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-            raise ChunkMissing(f"{len(missing)} of {len(req.keys)} keys do not exist: {shown}", keys=missing)
-        for r in flat:
-            if isinstance(r, BaseException):
-                raise r
-        headers = [r[1] for r in flat]
-        first = headers[0].geometry()
-        for key, h in zip(req.keys, headers):
-            if h.geometry() != first:
-                raise GeometryMismatch(
-                    f"chunk {key} has geometry {h.geometry()}, but {req.keys[0]} has {first}", key=key
-                )
-        num_layers = headers[0].num_layers
-        end = num_layers if req.layer_end is None else req.layer_end
-        if end > num_layers or req.layer_start >= end:
-            raise InvalidRequest(
-                f"layer range [{req.layer_start}, {end}) outside the model's {num_layers} layers"
-            )
+        headers = _check_results(req.keys, flat)
+        end = _layer_end(req, headers[0])
         return GatherPlan(req.keys, handles, headers, req.layer_start, end)
     except BaseException:
         for h in handles:
@@ -298,15 +397,56 @@ async def prepare_gather(
         raise
 
 
+def _layer_end(req: GatherRequest, header: ChunkHeader) -> int:
+    num_layers = header.num_layers
+    end = num_layers if req.layer_end is None else req.layer_end
+    if end > num_layers or req.layer_start >= end:
+        raise InvalidRequest(
+            f"layer range [{req.layer_start}, {end}) outside the model's {num_layers} layers"
+        )
+    return end
+
+
+async def _prepare_early(
+    store: Store, bucket: str, req: GatherRequest, executor: Executor | None, inline: bool, first_inline: bool
+) -> GatherPlan:
+    """``prepare_gather`` of an early request: the first part checked, the others pending."""
+    parts = early_parts(len(req.keys), step=_HEADER_BATCH_KEYS)
+    lo, hi = parts[0]
+    loop = asyncio.get_running_loop()
+    if inline or first_inline:
+        first = open_batch(store, bucket, req.keys[lo:hi])
+    else:
+        first = await loop.run_in_executor(executor, open_batch, store, bucket, req.keys[lo:hi])
+    n = len(req.keys)
+    plan = GatherPlan(req.keys, [None] * n, [None] * n, req.layer_start, req.layer_start + 1, parts)
+    try:
+        headers = _check_results(req.keys[lo:hi], first)
+        plan.handles[lo:hi] = [r[0] for r in first]
+        plan.headers[lo:hi] = headers
+        plan.layer_end = _layer_end(req, headers[0])
+    except BaseException:
+        _close_all(first)
+        raise
+    for i, (a, b) in enumerate(parts[1:], start=1):
+        keys = req.keys[a:b]
+        if inline:
+            plan.pending[i] = lambda keys=keys: open_batch(store, bucket, keys)
+        else:
+            plan.pending[i] = loop.run_in_executor(executor, open_batch, store, bucket, keys)
+    return plan
+
+
 # --- streaming --------------------------------------------------------------------------------------------
 
 
-def _read_slices(plan: GatherPlan, layer: int, buf: memoryview, chunk_ids: range) -> None:
-    """Read the layer-``layer`` slices of chunks ``chunk_ids`` into their places in the layer buffer."""
+def _read_slices(plan: GatherPlan, layer: int, buf: memoryview, chunk_ids: range, first: int = 0) -> None:
+    """Read the layer-``layer`` slices of chunks ``chunk_ids`` into their places in the buffer, which holds
+    the slices from chunk ``first`` on (the layer buffer: 0)."""
     sb = plan.slice_bytes
     for i in chunk_ids:
         start, _ = plan.headers[i].layer_range(layer)
-        got = plan.handles[i].read_into(start, buf[i * sb : (i + 1) * sb])
+        got = plan.handles[i].read_into(start, buf[(i - first) * sb : (i - first + 1) * sb])
         if got != sb:
             raise CorruptObject(
                 f"chunk {plan.keys[i]} layer {layer}: short read", key=plan.keys[i], layer=layer
@@ -356,14 +496,22 @@ async def stream_gather(
     ``on_bytes(n)`` is told every ``n`` bytes sent.  Errors propagate: the caller sends an error frame and
     closes the connection.
     """
+    account = on_bytes or (lambda n: None)
+    sent, first = 0, plan.layer_start
+    if plan.first_parts is not None:  # an early plan: the first layer part by part, as objects open
+        await _send_first_layer_in_parts(
+            plan, sink, pacer, stream, executor, piece_bytes, account, allow_sendfile
+        )
+        sent, first = 1, first + 1
     fds = [h.fileno() for h in plan.handles]
     use_sendfile = allow_sendfile and sink.can_sendfile and all(fd is not None for fd in fds)
-    account = on_bytes or (lambda n: None)
     socket_paced = pacer.limited and isinstance(sink, SocketSink)
-    if use_sendfile and (not pacer.limited or socket_paced):
-        sent = await _send_all_layers_at_once(plan, sink, fds, pacer, stream, piece_bytes, account)
+    if first >= plan.layer_end:
+        pass
+    elif use_sendfile and (not pacer.limited or socket_paced):
+        sent += await _send_all_layers_at_once(plan, sink, fds, pacer, stream, piece_bytes, account, first)
     else:
-        sent = await _send_layer_by_layer(
+        sent += await _send_layer_by_layer(
             plan,
             sink,
             fds if use_sendfile else None,
@@ -373,6 +521,7 @@ async def stream_gather(
             piece_bytes,
             account,
             read_parallelism,
+            first,
         )
     await sink.send([encode_end_frame(sent)])
     account(END_FRAME_BYTES)
@@ -387,10 +536,11 @@ async def _send_all_layers_at_once(
     stream: PacedStream,
     piece_bytes: int,
     account: Callable[[int], None],
+    first: int,
 ) -> int:
-    """Zero-copy, every layer in one thread hop, so the socket never idles between layers; paced, the send
-    thread paces itself piece by piece (no hop per piece)."""
-    layers = range(plan.layer_start, plan.layer_end)
+    """Zero-copy, every layer from ``first`` in one thread hop, so the socket never idles between layers;
+    paced, the send thread paces itself piece by piece (no hop per piece)."""
+    layers = range(first, plan.layer_end)
     groups = [[plan.frame_head(layer), *_file_ranges(plan, fds, layer)] for layer in layers]
 
     def layer_done(i: int) -> None:
@@ -414,15 +564,15 @@ async def _send_layer_by_layer(
     piece_bytes: int,
     account: Callable[[int], None],
     read_parallelism: int,
+    first: int,
 ) -> int:
-    """One layer per step: file ranges when ``fds`` is given, else the layer read into a buffer while the
-    previous one is sent.  Paced through the send thread of a ``SocketSink``, else through the event loop."""
+    """One layer per step from ``first``: file ranges when ``fds`` is given, else the layer read into a
+    buffer while the previous one is sent.  Paced through the send thread of a ``SocketSink``, else through
+    the event loop."""
     socket_paced = pacer.limited and isinstance(sink, SocketSink)
-    pending = (
-        None if fds is not None else _start_layer_read(plan, plan.layer_start, executor, read_parallelism)
-    )
+    pending = None if fds is not None else _start_layer_read(plan, first, executor, read_parallelism)
     sent = 0
-    for layer in range(plan.layer_start, plan.layer_end):
+    for layer in range(first, plan.layer_end):
         head = plan.frame_head(layer)
         if fds is not None:
             ranges = _file_ranges(plan, fds, layer)
@@ -446,6 +596,57 @@ async def _send_layer_by_layer(
         sent += 1
         pacer.layer_sent(stream)
     return sent
+
+
+async def _send_first_layer_in_parts(
+    plan: GatherPlan,
+    sink: WriterSink | SocketSink,
+    pacer: Pacer,
+    stream: PacedStream,
+    executor: Executor | None,
+    piece_bytes: int,
+    account: Callable[[int], None],
+    allow_sendfile: bool,
+) -> None:
+    """An early plan's first layer as a parts frame: each part (head and stored checksums, then its slices:
+    file ranges, or read into a buffer in ``executor``) sent as soon as its objects are open and checked,
+    paced like a layer (``_send_layer_by_layer``).  A part's objects opened in the event loop are opened
+    while the send thread carries the part before.  A late key's error propagates after the parts before
+    it (the caller sends the error frame)."""
+    layer, sb = plan.layer_start, plan.slice_bytes
+    socket_paced = pacer.limited and isinstance(sink, SocketSink)
+    loop = asyncio.get_running_loop()
+    for i, (lo, hi) in enumerate(plan.first_parts):
+        await plan.open_part(i)
+        head = encode_part_head([plan.headers[k].checksums[layer] for k in range(lo, hi)])
+        if i == 0:
+            head = encode_parts_head(layer, plan.n_slices, sb) + head
+        fds = [plan.handles[k].fileno() for k in range(lo, hi)]
+        if allow_sendfile and sink.can_sendfile and all(fd is not None for fd in fds):
+            ranges: list[Part] = [
+                (fd, plan.headers[k].layer_range(layer)[0], sb) for fd, k in zip(fds, range(lo, hi))
+            ]
+        else:
+            buf = memoryview(bytearray((hi - lo) * sb))
+            await loop.run_in_executor(executor, _read_slices, plan, layer, buf, range(lo, hi), lo)
+            ranges = [buf[j * sb : (j + 1) * sb] for j in range(hi - lo)]
+        payload = (hi - lo) * sb
+        if not pacer.limited:
+            await pacer.pace(stream, payload)
+            send = sink.send([head, *ranges])
+        elif socket_paced:
+            send = sink.send_groups([[head, *ranges]], None, (pacer, stream, piece_bytes))
+        else:
+            await sink.send([head])
+            send = _send_paced_pieces(sink, ranges, sb, pacer, stream, piece_bytes)
+        task = asyncio.ensure_future(send)
+        try:
+            if i + 1 < len(plan.first_parts) and isinstance(sink, SocketSink):
+                plan.open_inline_ahead(i + 1)
+        finally:
+            await task
+        account(len(head) + payload)
+    pacer.layer_sent(stream)
 
 
 async def _send_paced_pieces(

@@ -15,6 +15,7 @@ its method and sub-resource by ``testbed.objectstore.routes``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -114,8 +115,9 @@ async def quarantine_report(ctx: RequestContext) -> web.Response:
 
 
 async def gather(ctx: RequestContext) -> web.StreamResponse:
-    """``POST /<bucket>?gather``: check the request and open every object (S3 errors before any frame),
-    register the stream with the pacer, then stream the layer frames (``_stream_frames``)."""
+    """``POST /<bucket>?gather``: check the request and open every object (S3 errors before any frame; an
+    early gather: the first part's objects, the others while its first layer streams), register the stream
+    with the pacer, then stream the layer frames (``_stream_frames``)."""
     svc = ctx.services
     request = ctx.request
     request_s = request.get("t_pacer_s", float("nan"))
@@ -133,14 +135,22 @@ async def gather(ctx: RequestContext) -> web.StreamResponse:
         validate_key(k)
     # The open is on the critical path of every gather and the pool is busy reading the running
     # streams' layers: on a local store, check a small gather's objects in the event loop instead.
-    inline = isinstance(svc.store, FilesystemStore) and len(req.keys) <= _INLINE_GATHER_KEYS
+    local = isinstance(svc.store, FilesystemStore)
+    inline = local and len(req.keys) <= _INLINE_GATHER_KEYS
+    # An early gather's first part (2 keys) is opened in the event loop on a local store, whatever its size:
+    # its first byte then never waits for the busy pool.
+    first_inline = local and req.stream_early
     exists = (
-        svc.store.bucket_exists(ctx.bucket) if inline else await ctx.run(svc.store.bucket_exists, ctx.bucket)
+        svc.store.bucket_exists(ctx.bucket)
+        if inline or first_inline
+        else await ctx.run(svc.store.bucket_exists, ctx.bucket)
     )
     if not exists:
         raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
     try:
-        plan = await gather_mod.prepare_gather(svc.store, ctx.bucket, req, svc.executor, inline=inline)
+        plan = await gather_mod.prepare_gather(
+            svc.store, ctx.bucket, req, svc.executor, inline=inline, first_inline=first_inline
+        )
     except CorruptObject as e:
         if e.key:
             await ctx.run(check_and_quarantine, svc.store, svc.metrics, ctx.bucket, e.key)
@@ -207,6 +217,10 @@ async def _stream_frames(
     except Exception as e:
         code = getattr(e, "s3_code", "InternalError")
         svc.metrics.count_error(code)
+        if isinstance(e, CorruptObject) and e.key and plan.first_parts is not None:
+            # A damaged object found after an early gather's answer had begun: as before the answer.
+            with contextlib.suppress(Exception):
+                await ctx.run(check_and_quarantine, svc.store, svc.metrics, ctx.bucket, e.key)
         if not isinstance(e, ObjectCacheError):
             log.exception("gather stream failed")
         msg = f"{code}: {e}" if isinstance(e, ObjectCacheError) else f"{code}: internal error"

@@ -9,6 +9,9 @@
 #   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
 #   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
 #   CONFIGS=2048+128,2048+1024,2048+4096,4096+128,...,61440+4096 bash testbed/scripts/h100_measure.sh
+# Per-phase timelines of one 4K and one 60K request (issue 13; draw here with
+# `python -m testbed.validation.timeline plot timeline.json --out timeline.png`):
+#   STAGES=timeline bash testbed/scripts/h100_measure.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -40,4 +43,10 @@ if [[ $STAGES == *ttft* ]]; then
     --streams ${STREAMS:-8} --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} ${SOURCES:+--sources $SOURCES} \
     ${CONFIGS:+--configs $CONFIGS} ${SHARED_PREFIX:+--shared-prefix} ${DATA_DIR:+--data-dir $DATA_DIR} \
     --raw $OUT/ttft_raw.json 2>&1 | tee $OUT/ttft.log
+fi
+if [[ $STAGES == *timeline* ]]; then
+  timeout ${TIMELINE_TIMEOUT:-400} python3 -m testbed.validation.timeline measure \
+    --configs ${TIMELINE_CONFIGS:-4096+128,61440+128} --link-gbps ${LINK_GBPS:-100} --streams ${STREAMS:-8} \
+    --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} --warmups ${WARMUPS:-3} ${DATA_DIR:+--data-dir $DATA_DIR} \
+    --out $OUT/timeline.json 2>&1 | tee $OUT/timeline.log
 fi

@@ -57,7 +57,9 @@ class MemoryObjectClient:
                 written += 1
         return written
 
-    def load_layers(self, names, *, layer_start=0, layer_end=None, out=None, compute_per_layer_s=None):
+    def load_layers(
+        self, names, *, layer_start=0, layer_end=None, out=None, compute_per_layer_s=None, timings=None
+    ):
         self.calls += 1
         missing = [n for n in names if n not in self.objects]
         if missing:

@@ -325,3 +325,32 @@ def test_process_reader_equals_recompute_and_delivers_errors_as_the_same_excepti
     finally:
         src.close()
     assert src._proc is None
+
+
+@pytest.mark.parametrize("reader", ["thread", "process"])
+def test_late_missing_chunk_of_an_early_stream_falls_back_to_recompute(real_tier, reader):
+    """One gather of 20 chunks: the server checks only the first part (2 keys) before answering, so a chunk
+    deleted from a later part is found after the first layer's stream has begun; the error frame reaches
+    the engine as ChunkMissing and the recompute gives the right answer."""
+    srv, client = real_tier
+    writer, _, _ = make(client=client)
+    first = prompt(20 * CT, 31)
+    writer.prefill(first)
+    assert writer.saver.flush() == 20
+    engine, _, cp = make()
+    src = ObjectCacheSource(
+        client, engine.scope, cp, reader=reader, streams=1, check_exists=False, min_stream_bytes=0
+    )
+    try:
+        ids = torch.cat([first, prompt(7, 32)])
+        ref = reference(ids)
+        ok = engine.prefill(ids, src, save=False, max_cached_chunks=20)
+        assert ok.source == "objectcache" and ok.cached_tokens == 20 * CT
+        check_same(ok, ref)
+        client.delete_chunks([f"t1/{SPEC.fingerprint()}/{ok.keys[12]}"])
+        missed = engine.prefill(ids, src, save=False, max_cached_chunks=20)
+        assert missed.source == "recompute" and "ChunkMissing" in missed.fallback
+        assert ok.keys[12] in missed.fallback
+        check_same(missed, ref)
+    finally:
+        src.close()

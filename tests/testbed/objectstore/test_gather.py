@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from urllib.parse import quote
 
 import numpy as np
@@ -22,6 +23,7 @@ from testbed.wire.errors import (
     ChunkMissing,
     GeometryMismatch,
     InvalidRequest,
+    ProtocolError,
     RequestTooLarge,
 )
 from testbed.wire.kvformat import decode_chunk, encode_chunk, parse_header
@@ -323,3 +325,201 @@ def test_prepare_gather_errors(tmp_path, inline):
     plan.close()
     # Inline, the objects are opened in the event loop's thread (here the test's); else in the pool's.
     assert (opened_in == {threading.get_ident()}) == inline
+
+
+# --- early streams: the first layer leaves before every object is checked ---------------------------------
+
+
+class _GatedStore(FilesystemStore):
+    """A filesystem store whose open of any key after the first ``free`` waits (at most ``wait_s``) until
+    ``gate`` is set; ``timed_out`` counts opens that waited in vain."""
+
+    def __init__(self, root, keys, free: int = 2, wait_s: float = 1.0):
+        super().__init__(root, fsync=False)
+        self.later = set(keys[free:])
+        self.gate = threading.Event()
+        self.wait_s = wait_s
+        self.timed_out = 0
+
+    def open_object(self, bucket, key):
+        if key in self.later and not self.gate.wait(self.wait_s):
+            self.timed_out += 1
+        return super().open_object(bucket, key)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_early_gather_sends_first_part_before_later_keys_are_opened(tmp_path, early):
+    """The sink sees the first part's slices while the opens of keys 2.. are still blocked (they wait for
+    that send).  Without ``stream_early`` the server opens every key first, so the opens time out."""
+    chunks = make_chunks(20, seed=21)
+    keys = tuple(c[0] for c in chunks)
+    store = _GatedStore(tmp_path, keys)
+    store.create_bucket("bkt")
+    for name, blob, _ in chunks:
+        w = store.begin_write("bkt", name)
+        w.write(blob)
+        w.commit()
+    sb = TINY.kv_bytes_per_chunk_layer()
+
+    async def run():
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            req = gather.GatherRequest(keys, 0, None, stream_early=early)
+            plan = await gather.prepare_gather(store, "bkt", req, pool)
+            pacer = Pacer()
+            stream = pacer.open_stream(plan.layer_payload_bytes, plan.num_layers)
+            sink = bytearray()
+
+            async def write(data):
+                sink.extend(data)
+                if len(sink) >= 2 * sb:  # some payload of the first layer has left
+                    store.gate.set()
+
+            try:
+                await gather.stream_gather(plan, gather.WriterSink(write), pacer, stream, pool)
+            finally:
+                plan.close()
+            return plan.content_length, bytes(sink)
+
+    content_length, body = asyncio.run(run())
+    assert store.timed_out == (0 if early else len(keys) - 2)
+    assert len(body) == content_length
+    assert body[:4] == (wire_frames.PARTS_MAGIC if early else wire_frames.LAYER_MAGIC)
+    pos = 0
+
+    def read_exact(n):
+        nonlocal pos
+        pos += n
+        return body[pos - n : pos]
+
+    frames = list(wire_frames.iter_frames(read_exact))
+    for f in frames:
+        wire_frames.verify_frame(f, keys)
+    assert [bytes(f.payload) for f in frames] == [b"".join(c[2][i] for c in chunks) for i in range(4)]
+
+
+@pytest.mark.parametrize("paced", [False, True])
+def test_early_gather_content_length_is_exact(tmp_path, paced):
+    """Through a real server (sendfile; paced: in the send thread): the Content-Length announced before the
+    first byte is the body's length, and the body is a parts frame, then plain frames, in order."""
+    args = ["--egress-gbps", "2", "--piece-kib", "64"] if paced else []
+    with server_with_chunks(tmp_path, args, "early", 20, seed=22) as (srv, keys):
+        for lo, hi in ((0, None), (1, 3)):
+            body = {"version": 1, "keys": keys, "layer_start": lo, "stream_early": True}
+            if hi is not None:
+                body["layer_end"] = hi
+            resp = do_gather(srv, "early", body)
+            assert resp.status == 200
+            data = resp.read()
+            assert len(data) == int(resp.getheader("Content-Length"))
+            n_parts = len(wire_frames.early_parts(20))
+            sb = TINY.kv_bytes_per_chunk_layer()
+            assert n_parts == 3 and len(data) == wire_frames.stream_bytes((hi or 4) - lo, 20, sb, n_parts)
+            assert data[:4] == wire_frames.PARTS_MAGIC
+            pos = 0
+
+            def read_exact(n, data=data):
+                nonlocal pos
+                pos += n
+                return data[pos - n : pos]
+
+            frames = list(wire_frames.iter_frames(read_exact))
+            for f in frames:
+                wire_frames.verify_frame(f, keys)
+            assert [f.layer for f in frames] == list(range(lo, hi or 4))
+
+
+def test_early_gather_late_missing_key_ends_with_error_frame(tmp_path):
+    """A key missing from a later part: 200, the first part's slices, then an error frame naming the key
+    (ChunkMissing to the decoder); the client raises ChunkMissing after the first byte arrived.  A key
+    missing from the first part is still a 404 before any frame."""
+    from testbed.client.core import ObjectCacheClient
+
+    with server_with_chunks(tmp_path, [], "late", 20, seed=23) as (srv, keys):
+        s3 = srv.boto3_client()
+        s3.delete_object(Bucket="late", Key=keys[9])
+        resp = do_gather(srv, "late", {"version": 1, "keys": keys, "stream_early": True})
+        assert resp.status == 200
+        try:
+            data = resp.read()
+        except Exception as e:  # the connection closes short of the Content-Length
+            data = e.partial
+        sb = TINY.kv_bytes_per_chunk_layer()
+        assert data[:4] == wire_frames.PARTS_MAGIC and len(data) < int(resp.getheader("Content-Length"))
+        err_at = 20 + 8 + 2 * 8 + 2 * sb  # parts head, first part head, 2 checksums, 2 slices
+        assert data[err_at : err_at + 4] == wire_frames.ERROR_MAGIC and b"NoSuchKey" in data[err_at:]
+        assert keys[9].encode() in data[err_at:]
+        pos = 0
+
+        def read_exact(n):
+            nonlocal pos
+            pos += n
+            return data[pos - n : pos]
+
+        with pytest.raises(ChunkMissing):
+            list(wire_frames.iter_frames(read_exact))
+
+        client = ObjectCacheClient(srv.url, "late", srv.access_key, srv.secret_key, mode="gather")
+        try:
+            stamps: dict = {}
+            with pytest.raises(ChunkMissing) as err:
+                list(client.load_layers(keys, timings=stamps))
+            assert err.value.keys == [keys[9]]
+            assert stamps["response_s"] <= stamps["first_byte_s"]  # the answer had begun
+            assert "first_layer_s" not in stamps
+            # Missing from the first part: refused before the answer, as without stream_early.
+            s3.delete_object(Bucket="late", Key=keys[1])
+            stamps = {}
+            with pytest.raises(ChunkMissing):
+                list(client.load_layers(keys, timings=stamps))
+            assert "first_byte_s" not in stamps
+        finally:
+            client.close()
+
+
+def test_early_gather_late_corrupt_key_is_an_error_frame_and_quarantined(tmp_path):
+    with server_with_chunks(tmp_path, [], "bad", 20, seed=24) as (srv, keys):
+        s3 = srv.boto3_client()
+        good = s3.get_object(Bucket="bad", Key=keys[15])["Body"].read()
+        s3.put_object(Bucket="bad", Key=keys[15], Body=good[:-10])  # shorter than its header says
+        resp = do_gather(srv, "bad", {"version": 1, "keys": keys, "stream_early": True})
+        assert resp.status == 200
+        try:
+            data = resp.read()
+        except Exception as e:
+            data = e.partial
+        assert wire_frames.ERROR_MAGIC in data and b"InvalidObjectState" in data
+        time.sleep(0.2)
+        with pytest.raises(Exception, match="NoSuchKey|404|Not Found"):
+            s3.head_object(Bucket="bad", Key=keys[15])
+
+
+def test_parts_frame_decoder_rejects_malformed_parts():
+    sb = 4
+    good = (
+        wire_frames.encode_parts_head(0, 3, sb)
+        + wire_frames.encode_part_head([1, 2])
+        + b"a" * 8
+        + wire_frames.encode_part_head([3])
+        + b"b" * 4
+    )
+    body = good + wire_frames.encode_end_frame(1)
+    data, pos = memoryview(body), 0
+
+    def read_exact(n):
+        nonlocal pos
+        out = bytes(data[pos : pos + n])
+        pos += len(out)
+        return out
+
+    frames = list(wire_frames.iter_frames(read_exact))
+    assert frames[0].checksums == (1, 2, 3) and bytes(frames[0].payload) == b"a" * 8 + b"b" * 4
+    # A part claiming more slices than are left, and a plain frame inside a parts frame: protocol errors.
+    for bad in (
+        wire_frames.encode_parts_head(0, 1, sb) + wire_frames.encode_part_head([1, 2]) + b"a" * 8,
+        wire_frames.encode_parts_head(0, 2, sb) + wire_frames.encode_layer_head(0, sb, [1]),
+    ):
+        data, pos = memoryview(bad + wire_frames.encode_end_frame(1)), 0
+        with pytest.raises(ProtocolError):
+            list(wire_frames.iter_frames(read_exact))
