@@ -9,6 +9,7 @@
 #   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
 #   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
 #   CONFIGS=2048+128,2048+1024,2048+4096,4096+128,...,61440+4096 bash testbed/scripts/h100_measure.sh
+# Write-back into the server (issue 13): STAGES=writeback WB_CHUNKS=256 bash testbed/scripts/h100_measure.sh
 # Per-phase timelines of one 4K and one 60K request (issue 13; draw here with
 # `python -m testbed.validation.timeline plot timeline.json --out timeline.png`):
 #   STAGES=timeline bash testbed/scripts/h100_measure.sh
@@ -49,4 +50,8 @@ if [[ $STAGES == *timeline* ]]; then
     --configs ${TIMELINE_CONFIGS:-4096+128,61440+128} --link-gbps ${LINK_GBPS:-100} --streams ${STREAMS:-8} \
     --reader ${READER:-process} --piece-kib ${PIECE_KIB:-64} --warmups ${WARMUPS:-3} ${DATA_DIR:+--data-dir $DATA_DIR} \
     --out $OUT/timeline.json 2>&1 | tee $OUT/timeline.log
+fi
+if [[ $STAGES == *writeback* ]]; then
+  timeout ${WRITEBACK_TIMEOUT:-120} python3 -m testbed.bench.writeback --chunks ${WB_CHUNKS:-256} --repeat ${WB_REPEAT:-1} \
+    --fsync ${WB_FSYNC:-off} --paths ${WB_PATHS:-after} --streams ${WB_STREAMS:-8} --out $OUT/writeback.json 2>&1 | tee $OUT/writeback.log
 fi
