@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from testbed.objectstore.body import read_body_direct
+from testbed.objectstore.body import VERIFY_HEADER, read_body_direct
 from testbed.objectstore.config import BATCH_BYTES
 from testbed.objectstore.context import RequestContext, xml_response
 from testbed.objectstore.storeapi import (
@@ -476,8 +476,12 @@ async def put_object(ctx: RequestContext) -> web.Response:
         )
     content_type = request.headers.get("Content-Type", "application/octet-stream")
     metadata, headers = user_metadata(request), stored_headers(request)
+    # A KV chunk body is verified slice by slice and named by its header (``chunk_etag``): no content MD5.
+    content_md5 = VERIFY_HEADER not in request.headers
     writer = await ctx.run(
-        lambda: ctx.services.store.begin_write(ctx.bucket, ctx.key, content_type, metadata, headers)
+        lambda: ctx.services.store.begin_write(
+            ctx.bucket, ctx.key, content_type, metadata, headers, content_md5
+        )
     )
     try:
         max_bytes = ctx.services.config.max_object_bytes
@@ -488,7 +492,7 @@ async def put_object(ctx: RequestContext) -> web.Response:
             body = await ctx.read_body(max_bytes, sink=writer.write)
         else:
             ctx.services.metrics.add_bytes_received(request["op"], body.size_bytes)
-        info = await ctx.run(writer.commit, conditional, None, body_checksums(body.checksums))
+        info = await ctx.run(writer.commit, conditional, body.etag, body_checksums(body.checksums))
     except BaseException:
         await ctx.run(writer.abort)
         raise

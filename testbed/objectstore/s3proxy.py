@@ -180,7 +180,9 @@ class S3ProxyStore(Store):
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        content_md5: bool = True,
     ) -> ObjectWriter:
+        # content_md5 does not apply: the backend computes the ETag of what it stores.
         if not self.bucket_exists(bucket):
             raise BucketMissing(f"bucket {bucket!r} does not exist")
         return _ProxyWriter(self, bucket, key, content_type, dict(metadata or {}), dict(headers or {}))

@@ -63,7 +63,14 @@ class _FileHandle(ObjectHandle):
 
 class _FileWriter(ObjectWriter):
     def __init__(
-        self, store: FilesystemStore, bucket: str, key: str, content_type: str, metadata: dict, headers: dict
+        self,
+        store: FilesystemStore,
+        bucket: str,
+        key: str,
+        content_type: str,
+        metadata: dict,
+        headers: dict,
+        content_md5: bool = True,
     ) -> None:
         self._store = store
         self._bucket = bucket
@@ -71,7 +78,8 @@ class _FileWriter(ObjectWriter):
         self._final = store._obj_dir(bucket) / file_name(key)
         self._tmp = store._bucket_dir(bucket) / "tmp" / f"{uuid.uuid4().hex}.part"
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._md5 = hashlib.md5()  # the ETag, as the bytes stream in (no second pass)
+        # The ETag, as the bytes stream in (no second pass); None: commit is given the ETag.
+        self._md5 = hashlib.md5() if content_md5 else None
         self._size = 0
         self._meta = {"content_type": content_type, "metadata": dict(metadata or {})}
         if headers:
@@ -79,7 +87,8 @@ class _FileWriter(ObjectWriter):
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        self._md5.update(view)
+        if self._md5 is not None:
+            self._md5.update(view)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
@@ -88,6 +97,8 @@ class _FileWriter(ObjectWriter):
     def commit(
         self, if_none_match: bool = False, etag: str | None = None, checksums: dict[str, str] | None = None
     ) -> ObjectInfo:
+        if etag is None and self._md5 is None:
+            raise ValueError("begin_write(content_md5=False) needs commit(etag=...)")
         meta = dict(self._meta, etag=etag or self._md5.hexdigest(), mtime_s=time.time())
         if checksums:
             meta["checksums"] = dict(checksums)
@@ -226,10 +237,11 @@ class FilesystemStore(Store):
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        content_md5: bool = True,
     ) -> ObjectWriter:
         self._require_bucket(bucket)
         validate_key(key)
-        return _FileWriter(self, bucket, key, content_type, metadata or {}, headers or {})
+        return _FileWriter(self, bucket, key, content_type, metadata or {}, headers or {}, content_md5)
 
     def quarantine(self, bucket: str, key: str, reason: str) -> bool:
         """Move a corrupt object's file to ``<bucket>/quarantine/`` (with a ``.reason`` note) so it is no

@@ -27,7 +27,9 @@ thread pool, never on its event loop.  Errors are ``testbed.wire.errors`` classe
 
 The ETag is S3's: the hex MD5 of the object bytes, computed by the writer as the bytes stream in, or
 ``<MD5 of the parts' binary MD5s>-<n>`` for multipart objects (the server passes it as
-``commit(etag=...)``, ``testbed.objectstore.spool.multipart_etag``).  Clients (rclone, s3cmd, awscli)
+``commit(etag=...)``, ``testbed.objectstore.spool.multipart_etag``).  A verified KV chunk PUT gets the
+composite ``<MD5 of its header>-<slices>`` (``body.chunk_etag``): ``begin_write(content_md5=False)`` spares
+the writer the MD5 and ``commit(etag=...)`` names it.  Clients (rclone, s3cmd, awscli)
 compare a single-part ETag with the MD5 of what they sent.
 
 Implementations: ``testbed.objectstore.store.FilesystemStore`` (the embedded default) and
@@ -164,6 +166,7 @@ class Store(ABC):
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        content_md5: bool = True,
     ) -> ObjectWriter: ...
 
     @abstractmethod

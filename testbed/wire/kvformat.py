@@ -219,6 +219,7 @@ class ChunkVerifier:
         self._in_slice = 0
         self._hash = xxhash.xxh3_64()
         self.size_bytes = 0
+        self.header_raw = b""  # the header's bytes as received (its slice checksums name the content)
 
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -234,6 +235,7 @@ class ChunkVerifier:
             view = view[take:]
             if len(self._head) == want and want > 12:
                 self.header = parse_header(self._head)
+                self.header_raw = bytes(self._head)
                 self._head = bytearray()
         if self.header is None:
             return

@@ -72,6 +72,29 @@ def test_put_chunks_writes_parts_verified_and_idempotently(objectcache_server, o
         assert c.put_chunk("ns/put-bytes", encode_chunk(TINY, layers_for(99))) is True
 
 
+def test_a_chunk_put_is_named_by_its_header_and_a_plain_put_by_its_md5(
+    objectcache_server, objectcache_bucket, objectcache_s3
+):
+    """A verified chunk PUT gets the composite ETag ``<MD5 of the header>-<slices>`` (no MD5 over the
+    bytes on the write-back path; the dash tells S3 clients it is not the content MD5); the same bytes PUT
+    without ``x-oc-verify`` get the content MD5, as S3."""
+    import hashlib
+
+    from testbed.wire.kvformat import declared_header_bytes
+
+    blob = encode_chunk(TINY, layers_for(7))
+    with client(objectcache_server, objectcache_bucket) as c:
+        assert c.put_chunk("ns/etag-chunk", encode_chunk_parts(TINY, layers_for(7))) is True
+    head = objectcache_s3.head_object(Bucket=objectcache_bucket, Key="ns/etag-chunk")
+    header = blob[: declared_header_bytes(blob)]
+    assert head["ETag"] == f'"{hashlib.md5(header).hexdigest()}-{TINY.num_layers}"'
+    got = objectcache_s3.get_object(Bucket=objectcache_bucket, Key="ns/etag-chunk")["Body"].read()
+    assert got == blob
+    objectcache_s3.put_object(Bucket=objectcache_bucket, Key="ns/etag-plain", Body=blob)
+    plain = objectcache_s3.head_object(Bucket=objectcache_bucket, Key="ns/etag-plain")
+    assert plain["ETag"] == f'"{hashlib.md5(blob).hexdigest()}"'
+
+
 def test_a_corrupt_body_is_rejected_before_commit(objectcache_server, objectcache_bucket):
     parts = encode_chunk_parts(TINY, layers_for(3))
     bad = bytearray(parts[2])
