@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote, unquote
 
@@ -139,14 +139,33 @@ def list_entries(store: Store, bucket: str, prefix: str, delimiter: str, start_a
     return entries, cursor, bool(more)
 
 
+def _list_scope(ctx: RequestContext) -> tuple[str, str, int]:
+    """A listing's prefix (inside the credential's namespaces), delimiter and max-keys (0..1000)."""
+    q = ctx.query
+    prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
+    if not ctx.cred.allows_prefix(prefix):
+        raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
+    return prefix, delimiter, max(0, min(1000, int_param(q, "max-keys", 1000)))
+
+
+async def _list_page(ctx: RequestContext, prefix: str, delimiter: str, start: str, max_keys: int):
+    """``list_entries`` of an existing bucket, in the I/O pool."""
+    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
+        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
+    return await ctx.run(list_entries, ctx.services.store, ctx.bucket, prefix, delimiter, start, max_keys)
+
+
+def _key_encoder(ctx: RequestContext) -> Callable[[str], str]:
+    """Keys and prefixes as the listing shows them: URL-encoded with ``encoding-type=url``."""
+    if ctx.query.get("encoding-type") == "url":
+        return lambda s: quote(s, safe="/")
+    return lambda s: s
+
+
 async def list_objects(ctx: RequestContext) -> web.Response:
     q = ctx.query
     v2 = q.get("list-type") == "2"
-    prefix = q.get("prefix", "")
-    delimiter = q.get("delimiter", "")
-    if not ctx.cred.allows_prefix(prefix):
-        raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
-    max_keys = max(0, min(1000, int_param(q, "max-keys", 1000)))
+    prefix, delimiter, max_keys = _list_scope(ctx)
     token = q.get("continuation-token")
     if v2 and token is not None:
         try:
@@ -155,20 +174,13 @@ async def list_objects(ctx: RequestContext) -> web.Response:
             raise S3Error("InvalidArgument", "bad continuation token", 400) from None
     else:
         start = q.get("start-after", "") if v2 else q.get("marker", "")
-    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
-        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-    entries, cursor, truncated = await ctx.run(
-        list_entries, ctx.services.store, ctx.bucket, prefix, delimiter, start, max_keys
-    )
-    url = q.get("encoding-type") == "url"
-
-    def enc(s: str) -> str:
-        return quote(s, safe="/") if url else s
+    entries, cursor, truncated = await _list_page(ctx, prefix, delimiter, start, max_keys)
+    enc = _key_encoder(ctx)
 
     parts = [s3xml.el("Name", ctx.bucket), s3xml.el("Prefix", enc(prefix)), s3xml.el("MaxKeys", max_keys)]
     if delimiter:
         parts.append(s3xml.el("Delimiter", enc(delimiter)))
-    if url:
+    if ctx.query.get("encoding-type") == "url":
         parts.append(s3xml.el("EncodingType", "url"))
     parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
     if v2:
@@ -215,32 +227,21 @@ async def list_object_versions(ctx: RequestContext) -> web.Response:
     """ListObjectVersions (``GET /bucket?versions``): every object is its only version, ``VersionId``
     "null", latest; no delete markers.  ``key-marker`` continues after a key (one version per key, so
     ``version-id-marker`` adds nothing)."""
-    q = ctx.query
-    prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
-    if not ctx.cred.allows_prefix(prefix):
-        raise S3Error("AccessDenied", f"prefix {prefix!r} is outside the credential's namespaces", 403)
-    max_keys = max(0, min(1000, int_param(q, "max-keys", 1000)))
-    key_marker = q.get("key-marker", "")
-    if not await ctx.run(ctx.services.store.bucket_exists, ctx.bucket):
-        raise S3Error("NoSuchBucket", f"bucket {ctx.bucket!r} does not exist", 404)
-    entries, _, truncated = await ctx.run(
-        list_entries, ctx.services.store, ctx.bucket, prefix, delimiter, key_marker, max_keys
-    )
-    url = q.get("encoding-type") == "url"
-
-    def enc(s: str) -> str:
-        return quote(s, safe="/") if url else s
+    prefix, delimiter, max_keys = _list_scope(ctx)
+    key_marker = ctx.query.get("key-marker", "")
+    entries, _, truncated = await _list_page(ctx, prefix, delimiter, key_marker, max_keys)
+    enc = _key_encoder(ctx)
 
     parts = [
         s3xml.el("Name", ctx.bucket),
         s3xml.el("Prefix", enc(prefix)),
         s3xml.el("KeyMarker", enc(key_marker)),
-        s3xml.el("VersionIdMarker", q.get("version-id-marker", "")),
+        s3xml.el("VersionIdMarker", ctx.query.get("version-id-marker", "")),
         s3xml.el("MaxKeys", max_keys),
     ]
     if delimiter:
         parts.append(s3xml.el("Delimiter", enc(delimiter)))
-    if url:
+    if ctx.query.get("encoding-type") == "url":
         parts.append(s3xml.el("EncodingType", "url"))
     parts.append(s3xml.el("IsTruncated", "true" if truncated else "false"))
     if truncated and entries:

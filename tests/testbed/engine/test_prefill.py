@@ -272,19 +272,26 @@ def real_tier(tmp_path):
         srv.stop()
 
 
+def stored_prefix(client, chunks: int, seed: int, reader: str, streams: int):
+    """A prompt whose first ``chunks`` chunks a writer engine saved to the object tier, and a fresh engine
+    with an object-tier source reading them (``reader``, ``streams``): ``(prompt, engine, copier, source)``."""
+    writer, _, _ = make(client=client)
+    first = prompt(chunks * CT, seed)
+    writer.prefill(first)
+    assert writer.saver.flush() == chunks
+    engine, _, cp = make()
+    src = ObjectCacheSource(
+        client, engine.scope, cp, reader=reader, streams=streams, check_exists=False, min_stream_bytes=0
+    )
+    return first, engine, cp, src
+
+
 def test_process_reader_equals_recompute_and_delivers_errors_as_the_same_exceptions(real_tier):
     """The reader-process path on the CPU (the shared segment is plain host memory here): same logits and KV
     as a recompute over several requests and stream counts; a missing chunk and a dead server reach the
     engine as ChunkMissing / StorageUnavailable (the fallback keeps the answer); the source stays usable."""
     srv, client = real_tier
-    writer, _, _ = make(client=client)
-    first = prompt(6 * CT, 12)
-    writer.prefill(first)
-    assert writer.saver.flush() == 6
-    engine, _, cp = make()
-    src = ObjectCacheSource(
-        client, engine.scope, cp, reader="process", streams=2, check_exists=False, min_stream_bytes=0
-    )
+    first, engine, cp, src = stored_prefix(client, 6, 12, "process", 2)
     try:
         ids = torch.cat([first, prompt(19, 13)])
         ref = reference(ids)
@@ -333,14 +340,7 @@ def test_late_missing_chunk_of_an_early_stream_falls_back_to_recompute(real_tier
     deleted from a later part is found after the first layer's stream has begun; the error frame reaches
     the engine as ChunkMissing and the recompute gives the right answer."""
     srv, client = real_tier
-    writer, _, _ = make(client=client)
-    first = prompt(20 * CT, 31)
-    writer.prefill(first)
-    assert writer.saver.flush() == 20
-    engine, _, cp = make()
-    src = ObjectCacheSource(
-        client, engine.scope, cp, reader=reader, streams=1, check_exists=False, min_stream_bytes=0
-    )
+    first, engine, _, src = stored_prefix(client, 20, 31, reader, 1)
     try:
         ids = torch.cat([first, prompt(7, 32)])
         ref = reference(ids)

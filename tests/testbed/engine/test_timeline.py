@@ -8,22 +8,23 @@ import json
 import pytest
 import torch
 
-from testbed.engine.objectsource import ObjectCacheSource
 from testbed.engine.timeline import Timeline
-from tests.testbed.engine.test_prefill import CT, SPEC, check_same, make, prompt, real_tier, reference  # noqa: F401
+from tests.testbed.engine.test_prefill import (  # noqa: F401  real_tier is a fixture
+    CT,
+    SPEC,
+    check_same,
+    make,
+    prompt,
+    real_tier,
+    reference,
+    stored_prefix,
+)
 
 
 @pytest.mark.parametrize("reader", ["thread", "process"])
 def test_timeline_orders_the_phases_of_one_request(real_tier, reader):  # noqa: F811
     srv, client = real_tier
-    writer, _, _ = make(client=client)
-    first = prompt(20 * CT, 41)
-    writer.prefill(first)
-    assert writer.saver.flush() == 20
-    engine, _, cp = make()
-    src = ObjectCacheSource(
-        client, engine.scope, cp, reader=reader, streams=2, check_exists=False, min_stream_bytes=0
-    )
+    first, engine, _, src = stored_prefix(client, 20, 41, reader, 2)
     try:
         ids = torch.cat([first, prompt(9, 42)])
         engine.prefill(ids, src, save=False, max_cached_chunks=20)  # warm-up (the reader process starts)
