@@ -280,14 +280,7 @@ def test_layer0_is_sent_before_later_layers_are_read(tmp_path):
     later_reads = [i for i, e in enumerate(events) if e[0] == "read" and e[1] >= 2]
     assert later_reads and first_send < min(later_reads)
     # The buffered path produces the same frames as the sendfile path.
-    pos = 0
-
-    def read_exact(n):
-        nonlocal pos
-        pos += n
-        return body[pos - n : pos]
-
-    frames = list(wire_frames.iter_frames(read_exact))
+    frames = frames_of(body)
     assert [bytes(f.payload) for f in frames] == [b"".join(c[2][i] for c in chunks) for i in range(4)]
 
 
@@ -386,14 +379,7 @@ def test_early_gather_sends_first_part_before_later_keys_are_opened(tmp_path, ea
     assert store.timed_out == (0 if early else len(keys) - 2)
     assert len(body) == content_length
     assert body[:4] == (wire_frames.PARTS_MAGIC if early else wire_frames.LAYER_MAGIC)
-    pos = 0
-
-    def read_exact(n):
-        nonlocal pos
-        pos += n
-        return body[pos - n : pos]
-
-    frames = list(wire_frames.iter_frames(read_exact))
+    frames = frames_of(body)
     for f in frames:
         wire_frames.verify_frame(f, keys)
     assert [bytes(f.payload) for f in frames] == [b"".join(c[2][i] for c in chunks) for i in range(4)]
@@ -523,3 +509,15 @@ def test_parts_frame_decoder_rejects_malformed_parts():
         data, pos = memoryview(bad + wire_frames.encode_end_frame(1)), 0
         with pytest.raises(ProtocolError):
             list(wire_frames.iter_frames(read_exact))
+
+
+def frames_of(body: bytes) -> list:
+    """The gather frames of a whole response body, through the client's decoder."""
+    pos = 0
+
+    def read_exact(n):
+        nonlocal pos
+        pos += n
+        return body[pos - n : pos]
+
+    return list(wire_frames.iter_frames(read_exact))
