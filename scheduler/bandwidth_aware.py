@@ -77,6 +77,8 @@ from dataclasses import dataclass
 
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 
+_new_object = object.__new__
+
 
 def tie_key(flow_id: FlowId) -> tuple:
     """A total order on flow ids of mixed types: numbers, then strings, then anything by ``repr``."""
@@ -92,7 +94,12 @@ def tie_key(flow_id: FlowId) -> tuple:
 
 
 def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
-    return min((residual[n] for n in flow.path), default=math.inf)
+    r = math.inf  # min(residual over the path, default inf), without a generator: called per grant
+    for n in flow.path:
+        v = residual[n]
+        if v < r:
+            r = v
+    return r
 
 
 def grant(flow: FlowView, rate_Bps: float, residual: dict[str, float], rates: dict[FlowId, float]) -> float:
@@ -201,13 +208,16 @@ def urgency(flow: FlowView, now_s: float) -> Urgency:
         g = max(now_s, flow.gpu_busy_until_s) + max(0, k - flow.layers_computed) * c
     need_first = (k + 1) * B - flow.delivered_bytes
     need_last = flow.total_bytes - flow.delivered_bytes
-    return Urgency(
+    # ``Urgency(...)`` without the frozen dataclass's per-field ``object.__setattr__`` (several per event).
+    u = _new_object(Urgency)
+    u.__dict__.update(
         flow=flow,
         need_first_bytes=max(0.0, need_first),
         slack_first_s=g - now_s,
         need_last_bytes=max(0.0, need_last),
         slack_last_s=g + max(0, remaining_layers - 1) * c - now_s,
     )
+    return u
 
 
 def late_key_bytes(u: Urgency, cap_Bps: float) -> float:
@@ -245,13 +255,19 @@ class BandwidthAware:
     def allocate(
         self, now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link]
     ) -> dict[FlowId, float]:
-        rates = self._heuristic(now_s, flows, links)
+        # Urgencies are pure functions of (flow, now): the rule's are reused by the lookahead.
+        us: dict[FlowId, Urgency] = {}
+        rates = self._heuristic(now_s, flows, links, us)
         if not self.lookahead:
             return rates
-        return lookahead_choice(now_s, flows, links, rates)
+        return lookahead_choice(now_s, flows, links, rates, us)
 
     def _heuristic(
-        self, now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link]
+        self,
+        now_s: float,
+        flows: Sequence[FlowView],
+        links: Mapping[str, Link],
+        us: dict[FlowId, Urgency] | None = None,
     ) -> dict[FlowId, float]:
         residual, rates, live = _fresh(flows, links)
         if not live:
@@ -261,6 +277,8 @@ class BandwidthAware:
         on_time: list[tuple[float, tuple, Urgency]] = []
         for f in live:
             u = urgency(f, now_s)
+            if us is not None:
+                us[f.flow_id] = u
             cap = min(path_residual_Bps(f, full), f.max_rate_Bps)
             if u.lateness_s(cap) > 1e-12:
                 late.append((late_key_bytes(u, cap), tie_key(f.flow_id), u))
@@ -343,7 +361,11 @@ LOOKAHEAD_MAX_FLOWS = 24
 
 
 def lookahead_choice(
-    now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link], rule_Bps: dict[FlowId, float]
+    now_s: float,
+    flows: Sequence[FlowView],
+    links: Mapping[str, Link],
+    rule_Bps: dict[FlowId, float],
+    urgencies: Mapping[FlowId, Urgency] | None = None,
 ) -> dict[FlowId, float]:
     """Pick, among the rule's rates, srtf's and equal sharing's, the one with the least estimated cost-to-go.
 
@@ -363,7 +385,8 @@ def lookahead_choice(
 
     Applies when every live flow crosses the same links with no rate cap below the path (the shared
     bottleneck is then one resource, of the path's smallest capacity) and there are at most
-    ``LOOKAHEAD_MAX_FLOWS`` of them; otherwise the rule's rates stand.
+    ``LOOKAHEAD_MAX_FLOWS`` of them; otherwise the rule's rates stand.  ``urgencies``: the flows'
+    ``urgency(f, now_s)`` if the caller has them.
     """
     live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
     if len(live) < 2 or len(live) > LOOKAHEAD_MAX_FLOWS:
@@ -374,137 +397,176 @@ def lookahead_choice(
     cap_Bps = min(links[n].capacity_Bps for n in path)
     if any(f.max_rate_Bps < cap_Bps for f in live):
         return rule_Bps
-    live.sort(key=lambda f: tie_key(f.flow_id))
-    srtf_head = min(live, key=lambda f: (f.remaining_bytes, tie_key(f.flow_id)))
+    # Flows in tie order (the order of every sum below); equal tie keys keep the flows' order (stable).
+    ranked = sorted(((tie_key(f.flow_id), f) for f in live), key=lambda t: t[0])
+    live = [f for _, f in ranked]
+    head = min(range(len(live)), key=lambda i: (live[i].remaining_bytes, ranked[i][0]))
     srtf = {f.flow_id: 0.0 for f in flows}
-    srtf[srtf_head.flow_id] = cap_Bps
+    srtf[live[head].flow_id] = cap_Bps
     equal = {f.flow_id: 0.0 for f in flows}
     for f in live:
         equal[f.flow_id] = cap_Bps / len(live)
-    us = [urgency(f, now_s) for f in live]
+    us = [urgencies[f.flow_id] if urgencies is not None else urgency(f, now_s) for f in live]
+    state = _LookaheadState(now_s, us)
     # Ties go to srtf, then equal, then the rule: among equally good futures for the flows present, the one
-    # that finishes bytes soonest leaves the link freest for requests that have not arrived yet.
-    best, best_cost = None, math.inf
-    for cand in (srtf, equal, rule_Bps):
-        cost = _cost_to_go_s(now_s, us, cand, cap_Bps)
-        if best is None or cost < best_cost * (1 - 1e-9) - 1e-12:
+    # that finishes bytes soonest leaves the link freest for requests that have not arrived yet.  A
+    # candidate must beat ``bound``; one equal to a candidate already scored has its cost and cannot.
+    best, best_cost = srtf, _cost_to_go_s(state, srtf, cap_Bps, math.inf)
+    for cand in (equal, rule_Bps):
+        if cand == srtf or (cand is rule_Bps and cand == equal):
+            continue
+        bound = best_cost * (1 - 1e-9) - 1e-12
+        cost = _cost_to_go_s(state, cand, cap_Bps, bound)
+        if cost < bound:
             best, best_cost = cand, cost
     return best
 
 
-def _step_s(now_s: float, us: Sequence[Urgency], rates: Mapping[FlowId, float]) -> float:
-    """Time to the next event under ``rates``: a layer completes or a GPU finishes a layer."""
-    step = math.inf
-    for u in us:
-        f = u.flow
-        r = rates.get(f.flow_id, 0.0)
-        if r > 0:
-            step = min(step, u.need_first_bytes / r)
-        if 0 < f.layers_computed < f.layers_total and f.gpu_busy_until_s > now_s:
-            step = min(step, f.gpu_busy_until_s - now_s)
-    return step
+class _LookaheadState:
+    """What every candidate's cost-to-go shares: per flow ``(flow_id, curve, need_first, need_last)`` (bytes
+    missing for its next and its last layer) where ``curve``
+    is ``(layer_bytes, compute_s, need_first, slack_first, last)`` for ``_late_on_piece_s`` (None when the
+    flow has nothing left to be late with), and the time to the next GPU layer end (``_step_s``'s part that
+    does not depend on rates)."""
+
+    def __init__(self, now_s: float, us: Sequence[Urgency]) -> None:
+        self.flows = []
+        gpu_step = math.inf
+        for u in us:
+            f = u.flow
+            B = f.layer_bytes
+            curve = None
+            if B > 0 and u.need_last_bytes > BYTES_EPS:
+                c = max(0.0, f.compute_per_layer_s)
+                last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
+                curve = (B, c, u.need_first_bytes, u.slack_first_s, last)
+            self.flows.append((f.flow_id, curve, u.need_first_bytes, u.need_last_bytes))
+            if 0 < f.layers_computed < f.layers_total and f.gpu_busy_until_s > now_s:
+                gpu_step = min(gpu_step, f.gpu_busy_until_s - now_s)
+        self.gpu_step_s = gpu_step
 
 
-def _lateness_on_curve_s(u: Urgency, pieces: Sequence[tuple[float, float, float, float]]) -> float:
-    """Added TTFT from now of a flow whose bytes arrive along ``pieces``.
+def _late_on_piece_s(
+    curve: tuple, x_from: float, x_to: float, t_from: float, rate: float, worst: float
+) -> float:
+    """``max(worst, lateness of the layers completing on one piece of a delivery curve)``.
 
-    ``pieces``: ``(x_from, x_to, t_from, rate)``, bytes from now in ``(x_from, x_to]`` arrive at
-    ``t_from + (x - x_from) / rate`` seconds from now; together they cover ``(0, need_last]``.
+    A piece: bytes from now in ``(x_from, x_to]`` arrive at ``t_from + (x - x_from) / rate`` seconds from
+    now.  A flow's added TTFT from now on a curve (pieces covering ``(0, need_last]``) is this folded over
+    its pieces from ``worst = 0``.  Lateness is linear in the layer on a piece, so its two end layers are
+    checked (layers are matched to pieces within a byte-level tolerance; a piece may hold no layer's end).
     """
-    B = u.flow.layer_bytes
-    c = max(0.0, u.flow.compute_per_layer_s)
-    if B <= 0 or u.need_last_bytes <= BYTES_EPS:
-        return 0.0
-    last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
-    worst = 0.0
-    for x_from, x_to, t_from, rate in pieces:
-        if x_to <= x_from or rate <= 0:
-            continue
-        # Layers whose bytes complete inside this piece: lateness is linear in m there, check both ends.
-        # (A piece may hold no layer's end; layers are matched to pieces within a byte-level tolerance.)
-        m_lo = max(0, math.floor((x_from - u.need_first_bytes) / B + 1e-9) + 1)
-        m_hi = min(last, math.floor((x_to - u.need_first_bytes) / B + 1e-9))
-        if m_lo > m_hi:
-            continue
-        for m in (m_lo, m_hi):
-            x = min(max(u.need_first_bytes + m * B, x_from), x_to)
-            t = t_from + (x - x_from) / rate
-            worst = max(worst, t - (u.slack_first_s + m * c))
+    if x_to <= x_from or rate <= 0:
+        return worst
+    B, c, need_first, slack_first, last = curve
+    m_lo = math.floor((x_from - need_first) / B + 1e-9) + 1
+    if m_lo < 0:
+        m_lo = 0
+    m_hi = math.floor((x_to - need_first) / B + 1e-9)
+    if last < m_hi:
+        m_hi = last
+    if m_lo > m_hi:
+        return worst
+    for m in (m_lo, m_hi):
+        x = need_first + m * B
+        if x_from > x:
+            x = x_from
+        if x_to < x:
+            x = x_to
+        late = t_from + (x - x_from) / rate - (slack_first + m * c)
+        if late > worst:
+            worst = late
     return worst
 
 
 def _cost_to_go_s(
-    now_s: float, us: Sequence[Urgency], rates: Mapping[FlowId, float], cap_Bps: float
+    state: _LookaheadState, rates: Mapping[FlowId, float], cap_Bps: float, bound: float
 ) -> float:
-    """Sum of the flows' added TTFT from now: ``rates`` until the next event, then the better base schedule."""
-    step = _step_s(now_s, us, rates)
+    """Sum of the flows' added TTFT from now: ``rates`` until the next event, then the best base schedule.
+
+    Exact when below ``bound``; otherwise some value ``>= bound`` (a sum of non-negative terms that reaches
+    ``bound`` cannot fall back under it, so a schedule is abandoned there).
+    """
+    flows = state.flows
+    step = state.gpu_step_s  # the next event: a layer completes or a GPU finishes a layer
+    for fid, _, need_first, _ in flows:
+        r = rates.get(fid, 0.0)
+        if r > 0:
+            step = min(step, need_first / r)
     if not math.isfinite(step):
         return math.inf
-    first = []  # (flow, bytes in the step, bytes after it)
-    for u in us:
-        got = min(u.need_last_bytes, rates.get(u.flow.flow_id, 0.0) * step)
-        first.append((u, got, max(0.0, u.need_last_bytes - got)))
-    order = sorted(first, key=lambda t: (t[2], tie_key(t[0].flow.flow_id)))
+    # Per flow: bytes in the step, bytes after it, and the lateness of the step's piece (every schedule's
+    # curve starts with it).
+    first = []
+    for i, (fid, curve, _, need_last) in enumerate(flows):
+        got = min(need_last, rates.get(fid, 0.0) * step)
+        late = _late_on_piece_s(curve, 0.0, got, 0.0, got / step, 0.0) if got > 0 and curve else 0.0
+        first.append((max(0.0, need_last - got), i, got, late, curve, need_last))
+    paced = _paced_cost_s(first, step, cap_Bps)
+    bound = min(bound, paced)
+    order = sorted(first, key=lambda t: (t[0], t[1]))
     # Sequential (srtf) after the step.
     seq = 0.0
     t = step
-    for u, got, left in order:
-        pieces = [(0.0, got, 0.0, got / step)] if got > 0 else []
+    for left, _, got, late, curve, need_last in order:
         if left > BYTES_EPS:
-            pieces.append((got, u.need_last_bytes, t, cap_Bps))
+            if curve:
+                late = _late_on_piece_s(curve, got, need_last, t, cap_Bps, late)
             t += left / cap_Bps
-        seq += _lateness_on_curve_s(u, pieces)
+        seq += late
+        if seq >= bound:
+            seq = math.inf
+            break
+    bound = min(bound, seq)
     # Processor sharing (equal) after the step: flows finish in order of bytes left.
-    ps = 0.0
     n = len(order)
     t = step
     done_left = 0.0  # bytes every unfinished flow has received since the step
-    phase_ends: list[
-        tuple[float, float, int]
-    ] = []  # (time, bytes each since step at that time, flows active)
-    for j, (_, _, left) in enumerate(order):
+    phase_ends = []  # (time, bytes each since step at that time, flows active)
+    for j, (left, *_) in enumerate(order):
         active = n - j
         if left > done_left:
             t += (left - done_left) * active / cap_Bps
             done_left = left
         phase_ends.append((t, done_left, active))
-    for j, (u, got, left) in enumerate(order):
-        pieces = [(0.0, got, 0.0, got / step)] if got > 0 else []
-        t_prev, x_prev = step, 0.0
-        for t_end, x_end, active in phase_ends[: j + 1]:
-            if x_end > x_prev:
-                pieces.append((got + x_prev, got + min(x_end, left), t_prev, cap_Bps / active))
-            t_prev, x_prev = t_end, x_end
-            if x_prev >= left:
-                break
-        ps += _lateness_on_curve_s(u, pieces)
-    return min(seq, ps, _paced_cost_s(first, step, cap_Bps))
+    ps = 0.0
+    for j, (left, _, got, late, curve, _) in enumerate(order):
+        if curve:
+            t_prev, x_prev = step, 0.0
+            for t_end, x_end, active in phase_ends[: j + 1]:
+                if x_end > x_prev:
+                    late = _late_on_piece_s(
+                        curve, got + x_prev, got + min(x_end, left), t_prev, cap_Bps / active, late
+                    )
+                t_prev, x_prev = t_end, x_end
+                if x_prev >= left:
+                    break
+        ps += late
+        if ps >= bound:
+            ps = math.inf
+            break
+    return min(seq, ps, paced)
 
 
-def _paced_cost_s(first: Sequence[tuple[Urgency, float, float]], step_s: float, cap_Bps: float) -> float:
+def _paced_cost_s(first: Sequence[tuple], step_s: float, cap_Bps: float) -> float:
     """Third base schedule: after the step every flow gets its just-in-time rate, if those fit in the link.
 
     A flow late during the step (by ``d``) has every later deadline ``d`` later (lateness is a max over
     layers), so its JIT rate is taken against the shifted deadlines; at JIT rates nothing is late again, and
     the cost is what the step itself made late.  ``inf`` when the JIT rates do not fit (or a flow cannot be
-    on time at any rate).
+    on time at any rate).  ``first``: ``_cost_to_go_s``'s per-flow tuples, in flow order.
     """
     total_s, jit_sum = 0.0, 0.0
-    for u, got, left in first:
-        late_s = _lateness_on_curve_s(u, [(0.0, got, 0.0, got / step_s)]) if got > 0 else 0.0
+    for left, _, got, late_s, curve, _ in first:
         if left <= BYTES_EPS:
             total_s += late_s
             continue
-        if got <= 0:
-            late_s = 0.0  # nothing arrived: the first missing layer's lateness is counted below
-        B = u.flow.layer_bytes
-        c = max(0.0, u.flow.compute_per_layer_s)
-        last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
-        m_next = min(last, max(0, math.floor((got - u.need_first_bytes) / B + 1e-9) + 1))
+        B, c, need_first, slack_first, last = curve
+        m_next = min(last, max(0, math.floor((got - need_first) / B + 1e-9) + 1))
         jit_Bps = 0.0  # need / slack is monotone in the layer: the max is at one end
         for m in (m_next, last):
-            need = u.need_first_bytes + m * B - got
-            slack = u.slack_first_s + m * c + late_s - step_s
+            need = need_first + m * B - got
+            slack = slack_first + m * c + late_s - step_s
             if need <= BYTES_EPS:
                 continue
             if slack <= 0:
