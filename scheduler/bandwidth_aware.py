@@ -415,11 +415,16 @@ def lookahead_choice(
     ``LOOKAHEAD_MAX_FLOWS`` of them; otherwise the rule's rates stand.  ``urgencies``: the flows'
     ``urgency(f, now_s)`` if the caller has them.
     """
-    live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
+    if urgencies is not None:  # the rule's: one per live flow, in flow order
+        live = [u.flow for u in urgencies.values()]
+    else:
+        live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
     if len(live) < 2 or len(live) > LOOKAHEAD_MAX_FLOWS:
         return rule_Bps
-    path = frozenset(live[0].path)
-    if not path or any(frozenset(f.path) != path for f in live):
+    first_path = live[0].path
+    path = frozenset(first_path)
+    # Equal tuples are equal sets: the frozensets are built only where the paths differ as tuples.
+    if not path or any(f.path != first_path and frozenset(f.path) != path for f in live):
         return rule_Bps
     cap_Bps = min(links[n].capacity_Bps for n in path)
     if any(f.max_rate_Bps < cap_Bps for f in live):
@@ -514,23 +519,31 @@ def _cost_to_go_s(
     Exact when below ``bound``; otherwise some value ``>= bound`` (a sum of non-negative terms that reaches
     ``bound`` cannot fall back under it, so a schedule is abandoned there).
     """
+    # ``min(a, b)`` / ``max(a, b)`` are written ``b if b < a else a`` / ``b if b > a else a`` in this
+    # function (the same result on floats, without a builtin call: it runs ~20 of them per candidate).
     flows = state.flows
     step = state.gpu_step_s  # the next event: a layer completes or a GPU finishes a layer
-    for fid, _, need_first, _ in flows:
-        r = rates.get(fid, 0.0)
+    flow_rates = [rates.get(fid, 0.0) for fid, *_ in flows]
+    for (_, _, need_first, _), r in zip(flows, flow_rates):
         if r > 0:
-            step = min(step, need_first / r)
+            v = need_first / r
+            if v < step:
+                step = v
     if not math.isfinite(step):
         return math.inf
     # Per flow: bytes in the step, bytes after it, and the lateness of the step's piece (every schedule's
     # curve starts with it).
     first = []
-    for i, (fid, curve, _, need_last) in enumerate(flows):
-        got = min(need_last, rates.get(fid, 0.0) * step)
+    for i, ((_, curve, _, need_last), r) in enumerate(zip(flows, flow_rates)):
+        got = r * step
+        if not got < need_last:
+            got = need_last
         late = _late_on_piece_s(curve, 0.0, got, 0.0, got / step, 0.0) if got > 0 and curve else 0.0
-        first.append((max(0.0, need_last - got), i, got, late, curve, need_last))
+        left = need_last - got
+        first.append((left if left > 0.0 else 0.0, i, got, late, curve, need_last))
     paced = _paced_cost_s(first, step, cap_Bps)
-    bound = min(bound, paced)
+    if paced < bound:
+        bound = paced
     order = sorted(first, key=lambda t: (t[0], t[1]))
     # Sequential (srtf) after the step.
     seq = 0.0
@@ -544,7 +557,8 @@ def _cost_to_go_s(
         if seq >= bound:
             seq = math.inf
             break
-    bound = min(bound, seq)
+    if seq < bound:
+        bound = seq
     # Processor sharing (equal) after the step: flows finish in order of bytes left.
     n = len(order)
     t = step
@@ -562,9 +576,8 @@ def _cost_to_go_s(
             t_prev, x_prev = step, 0.0
             for t_end, x_end, active in phase_ends[: j + 1]:
                 if x_end > x_prev:
-                    late = _late_on_piece_s(
-                        curve, got + x_prev, got + min(x_end, left), t_prev, cap_Bps / active, late
-                    )
+                    x_to = got + (left if left < x_end else x_end)
+                    late = _late_on_piece_s(curve, got + x_prev, x_to, t_prev, cap_Bps / active, late)
                 t_prev, x_prev = t_end, x_end
                 if x_prev >= left:
                     break
