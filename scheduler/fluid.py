@@ -441,17 +441,30 @@ def run_fluid(
     # covers boundaries that float rounding splits into two events.
     max_events = 4 * sum(r.num_layers + 2 for r in requests) + 16
     shortcut = single_flow_shortcut(policy)
+    # A lone flow's shortcut rates depend on its state only through "bytes left > BYTES_EPS"; they are
+    # kept while it stays alone (the simulator's per-request baseline is one flow, ~64 events).
+    lone: FlowState | None = None
+    lone_rates: dict[FlowId, float] | None = None
     for _ in range(max_events):
         if not running and next_wait >= len(waiting):
             break
         pending = [st for _, st in running]
         rates: dict[FlowId, float] = {}
         if pending:
-            views = [st.view(now) for st in pending]
-            one = single_flow_rates(views[0], link_map) if shortcut and len(views) == 1 else None
-            rates = one if one is not None else policy.allocate(now, views, link_map)
-            if check:
-                check_feasible(views, link_map, rates)
+            one = None
+            if shortcut and len(pending) == 1:
+                st = pending[0]
+                if st is not lone:
+                    lone, lone_rates = st, single_flow_rates(st.view(now), link_map)
+                if lone_rates is not None and max(0.0, st.spec._total_bytes - st.delivered_bytes) > BYTES_EPS:
+                    one = lone_rates
+            if one is not None and not check:
+                rates = one
+            else:
+                views = [st.view(now) for st in pending]
+                rates = one if one is not None else policy.allocate(now, views, link_map)
+                if check:
+                    check_feasible(views, link_map, rates)
         t_next = next_event_s(pending, rates, now)
         if next_wait < len(waiting):
             t_start = states[waiting[next_wait]].spec.start_s
