@@ -1,4 +1,4 @@
-"""The fast lookahead (``scheduler.bandwidth_aware.lookahead_choice``) against the original
+"""The fast lookahead (``scheduler.lookahead.lookahead_choice``) against the original
 (``tests/scheduler/reference_lookahead.py``): at every decision of random runs, the same rates, exactly."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from scheduler.bandwidth_aware import BandwidthAware, lookahead_choice
+from scheduler.bandwidth_aware import BandwidthAware
 from scheduler.flows import Link
 from scheduler.fluid import RequestSpec, run_fluid
+from scheduler.lookahead import lookahead_choice
 from tests.scheduler import reference_lookahead
 
 
