@@ -47,17 +47,17 @@ What is heuristic (exchange arguments between two flows, applied greedily):
 * *Leftovers* (only when no late flow can use them) build buffer for the least-laxity flows, so the policy
   is work conserving on every link a flow with bytes left crosses.
 
-*The lookahead* (``lookahead_choice``) guards the rule: the rule alone can be much worse than both
-  baselines (issue 14: it protected one flow at a pace that left the other 25 MB/s, so they stalled in turn
-  every layer, 59.5 ms against equal's 39.1 ms).  At each decision the rule's rates, srtf's and equal
+*The lookahead* (``scheduler.lookahead.lookahead_choice``) guards the rule: the rule alone can be much worse
+  than both baselines (issue 14: it protected one flow at a pace that left the other 25 MB/s, so they stalled
+  in turn every layer, 59.5 ms against equal's 39.1 ms).  At each decision the rule's rates, srtf's and equal
   sharing's are each scored by the exact added TTFT of "these rates until the next event, then the best of
   three closed-form schedules of the bytes left" (sequential in SRPT order = srtf, processor sharing = equal,
-  and everyone at their JIT rate when those fit), and the least wins, ties to srtf then equal.  Since srtf
-  and equal followed by their own schedule *are* those baselines, the choice is never estimated worse than
-  either, and by the rollout argument the policy is no worse than the better baseline for the flows present
-  (``tests/scheduler/test_bandwidth_aware_props.py`` searches for counterexamples; requests arriving later
-  can still cost a few percent, measured there).  It applies when all live flows share one path (the
-  simulator's gathers) and there are at most ``LOOKAHEAD_MAX_FLOWS``; cost O(n^2) per decision.
+  and everyone at their JIT rate when those fit), and the least wins, ties to srtf then equal.  Since srtf and
+  equal followed by their own schedule *are* those baselines, the choice is never estimated worse than either,
+  and by the rollout argument the policy is no worse than the better baseline for the flows present
+  (``tests/scheduler/test_bandwidth_aware_props.py`` searches for counterexamples; requests arriving later can
+  still cost a few percent, measured there).  It applies when all live flows share one path (the simulator's
+  gathers) and there are at most ``LOOKAHEAD_MAX_FLOWS``; cost O(n^2) per decision.
 
 Multi-link paths: every grant is bounded by the residual capacity of every link on the path and the flow's
 ``max_rate_Bps``.  Decisions are made at events only (the fluid model re-asks at every layer boundary and
@@ -77,9 +77,13 @@ from dataclasses import dataclass
 
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 
+_new_object = object.__new__
+
 
 def tie_key(flow_id: FlowId) -> tuple:
     """A total order on flow ids of mixed types: numbers, then strings, then anything by ``repr``."""
+    if type(flow_id) is str:  # the simulator's ids: skip the isinstance chain (several calls per event)
+        return (1, flow_id)
     if isinstance(flow_id, bool):
         return (2, repr(flow_id))
     if isinstance(flow_id, int | float):
@@ -92,7 +96,12 @@ def tie_key(flow_id: FlowId) -> tuple:
 
 
 def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
-    return min((residual[n] for n in flow.path), default=math.inf)
+    r = math.inf  # min(residual over the path, default inf), without a generator: called per grant
+    for n in flow.path:
+        v = residual[n]
+        if v < r:
+            r = v
+    return r
 
 
 def grant(flow: FlowView, rate_Bps: float, residual: dict[str, float], rates: dict[FlowId, float]) -> float:
@@ -201,13 +210,16 @@ def urgency(flow: FlowView, now_s: float) -> Urgency:
         g = max(now_s, flow.gpu_busy_until_s) + max(0, k - flow.layers_computed) * c
     need_first = (k + 1) * B - flow.delivered_bytes
     need_last = flow.total_bytes - flow.delivered_bytes
-    return Urgency(
+    # ``Urgency(...)`` without the frozen dataclass's per-field ``object.__setattr__`` (several per event).
+    u = _new_object(Urgency)
+    u.__dict__.update(
         flow=flow,
         need_first_bytes=max(0.0, need_first),
         slack_first_s=g - now_s,
         need_last_bytes=max(0.0, need_last),
         slack_last_s=g + max(0, remaining_layers - 1) * c - now_s,
     )
+    return u
 
 
 def late_key_bytes(u: Urgency, cap_Bps: float) -> float:
@@ -245,22 +257,32 @@ class BandwidthAware:
     def allocate(
         self, now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link]
     ) -> dict[FlowId, float]:
-        rates = self._heuristic(now_s, flows, links)
+        # Urgencies are pure functions of (flow, now): the rule's are reused by the lookahead.
+        us: dict[FlowId, Urgency] = {}
+        rates = self._heuristic(now_s, flows, links, us)
         if not self.lookahead:
             return rates
-        return lookahead_choice(now_s, flows, links, rates)
+        return _lookahead.lookahead_choice(now_s, flows, links, rates, us)
 
     def _heuristic(
-        self, now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link]
+        self,
+        now_s: float,
+        flows: Sequence[FlowView],
+        links: Mapping[str, Link],
+        us: dict[FlowId, Urgency] | None = None,
     ) -> dict[FlowId, float]:
         residual, rates, live = _fresh(flows, links)
         if not live:
             return rates
+        if len(live) == 1:
+            return self._lone(now_s, live[0], residual, rates, us)
         full = {n: link.capacity_Bps for n, link in links.items()}
         late: list[tuple[float, tuple, Urgency]] = []
         on_time: list[tuple[float, tuple, Urgency]] = []
         for f in live:
             u = urgency(f, now_s)
+            if us is not None:
+                us[f.flow_id] = u
             cap = min(path_residual_Bps(f, full), f.max_rate_Bps)
             if u.lateness_s(cap) > 1e-12:
                 late.append((late_key_bytes(u, cap), tie_key(f.flow_id), u))
@@ -302,6 +324,29 @@ class BandwidthAware:
         return rates
 
     @staticmethod
+    def _lone(
+        now_s: float,
+        f: FlowView,
+        residual: dict[str, float],
+        rates: dict[FlowId, float],
+        us: dict[FlowId, Urgency] | None,
+    ) -> dict[FlowId, float]:
+        """``_heuristic`` with one live flow (about a third of a trace replay's decisions), the steps that
+        set rates only: late, it takes what its path has (phase 2); on schedule, nothing is late, so every
+        ``protect`` grants its JIT rate (phase 1) and then the rest (phase 3).  ``residual`` is still the
+        full capacities."""
+        u = urgency(f, now_s)
+        if us is not None:
+            us[f.flow_id] = u
+        cap = min(path_residual_Bps(f, residual), f.max_rate_Bps)
+        if u.lateness_s(cap) > 1e-12:
+            grant(f, math.inf, residual, rates)
+        else:
+            grant(f, u.jit_rate_Bps(), residual, rates)
+            grant(f, math.inf, residual, rates)
+        return rates
+
+    @staticmethod
     def _protect_worth_it(
         u: Urgency,
         jit_Bps: float,
@@ -338,178 +383,6 @@ class BandwidthAware:
         return cost_protect <= cost_preempt
 
 
-# Above this many live flows the lookahead (O(n^2) per candidate) is skipped and the rule's rates are used.
-LOOKAHEAD_MAX_FLOWS = 24
-
-
-def lookahead_choice(
-    now_s: float, flows: Sequence[FlowView], links: Mapping[str, Link], rule_Bps: dict[FlowId, float]
-) -> dict[FlowId, float]:
-    """Pick, among the rule's rates, srtf's and equal sharing's, the one with the least estimated cost-to-go.
-
-    The estimate of a candidate is the exact total added TTFT (from ``now_s``) of: the candidate's rates until
-    the next event they cause, then the better of two *base schedules* of the bytes left, both in closed
-    form on one bottleneck: *sequential* service in order of remaining bytes (what srtf does) and *processor
-    sharing* (what equal sharing does).  Each flow's lateness under a piecewise-linear delivery curve is the
-    max over its layers of arrival minus current deadline, linear in the layer on every piece, so only the
-    layers next to the curve's breakpoints are evaluated.
-
-    Why it bounds the baselines: srtf's rates followed by sequential service *are* srtf, and equal's rates
-    followed by processor sharing *are* equal sharing, so the chosen candidate's estimate is never above
-    either baseline's true cost-to-go; the next decision can always continue the base schedule it was
-    estimated with, so (the rollout argument) the policy's total added TTFT is at most the better baseline's
-    for the flows present, and new arrivals only re-open the choice.  The rule's rates win only when pacing
-    on-schedule flows is estimated to pay strictly (ties go to the baselines, see below).
-
-    Applies when every live flow crosses the same links with no rate cap below the path (the shared
-    bottleneck is then one resource, of the path's smallest capacity) and there are at most
-    ``LOOKAHEAD_MAX_FLOWS`` of them; otherwise the rule's rates stand.
-    """
-    live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
-    if len(live) < 2 or len(live) > LOOKAHEAD_MAX_FLOWS:
-        return rule_Bps
-    path = frozenset(live[0].path)
-    if not path or any(frozenset(f.path) != path for f in live):
-        return rule_Bps
-    cap_Bps = min(links[n].capacity_Bps for n in path)
-    if any(f.max_rate_Bps < cap_Bps for f in live):
-        return rule_Bps
-    live.sort(key=lambda f: tie_key(f.flow_id))
-    srtf_head = min(live, key=lambda f: (f.remaining_bytes, tie_key(f.flow_id)))
-    srtf = {f.flow_id: 0.0 for f in flows}
-    srtf[srtf_head.flow_id] = cap_Bps
-    equal = {f.flow_id: 0.0 for f in flows}
-    for f in live:
-        equal[f.flow_id] = cap_Bps / len(live)
-    us = [urgency(f, now_s) for f in live]
-    # Ties go to srtf, then equal, then the rule: among equally good futures for the flows present, the one
-    # that finishes bytes soonest leaves the link freest for requests that have not arrived yet.
-    best, best_cost = None, math.inf
-    for cand in (srtf, equal, rule_Bps):
-        cost = _cost_to_go_s(now_s, us, cand, cap_Bps)
-        if best is None or cost < best_cost * (1 - 1e-9) - 1e-12:
-            best, best_cost = cand, cost
-    return best
-
-
-def _step_s(now_s: float, us: Sequence[Urgency], rates: Mapping[FlowId, float]) -> float:
-    """Time to the next event under ``rates``: a layer completes or a GPU finishes a layer."""
-    step = math.inf
-    for u in us:
-        f = u.flow
-        r = rates.get(f.flow_id, 0.0)
-        if r > 0:
-            step = min(step, u.need_first_bytes / r)
-        if 0 < f.layers_computed < f.layers_total and f.gpu_busy_until_s > now_s:
-            step = min(step, f.gpu_busy_until_s - now_s)
-    return step
-
-
-def _lateness_on_curve_s(u: Urgency, pieces: Sequence[tuple[float, float, float, float]]) -> float:
-    """Added TTFT from now of a flow whose bytes arrive along ``pieces``.
-
-    ``pieces``: ``(x_from, x_to, t_from, rate)``, bytes from now in ``(x_from, x_to]`` arrive at
-    ``t_from + (x - x_from) / rate`` seconds from now; together they cover ``(0, need_last]``.
-    """
-    B = u.flow.layer_bytes
-    c = max(0.0, u.flow.compute_per_layer_s)
-    if B <= 0 or u.need_last_bytes <= BYTES_EPS:
-        return 0.0
-    last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
-    worst = 0.0
-    for x_from, x_to, t_from, rate in pieces:
-        if x_to <= x_from or rate <= 0:
-            continue
-        # Layers whose bytes complete inside this piece: lateness is linear in m there, check both ends.
-        # (A piece may hold no layer's end; layers are matched to pieces within a byte-level tolerance.)
-        m_lo = max(0, math.floor((x_from - u.need_first_bytes) / B + 1e-9) + 1)
-        m_hi = min(last, math.floor((x_to - u.need_first_bytes) / B + 1e-9))
-        if m_lo > m_hi:
-            continue
-        for m in (m_lo, m_hi):
-            x = min(max(u.need_first_bytes + m * B, x_from), x_to)
-            t = t_from + (x - x_from) / rate
-            worst = max(worst, t - (u.slack_first_s + m * c))
-    return worst
-
-
-def _cost_to_go_s(
-    now_s: float, us: Sequence[Urgency], rates: Mapping[FlowId, float], cap_Bps: float
-) -> float:
-    """Sum of the flows' added TTFT from now: ``rates`` until the next event, then the better base schedule."""
-    step = _step_s(now_s, us, rates)
-    if not math.isfinite(step):
-        return math.inf
-    first = []  # (flow, bytes in the step, bytes after it)
-    for u in us:
-        got = min(u.need_last_bytes, rates.get(u.flow.flow_id, 0.0) * step)
-        first.append((u, got, max(0.0, u.need_last_bytes - got)))
-    order = sorted(first, key=lambda t: (t[2], tie_key(t[0].flow.flow_id)))
-    # Sequential (srtf) after the step.
-    seq = 0.0
-    t = step
-    for u, got, left in order:
-        pieces = [(0.0, got, 0.0, got / step)] if got > 0 else []
-        if left > BYTES_EPS:
-            pieces.append((got, u.need_last_bytes, t, cap_Bps))
-            t += left / cap_Bps
-        seq += _lateness_on_curve_s(u, pieces)
-    # Processor sharing (equal) after the step: flows finish in order of bytes left.
-    ps = 0.0
-    n = len(order)
-    t = step
-    done_left = 0.0  # bytes every unfinished flow has received since the step
-    phase_ends: list[
-        tuple[float, float, int]
-    ] = []  # (time, bytes each since step at that time, flows active)
-    for j, (_, _, left) in enumerate(order):
-        active = n - j
-        if left > done_left:
-            t += (left - done_left) * active / cap_Bps
-            done_left = left
-        phase_ends.append((t, done_left, active))
-    for j, (u, got, left) in enumerate(order):
-        pieces = [(0.0, got, 0.0, got / step)] if got > 0 else []
-        t_prev, x_prev = step, 0.0
-        for t_end, x_end, active in phase_ends[: j + 1]:
-            if x_end > x_prev:
-                pieces.append((got + x_prev, got + min(x_end, left), t_prev, cap_Bps / active))
-            t_prev, x_prev = t_end, x_end
-            if x_prev >= left:
-                break
-        ps += _lateness_on_curve_s(u, pieces)
-    return min(seq, ps, _paced_cost_s(first, step, cap_Bps))
-
-
-def _paced_cost_s(first: Sequence[tuple[Urgency, float, float]], step_s: float, cap_Bps: float) -> float:
-    """Third base schedule: after the step every flow gets its just-in-time rate, if those fit in the link.
-
-    A flow late during the step (by ``d``) has every later deadline ``d`` later (lateness is a max over
-    layers), so its JIT rate is taken against the shifted deadlines; at JIT rates nothing is late again, and
-    the cost is what the step itself made late.  ``inf`` when the JIT rates do not fit (or a flow cannot be
-    on time at any rate).
-    """
-    total_s, jit_sum = 0.0, 0.0
-    for u, got, left in first:
-        late_s = _lateness_on_curve_s(u, [(0.0, got, 0.0, got / step_s)]) if got > 0 else 0.0
-        if left <= BYTES_EPS:
-            total_s += late_s
-            continue
-        if got <= 0:
-            late_s = 0.0  # nothing arrived: the first missing layer's lateness is counted below
-        B = u.flow.layer_bytes
-        c = max(0.0, u.flow.compute_per_layer_s)
-        last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
-        m_next = min(last, max(0, math.floor((got - u.need_first_bytes) / B + 1e-9) + 1))
-        jit_Bps = 0.0  # need / slack is monotone in the layer: the max is at one end
-        for m in (m_next, last):
-            need = u.need_first_bytes + m * B - got
-            slack = u.slack_first_s + m * c + late_s - step_s
-            if need <= BYTES_EPS:
-                continue
-            if slack <= 0:
-                return math.inf
-            jit_Bps = max(jit_Bps, need / slack)
-        jit_sum += jit_Bps
-        total_s += late_s
-    return total_s if jit_sum <= cap_Bps else math.inf
+# The lookahead lives in ``scheduler.lookahead`` and builds on this module's urgencies, so it is imported
+# last, as a module (either module may be imported first).
+from scheduler import lookahead as _lookahead  # noqa: E402

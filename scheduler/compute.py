@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,7 @@ class _FitTimesCorrection:
         scale[scale == 0] = 1.0
         coef, _ = nnls((feats / scale) / y[:, None], np.ones_like(y))
         self.coef = coef / scale
+        self._fit_memo: dict[tuple[float, float], float] = {}
         fit = feats @ self.coef
         if np.any(fit <= 0):
             raise ValueError("profile fit is not positive at every point; add points with larger new_tokens")
@@ -184,31 +186,51 @@ class _FitTimesCorrection:
         self._x = np.log2(1.0 + self.c_axis)
         self._y = np.log2(self.n_axis)
         self._logv = np.log(grid)
+        # The lookup runs on Python floats and lists (``__call__`` is scalar; numpy's per-call overhead on
+        # scalars was most of a trace replay's planning time).  ``tolist`` keeps every float64 bit for bit,
+        # and float64 arithmetic is the same IEEE arithmetic, so the values are unchanged.
+        self._xl = self._x.tolist()
+        self._yl = self._y.tolist()
+        self._logvl = self._logv.tolist()
+        self._c_lo, self._c_hi = float(self.c_axis[0]), float(self.c_axis[-1])
+        self._n_lo, self._n_hi = float(self.n_axis[0]), float(self.n_axis[-1])
 
     def _fit(self, c: float, n: float) -> float:
-        return float(_shape_features(np.array([float(c)]), np.array([float(n)]))[0] @ self.coef)
+        # Memoised: outside the grid every lookup needs two of these, and numpy's dot on four floats costs
+        # microseconds (its summation order is numpy's, so it is not rewritten in Python).
+        key = (float(c), float(n))
+        value = self._fit_memo.get(key)
+        if value is None:
+            value = float(_shape_features(np.array([key[0]]), np.array([key[1]]))[0] @ self.coef)
+            self._fit_memo[key] = value
+        return value
 
     @staticmethod
-    def _locate(axis: np.ndarray, v: float) -> tuple[int, float]:
-        if len(axis) == 1:
+    def _locate(axis: list[float], v: float) -> tuple[int, float]:
+        """Cell ``k`` of the sorted ``axis`` holding ``v`` (clamped to the first / last cell) and the
+        fraction of the way through it: ``np.searchsorted`` (left) is ``bisect_left``."""
+        last = len(axis) - 2
+        if last < 0:
             return 0, 0.0
-        k = int(np.clip(np.searchsorted(axis, v) - 1, 0, len(axis) - 2))
+        k = bisect_left(axis, v) - 1
+        k = 0 if k < 0 else (last if k > last else k)
         return k, (v - axis[k]) / (axis[k + 1] - axis[k])
 
     def __call__(self, c: float, n: float) -> float:
-        cc = min(max(float(c), self.c_axis[0]), self.c_axis[-1])
-        nn = min(max(float(n), self.n_axis[0]), self.n_axis[-1])
-        i, u = self._locate(self._x, math.log2(1.0 + cc))
-        j, w = self._locate(self._y, math.log2(nn))
-        v = self._logv
-        if len(self._x) == 1:
-            lv = (1 - w) * v[0, j] + w * v[0, min(j + 1, v.shape[1] - 1)]
-        elif len(self._y) == 1:
-            lv = (1 - u) * v[i, 0] + u * v[i + 1, 0]
+        c_lo, c_hi, n_lo, n_hi = self._c_lo, self._c_hi, self._n_lo, self._n_hi
+        cc = min(max(float(c), c_lo), c_hi)
+        nn = min(max(float(n), n_lo), n_hi)
+        x, y, v = self._xl, self._yl, self._logvl
+        i, u = self._locate(x, math.log2(1.0 + cc))
+        j, w = self._locate(y, math.log2(nn))
+        if len(x) == 1:
+            row = v[0]
+            lv = (1 - w) * row[j] + w * row[min(j + 1, len(row) - 1)]
+        elif len(y) == 1:
+            lv = (1 - u) * v[i][0] + u * v[i + 1][0]
         else:
-            lv = (1 - u) * ((1 - w) * v[i, j] + w * v[i, j + 1]) + u * (
-                (1 - w) * v[i + 1, j] + w * v[i + 1, j + 1]
-            )
+            r0, r1 = v[i], v[i + 1]
+            lv = (1 - u) * ((1 - w) * r0[j] + w * r0[j + 1]) + u * ((1 - w) * r1[j] + w * r1[j + 1])
         value = math.exp(lv)
         if cc != c or nn != n:
             value *= self._fit(c, n) / self._fit(cc, nn)

@@ -91,6 +91,34 @@ def _split(prefix_tokens: int, cached: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+def _ttft_s(
+    prefix_tokens: int,
+    dram_tokens: int,
+    object_tokens: int,
+    L: int,
+    c: float,
+    extra_s: float,
+    model: KVGeometry,
+    bandwidth_Bps: Mapping[str, float],
+    overhead_s: Mapping[str, float],
+) -> float:
+    """The module doc's formula for a prefix whose transfer tiers carry ``dram_tokens`` / ``object_tokens``
+    (``c``: per-layer compute, ``extra_s``: the non-layer tail).  ``predict_ttft_s`` and ``plan_fetch``'s
+    scan both end here, so they agree bit for bit."""
+    tau = 0.0
+    delay = 0.0
+    for name, tokens in (("dram", dram_tokens), ("object", object_tokens)):  # TRANSFER_TIERS
+        if tokens > 0:
+            bw = bandwidth_Bps.get(name, 0.0)
+            if bw <= 0:
+                return float("inf")
+            tau = max(tau, model.kv_bytes(tokens, layers=1) / bw)
+            delay = max(delay, overhead_s.get(name, 0.0))
+    if prefix_tokens == 0:
+        delay = 0.0
+    return delay + L * c + extra_s + max(tau, L * tau - (L - 1) * c)
+
+
 def predict_ttft_s(
     prefix_tokens: int,
     context_tokens: int,
@@ -109,7 +137,6 @@ def predict_ttft_s(
     new = context_tokens - prefix_tokens
     if new < 1:
         raise ValueError("at least one token must be recomputed")
-    L = model.num_layers
     c = compute.layer_time_s(prefix_tokens, new)
     if extra_compute_s is None:
         overhead_fn = getattr(compute, "overhead_time_s", None)
@@ -117,18 +144,10 @@ def predict_ttft_s(
     split = _split(prefix_tokens, cached_tokens)
     if sum(split.values()) != prefix_tokens:
         raise ValueError(f"prefix of {prefix_tokens} tokens is not cached (cached: {dict(cached_tokens)})")
-    tau = 0.0
-    delay = 0.0
-    for name in TRANSFER_TIERS:
-        if split[name] > 0:
-            bw = bandwidth_Bps.get(name, 0.0)
-            if bw <= 0:
-                return float("inf")
-            tau = max(tau, model.kv_bytes(split[name], layers=1) / bw)
-            delay = max(delay, overhead_s.get(name, 0.0))
-    if prefix_tokens == 0:
-        delay = 0.0
-    return delay + L * c + extra_compute_s + max(tau, L * tau - (L - 1) * c)
+    return _ttft_s(
+        prefix_tokens, split["dram"], split["object"], model.num_layers, c, extra_compute_s, model,
+        bandwidth_Bps, overhead_s,
+    )  # fmt: skip
 
 
 def plan_fetch(
@@ -161,10 +180,25 @@ def plan_fetch(
     max_prefix = min(cached["object"], ((context_tokens - 1) // chunk_tokens) * chunk_tokens)
     max_prefix -= max_prefix % chunk_tokens
 
+    # ``predict_ttft_s`` for every chunk boundary, without re-validating and re-splitting the cached
+    # prefix each time (a trace replay scores hundreds of thousands of boundaries): ``cached`` is
+    # non-decreasing, so a prefix of ``p`` tokens takes ``min(p, cached[t])`` from tier ``t`` or faster.
+    L = model.num_layers
+    layer_time_s = compute.layer_time_s
+    overhead_fn = getattr(compute, "overhead_time_s", None) if extra_compute_s is None else None
+    c_hbm, c_dram, c_obj = cached["hbm"], cached["dram"], cached["object"]
+
     def ttft(p: int) -> float:
-        return predict_ttft_s(
-            p, context_tokens, cached, model, compute, bandwidth_Bps, overhead_s, extra_compute_s
-        )
+        new = context_tokens - p
+        if extra_compute_s is not None:
+            extra = extra_compute_s
+        else:
+            extra = float(overhead_fn(p, new)) if overhead_fn is not None else 0.0
+        upto_hbm, upto_dram = min(p, c_hbm), min(p, c_dram)
+        return _ttft_s(
+            p, upto_dram - upto_hbm, min(p, c_obj) - upto_dram, L, layer_time_s(p, new), extra, model,
+            bandwidth_Bps, overhead_s,
+        )  # fmt: skip
 
     candidates = range(0, max_prefix + 1, chunk_tokens)
     scored = [(ttft(p), p) for p in candidates]

@@ -39,6 +39,10 @@ def max_min_fill(
     ``caps_Bps`` bounds each flow (default its ``max_rate_Bps``); ``residual_Bps`` is the capacity left on
     each link (default the full capacity), so the function can also share out leftovers.
     """
+    if caps_Bps is None and residual_Bps is None and weights is None:
+        shared = _one_path_fill(flows, links)
+        if shared is not None:
+            return shared
     residual = {n: links[n].capacity_Bps for n in links} if residual_Bps is None else dict(residual_Bps)
     caps = {f.flow_id: f.max_rate_Bps for f in flows} if caps_Bps is None else dict(caps_Bps)
     w = {f.flow_id: (f.weight if weights is None else weights.get(f.flow_id, 1.0)) for f in flows}
@@ -71,6 +75,43 @@ def max_min_fill(
             for f in active
             if not (set(f.path) & saturated) and _below_cap(rates[f.flow_id], caps[f.flow_id])
         ]
+    return rates
+
+
+def _one_path_fill(flows: Sequence[FlowView], links: Mapping[str, Link]) -> dict[FlowId, float] | None:
+    """``max_min_fill``'s answer when every flow with bytes left crosses the same links, uncapped and
+    unweighted (the simulator's gathers): its first round gives each the same share and saturates a link
+    of the path, so it is the last.  The round's float operations are replayed in the same order (shares,
+    residuals, the saturation test); None, for the general loop, wherever that does not hold."""
+    rates = {f.flow_id: 0.0 for f in flows}
+    active = [f for f in flows if f.remaining_bytes > BYTES_EPS]
+    if not active or len(rates) != len(flows):
+        return rates if not active else None
+    path = active[0].path
+    if not path or len(set(path)) != len(path):
+        return None
+    for f in active:
+        if f.path != path or f.weight != 1.0 or f.max_rate_Bps != float("inf"):
+            return None
+    wsum = 0.0
+    for _ in active:
+        wsum += 1.0
+    step = float("inf")
+    for n in path:
+        step = min(step, max(0.0, links[n].capacity_Bps) / wsum)
+    if step == float("inf"):
+        return None
+    saturated = False
+    for n in path:
+        cap = links[n].capacity_Bps
+        residual = cap
+        for _ in active:
+            residual -= step
+        saturated = saturated or residual <= 1e-9 * max(1.0, cap)
+    if not saturated:
+        return None
+    for f in active:
+        rates[f.flow_id] += step
     return rates
 
 

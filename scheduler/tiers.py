@@ -213,7 +213,7 @@ class TierCache:
         if size_bytes > self.capacity_bytes:
             self.counters.rejections += 1
             raise MemoryError(f"tier {self.name}: chunk of {size_bytes} bytes exceeds capacity")
-        evicted = self.make_room(size_bytes)
+        evicted = self.make_room(size_bytes) if self.used_bytes + size_bytes > self.capacity_bytes else []
         e = Entry(key, size_bytes, namespace, now_s + ttl_s)
         self.entries[key] = e
         self.used_bytes += size_bytes
@@ -227,14 +227,17 @@ class TierCache:
         before that stay evicted.  ``put`` calls it; a store whose entries live elsewhere (the testbed's
         DRAM tier keeps the bytes in host buffers) calls it to free space before it writes."""
         evicted: list[Entry] = []
+        entries, queue, counters = self.entries, self.queue, self.counters
         while self.used_bytes + size_bytes > self.capacity_bytes:
-            victim = self.queue.pick_victim(self.entries)
+            victim = queue.pick_victim(entries)
             if victim is None:
-                self.counters.rejections += 1
+                counters.rejections += 1
                 raise MemoryError(f"tier {self.name}: full of pinned chunks")
-            evicted.append(self.entries[victim])
-            self._drop(victim)
-            self.counters.evictions += 1
+            e = entries.pop(victim)  # _drop, inlined: evictions are most of a write-back's work
+            self.used_bytes -= e.size_bytes
+            queue.removed(victim)
+            evicted.append(e)
+            counters.evictions += 1
         return evicted
 
     def remove(self, key: str) -> bool:
@@ -308,12 +311,38 @@ class TierManager:
 
     def put(self, tier: str, key: str, size_bytes: int, namespace: str, now_s: float) -> list[str]:
         """Place ``key`` in ``tier``; returns keys evicted from it (HBM victims are demoted to DRAM)."""
-        evicted = self.tiers[tier].put_entry(key, size_bytes, namespace, now_s, self.ttl_for(namespace))
-        if tier == "hbm" and self.demote:
-            for victim in evicted:
-                if not self.tiers["dram"].peek(victim.key, now_s):
-                    self._try_put("dram", victim.key, victim.size_bytes, victim.namespace, now_s)
+        cache = self.tiers[tier]
+        evicted = cache.put_entry(key, size_bytes, namespace, now_s, self.ttl_for(namespace))
+        if evicted and tier == "hbm" and self.demote:
+            self._demote(evicted, now_s)
         return [e.key for e in evicted]
+
+    def _demote(self, evicted: Sequence[Entry], now_s: float) -> None:
+        """HBM victims stay in DRAM (a victim DRAM cannot take is dropped)."""
+        dram = self.tiers["dram"]
+        for victim in evicted:
+            if not dram.peek(victim.key, now_s):
+                self._place(
+                    dram,
+                    victim.key,
+                    victim.size_bytes,
+                    victim.namespace,
+                    now_s,
+                    self.ttl_for(victim.namespace),
+                )
+
+    def _place(
+        self, cache: TierCache, key: str, size_bytes: int, namespace: str, now_s: float, ttl_s: float
+    ) -> bool:
+        """``_try_put`` on a tier object with the namespace's TTL: one call per chunk instead of four
+        (write-backs place millions of chunks in a trace replay); the same steps as ``put``."""
+        try:
+            evicted = cache.put_entry(key, size_bytes, namespace, now_s, ttl_s)
+        except MemoryError:
+            return False
+        if evicted and cache is self.tiers["hbm"] and self.demote:
+            self._demote(evicted, now_s)
+        return True
 
     def write_back(
         self, keys: Sequence[str], size_bytes: int, namespace: str, now_s: float, to_hbm: bool = False
@@ -321,23 +350,28 @@ class TierManager:
         """New full chunks after a prefill: into DRAM (and HBM if ``to_hbm``) now, queued for the object
         tier unless already there or queued.  Returns the keys queued for upload."""
         queued = []
+        hbm, dram, obj = self.tiers["hbm"], self.tiers["dram"], self.tiers["object"]
+        write_queue = self.write_queue
+        place = self._place
+        ttl_s = self.ttl_for(namespace)
         for key in keys:
             if to_hbm:
-                self._try_put("hbm", key, size_bytes, namespace, now_s)
-            self._try_put("dram", key, size_bytes, namespace, now_s)
-            if self.tiers["object"].peek(key, now_s) or key in self.write_queue:
+                place(hbm, key, size_bytes, namespace, now_s, ttl_s)
+            place(dram, key, size_bytes, namespace, now_s, ttl_s)
+            if obj.peek(key, now_s) or key in write_queue:
                 self.writes_skipped += 1
                 continue
-            self.write_queue[key] = WriteBack(key, size_bytes, namespace, now_s)
+            write_queue[key] = WriteBack(key, size_bytes, namespace, now_s)
             queued.append(key)
         return queued
 
     def complete_writes(self, now_s: float, max_count: int | None = None) -> list[str]:
         """Uploads finished: move queued chunks (oldest first) into the object tier; returns those placed."""
         done = []
+        obj = self.tiers["object"]
         while self.write_queue and (max_count is None or len(done) < max_count):
             _, wb = self.write_queue.popitem(last=False)
-            if self._try_put("object", wb.key, wb.size_bytes, wb.namespace, now_s):
+            if self._place(obj, wb.key, wb.size_bytes, wb.namespace, now_s, self.ttl_for(wb.namespace)):
                 self.writes_completed += 1
                 done.append(wb.key)
             else:  # no room (capacity 0, or full of pinned chunks): the upload is dropped
@@ -385,14 +419,26 @@ class TierManager:
         Non-decreasing in tier order (``hbm <= dram <= object``); a key past a hole is useless (its KV
         depends on the missing chunk), so counting stops at the first miss.
         """
-        out = {}
-        for depth, name in enumerate(TIERS):
-            reachable = TIERS[: depth + 1]
-            n = 0
-            for key in keys:
-                if not any(self.tiers[t].peek(key, now_s) for t in reachable):
+        # One pass: a leading key counts for every tier at least as slow as the slowest of the fastest
+        # tiers holding it and every key before it (``worst``); the first key no tier holds ends all runs.
+        entries = [self.tiers[name].entries for name in TIERS]
+        runs = [0] * len(TIERS)
+        worst = 0
+        for key in keys:
+            best = len(TIERS)
+            for depth, held in enumerate(entries):
+                e = held.get(key)
+                if e is not None and e.expires_s > now_s:  # TierCache.peek
+                    best = depth
                     break
-                n += 1
+            if best > worst:
+                worst = best
+                if worst == len(TIERS):
+                    break
+            runs[worst] += 1
+        out, n = {}, 0
+        for name, run in zip(TIERS, runs):
+            n += run
             out[name] = n
         return out
 

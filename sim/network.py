@@ -103,20 +103,18 @@ class FluidNetwork:
             before = [st.delivered_bytes for st in pending]
             advance(pending, rates, self._last_s, now)
             bytes_by_link = self.bytes_by_link
-            load: dict[str, float] = {}
+            busy: set[str] = set()  # links with load: some flow on them has a positive rate
             for st, b in zip(pending, before, strict=True):
-                path = st.spec.path
+                spec = st.spec
                 moved = st.delivered_bytes - b
                 if moved > 0:
-                    for name in path:
+                    for name in spec.path:
                         bytes_by_link[name] += moved
-                r = rates.get(st.spec.request_id, 0.0)
-                if r > 0:
-                    for name in path:
-                        load[name] = load.get(name, 0.0) + r
-            for name, total in load.items():
-                if total > 0:
-                    self.busy_s_by_link[name] += dt
+                if rates.get(spec.request_id, 0.0) > 0:
+                    busy.update(spec.path)
+            busy_s_by_link = self.busy_s_by_link
+            for name in busy:
+                busy_s_by_link[name] += dt
             self._last_s = now
         self._collect()
 

@@ -80,8 +80,13 @@ def plan_requests(ctx: Context, trace: list[TraceRequest], dram_GiB: float, obje
     tokens = {"hbm": 0, "dram": 0, "object": 0, "recompute": 0}
     for req in trace:
         now = req.arrival_s
-        # Uploads queued at least upload_delay ago have finished.
-        ready = sum(1 for wb in tiers.write_queue.values() if wb.queued_s + upload_delay <= now)
+        # Uploads queued at least upload_delay ago have finished.  The queue is in arrival order (requests
+        # are planned in arrival order), so they are its head: count until the first that has not.
+        ready = 0
+        for wb in tiers.write_queue.values():
+            if not wb.queued_s + upload_delay <= now:
+                break
+            ready += 1
         if ready:
             tiers.complete_writes(now, ready)
         keys = chunk_keys_of(req, int(ctx.workload.block_tokens), chunk, key_cache)

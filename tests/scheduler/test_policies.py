@@ -65,6 +65,24 @@ def _random_flows(rng: random.Random, now: float):
     return flows, links
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_one_path_fill_is_the_general_progressive_filling_bit_for_bit(seed):
+    """``max_min_fill``'s shortcut for flows sharing one path returns exactly what its general loop does."""
+    from scheduler.policies import max_min_fill
+
+    rng = random.Random(seed)
+    for _ in range(50):
+        names = rng.sample(["a", "b", "c"], rng.randint(1, 3))
+        links = {n: Link(n, rng.choice([1e9, 3.3e9, 12.5e9, rng.uniform(1, 1e11)])) for n in names}
+        flows = [
+            FlowView(i, tuple(names), rng.uniform(1, 1e8), 32, rng.choice([0.0, rng.uniform(0, 3.2e9)]))
+            for i in range(rng.randint(1, 40))
+        ]
+        general = max_min_fill(flows, links, caps_Bps={f.flow_id: f.max_rate_Bps for f in flows})
+        fast = max_min_fill(flows, links)
+        assert fast == general and list(fast) == list(general)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.integers(0, 10**9), st.sampled_from(POLICIES))
 def test_rates_are_feasible_non_wasteful_and_deterministic(seed, policy_name):
