@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from scheduler.bandwidth_aware import Urgency, tie_key, urgency
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
+from scheduler.urgency import Urgency, tie_key, urgency
 
 # Above this many live flows the lookahead (O(n^2) per candidate) is skipped and the rule's rates are used.
 LOOKAHEAD_MAX_FLOWS = 24

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import platform
 import sys
+import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,7 +113,7 @@ def plot(rows: list[dict], out_png: Path, title: str) -> None:
         ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     axes[1].axhline(0, color="k", lw=0.5)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from scheduler.bandwidth_aware import Urgency, tie_key, urgency
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 from scheduler.lookahead import LOOKAHEAD_MAX_FLOWS
+from scheduler.urgency import Urgency, tie_key, urgency
 
 
 def lookahead_choice(
