@@ -57,7 +57,8 @@ class RequestSpec:
     ``layer_bytes``: bytes of one layer of the cached prefix (0 for a request with nothing to fetch).
     ``compute_per_layer_s``: GPU time of one layer of the prefill.  ``path``: names of the links the KV
     crosses.  ``start_delay_s``: time from arrival until bytes flow.  ``extra_compute_s``: non-overlappable
-    compute after the last layer.
+    compute after the last layer.  ``max_rate_Bps``: the request's own rate ceiling (bytes/s; ``inf``: none),
+    e.g. what its receiver can take (``sim.config.StorageConfig.gather_max_rate_Bps``).
     """
 
     request_id: FlowId
@@ -68,6 +69,7 @@ class RequestSpec:
     path: tuple[str, ...]
     start_delay_s: float = 0.0
     extra_compute_s: float = 0.0
+    max_rate_Bps: float = math.inf
 
     def __post_init__(self) -> None:
         # NaN passes every ``< 0`` test and infinity never finishes: reject both here, with the field's name,
@@ -86,6 +88,9 @@ class RequestSpec:
             raise ValueError(f"request {self.request_id!r}: negative size or time")
         if self.start_delay_s < 0 or self.extra_compute_s < 0:
             raise ValueError(f"request {self.request_id!r}: negative delay")
+        cap = self.max_rate_Bps
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
+            raise ValueError(f"request {self.request_id!r}: max_rate_Bps must be > 0 (inf: none), got {cap!r}")
         # Cached: the event loop reads them for every flow at every event.
         object.__setattr__(self, "_start_s", self.arrival_s + self.start_delay_s)
         object.__setattr__(self, "_total_bytes", self.layer_bytes * self.num_layers)
@@ -172,7 +177,7 @@ class FlowState:
             layers_computed=self.layers_computed,
             arrival_s=s.arrival_s,
             weight=1.0,
-            max_rate_Bps=math.inf,
+            max_rate_Bps=s.max_rate_Bps,
             start_s=s._start_s,
             first_layer_s=self.first_layer_s,
         )

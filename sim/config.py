@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +85,45 @@ class StorageConfig:
     # Gather only: extra server work per chunk key before the first byte (open + header check of each object;
     # fitted on the testbed by testbed.validation.calibrate: docs/harness.md).  0: not modelled.
     gather_per_chunk_s: float = 0.0
+    # Gather only, what dominates short prefixes on the GPU engine (docs/sim.md, "The object path's
+    # short-prefix terms"; fitted from GPU runs by testbed.validation.gpu_validate).  The defaults (one stream,
+    # 0, inf) leave the model as it was.
+    # Parallel gather requests ("streams") per prefill, at most one per chunk key (the engine's ``streams``).
+    gather_streams: int = 1
+    # Server work per stream before the first byte, in series (the server takes the streams' gathers one after
+    # another): the open costs ``request_overhead_s + keys * gather_per_chunk_s + streams * open_per_stream_s``.
+    open_per_stream_s: float = 0.0
+    # Receive ceiling of one stream (bytes/s): the client's receive + verify loop, ~3.2-3.7 GB/s per stream on
+    # the H100 host.  inf: not modelled.
+    stream_ceiling_Bps: float = math.inf
+    # Reader handoff per layer (s): the reader hands each complete layer to the engine (shared pinned memory,
+    # a message), in series with the receive, so a layer takes at least this long.  0: not modelled.
+    handoff_per_layer_s: float = 0.0
 
     @property
     def per_request_s(self) -> float:
         return self.request_overhead_s + self.ttfb_s
+
+    def gather_stream_count(self, n_keys: int) -> int:
+        """Streams of one gather of ``n_keys`` chunk keys: ``gather_streams``, at most one per key."""
+        return max(1, min(int(self.gather_streams), int(n_keys)))
+
+    def gather_open_s(self, n_keys: int) -> float:
+        """Server time (s) of one gather of ``n_keys`` keys before its first byte: the request overhead, every
+        key opened and checked, every stream's request handled, one after another."""
+        t = self.request_overhead_s + n_keys * self.gather_per_chunk_s
+        if self.open_per_stream_s:
+            t += self.gather_stream_count(n_keys) * self.open_per_stream_s
+        return t
+
+    def gather_max_rate_Bps(self, layer_bytes: float, n_keys: int) -> float:
+        """The rate (bytes/s) one gather can take at most, whatever the link gives it: a layer of
+        ``layer_bytes`` takes ``layer_bytes / (streams * stream_ceiling_Bps) + handoff_per_layer_s`` at the
+        receiver (inf when neither is modelled)."""
+        per_byte = 1.0 / (self.gather_stream_count(n_keys) * self.stream_ceiling_Bps)
+        if layer_bytes > 0:
+            per_byte += self.handoff_per_layer_s / layer_bytes
+        return 1.0 / per_byte if per_byte > 0 else math.inf
 
 
 @dataclass

@@ -170,16 +170,19 @@ def fluid_specs(setup: Setup, draws: list[MixedDraw], ids: list[str]) -> list[Re
     for rid, d in zip(ids, draws):
         a, c, n = d.arrival_s, d.cached_tokens, d.new_tokens
         extra = overhead_time_s(comp, c, n)
+        keys = math.ceil(c / setup.model.chunk_tokens)
+        layer_bytes = float(m.kv_bytes_per_token_layer * c)
         specs.append(
             RequestSpec(
                 rid,
-                a + st.request_overhead_s + math.ceil(c / setup.model.chunk_tokens) * st.gather_per_chunk_s,
-                float(m.kv_bytes_per_token_layer * c),
+                a + st.gather_open_s(keys),
+                layer_bytes,
                 m.num_layers,
                 comp.layer_time_s(c, n),
                 OBJECT_LINKS,
                 st.ttfb_s + net.rtt_s,
                 extra,
+                st.gather_max_rate_Bps(layer_bytes, keys),
             )  # fmt: skip
         )
     return specs

@@ -139,7 +139,7 @@ def _gather(
     with node.server.request() as slot:
         yield slot
         n_keys = math.ceil(cached_tokens / node.chunk_tokens)
-        yield env.timeout(node.storage.request_overhead_s + n_keys * node.storage.gather_per_chunk_s)
+        yield env.timeout(node.storage.gather_open_s(n_keys))
     spec = RequestSpec(
         request_id,
         env.now,
@@ -149,6 +149,7 @@ def _gather(
         OBJECT_LINKS,
         node.storage.ttfb_s + node.net.rtt_s,
         extra,
+        node.storage.gather_max_rate_Bps(layer_bytes, n_keys),
     )
     st = FlowState(spec=spec)
     if k or gpu_free_s is not None:

@@ -125,8 +125,7 @@ def ideal_ttft_s(setup: Setup, cached: int, new: int) -> float:
     st, net = setup.storage, setup.network
     keys = math.ceil(cached / setup.model.chunk_tokens)
     return (
-        st.request_overhead_s
-        + keys * st.gather_per_chunk_s
+        st.gather_open_s(keys)
         + st.ttfb_s
         + net.rtt_s
         + setup.spec.num_layers * comp.layer_time_s(cached, new)
