@@ -64,3 +64,49 @@ def plot_validation(table: pd.DataFrame, res: dict, fig_dir: str | Path) -> list
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def plot_gpu_validation(runs: dict[str, dict], out: str | Path) -> Path:
+    """Simulated against measured TTFT of the GPU validation, one panel per host (``runs``: raw path ->
+    ``gpu_validation`` result): DRAM layerwise (circles) and ObjectCache paced (triangles), held-out configs
+    filled, calibration configs hollow, log axes, dotted +-10 %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.2 * len(runs), 5.6), squeeze=False)
+    style = {"dram_layerwise": ("o", "tab:blue"), "objectcache_paced": ("^", "tab:red")}
+    for ax, (name, res) in zip(axes[0], runs.items()):
+        rows = [t for t in res["configs"] if t["path"] in style]
+        for t in rows:
+            marker, color = style[t["path"]]
+            held = t["split"] == "held_out"
+            ax.scatter(t["real_ms"], t["sim_ms"], marker=marker, s=40, edgecolors=color,
+                       facecolors=color if held else "none", linewidths=1.2)  # fmt: skip
+            if held and abs(t["rel_err"]) > 0.10:
+                ax.annotate(f"{t['config']} {t['rel_err'] * 100:+.0f}%", (t["real_ms"], t["sim_ms"]),
+                            fontsize=7, xytext=(4, -10), textcoords="offset points")  # fmt: skip
+        lo = 0.8 * min(min(t["real_ms"], t["sim_ms"]) for t in rows)
+        hi = 1.2 * max(max(t["real_ms"], t["sim_ms"]) for t in rows)
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.plot([lo, hi], [lo * 1.1, hi * 1.1], "k:", lw=0.8)
+        ax.plot([lo, hi], [lo * 0.9, hi * 0.9], "k:", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured TTFT on the GPU (ms)")
+        ax.set_ylabel("simulated TTFT (ms)")
+        ax.set_title(
+            f"{Path(name).stem}: {res.get('gpu')}\nheld-out (filled) |err| median "
+            f"{res['heldout_median_abs_err'] * 100:.1f}%, P90 {res['heldout_p90_abs_err'] * 100:.1f}%",
+            fontsize=9,
+        )
+        for p, (marker, color) in style.items():
+            ax.scatter([], [], marker=marker, color=color, label=p)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -28,7 +28,7 @@ SIM_PATH = {
 }
 
 
-def simulate_ttft_ms(
+def gpu_setup(
     raw: dict,
     profile: str,
     storage: str = "fast",
@@ -38,12 +38,14 @@ def simulate_ttft_ms(
     gather_per_chunk_s: float = 0.0,
     efficiency: float = 1.0,
     rtt_s: float = 2e-5,
-    paths: dict[str, str] | None = None,
-) -> dict:
-    """The simulator's TTFT (ms) for each measured (cached, new) and path (``paths``: source -> simulator
-    path, default ``SIM_PATH``), on this machine's measured profile and host-to-device bandwidth, with the
-    paced link rate.  The storage and link parameters are those ``testbed.validation.gpu_validate.gpu_validation`` fits;
-    the defaults are a fast server at the full link rate."""
+    gather_streams: int = 1,
+    open_per_stream_s: float = 0.0,
+    stream_ceiling_Bps: float = math.inf,
+    handoff_per_layer_s: float = 0.0,
+    h2d_efficiency: float = 1.0,
+) -> Setup:
+    """The simulator's setup of a measured GPU run: its model, the profile, the measured pinned host-to-device
+    rate times ``h2d_efficiency``, the paced link at ``efficiency`` and the object path's parameters."""
     st = StorageConfig(
         name=storage,
         request_overhead_s=request_overhead_s,
@@ -52,21 +54,44 @@ def simulate_ttft_ms(
         client_concurrency=64,
         server_Gbps=800.0,
         gather_per_chunk_s=gather_per_chunk_s,
+        gather_streams=gather_streams,
+        open_per_stream_s=open_per_stream_s,
+        stream_ceiling_Bps=stream_ceiling_Bps,
+        handoff_per_layer_s=handoff_per_layer_s,
     )
     net = NetworkConfig(name="loopback-paced", link_Gbps=raw["link_Gbps"], efficiency=efficiency, rtt_s=rtt_s)
-    setup = Setup(
+    pinned = (raw.get("pinned_h2d_GBps") or 53.0) * h2d_efficiency
+    return Setup(
         model=ModelConfig(raw["model"], raw["chunk_tokens"]),
-        gpu=GpuConfig(name="h100", profile=profile, pcie_pinned_GBps=raw["pinned_h2d_GBps"] or 53.0),
+        gpu=GpuConfig(name="h100", profile=profile, pcie_pinned_GBps=pinned),
         network=net,
         storage=st,
     )
+
+
+def simulate_records(setup: Setup, raw: dict, paths: dict[str, str] | None = None) -> dict:
+    """Per measured (cached, new) key and source (``paths``: source -> simulator path, default ``SIM_PATH``):
+    ``(ttft_ms, first_layer_wait_ms)`` of one request alone under ``setup``."""
     out = {}
     for row in raw["configs"]:
         c, n = row["cached_tokens"], row["new_tokens"]
         for src, path in (paths or SIM_PATH).items():
             recs, _ = simulate([SimRequest(f"{path}-{c}+{n}", 0.0, c, n, path)], setup, "h100_ttft", "", 0)
-            out.setdefault(f"{c}+{n}", {})[src] = recs[0].ttft_s * 1e3
+            out.setdefault(f"{c}+{n}", {})[src] = (recs[0].ttft_s * 1e3, recs[0].first_layer_wait_s * 1e3)
     return out
+
+
+def simulate_ttft_ms(
+    raw: dict, profile: str, storage: str = "fast", *, paths: dict[str, str] | None = None, **params
+) -> dict:
+    """The simulator's TTFT (ms) for each measured (cached, new) and path (``paths``: source -> simulator
+    path, default ``SIM_PATH``), on this machine's measured profile and host-to-device bandwidth, with the
+    paced link rate.  ``params``: those of ``gpu_setup`` (the storage and link parameters
+    ``testbed.validation.gpu_validate.gpu_validation`` fits); the defaults are a fast server at the full link
+    rate."""
+    setup = gpu_setup(raw, profile, storage, **params)
+    recs = simulate_records(setup, raw, paths)
+    return {k: {s: v[0] for s, v in by.items()} for k, by in recs.items()}
 
 
 def calibrated(

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from testbed.validation.gpu import DEFAULT_CONFIGS, SOURCES, check, log, measure, source_reader
-from testbed.validation.gpu_validate import gpu_validation
+from testbed.validation.gpu_validate import gpu_validation, pooled_validation
 from testbed.validation.simulate import simulate_ttft_ms
 
 RESEARCH = {"ttft_ratio_64k": 1.056, "added_ms_4k": [56.0, 75.0]}
@@ -186,9 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "validate", help="simulator vs GPU on a measured grid: calibrate on half the configs, judge the rest"
     )
-    v.add_argument("--raw", required=True, help="raw JSON of `measure` (a grid, e.g. with --shared-prefix)")
+    v.add_argument(
+        "--raw",
+        required=True,
+        action="append",
+        help="raw JSON of `measure` (a grid, e.g. with --shared-prefix); repeat for several hosts: each is "
+        "calibrated on its own half, the held-out errors are pooled",
+    )
     v.add_argument("--profile", required=True, help="measured profile CSV of the same GPU")
     v.add_argument("--out", required=True)
+    v.add_argument("--figure", default=None, help="PNG: predicted vs measured TTFT per config and host")
     return ap
 
 
@@ -207,12 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         res = check(args)
         Path(args.out).write_text(json.dumps({"command": command, "results": res}, indent=1))
     elif args.cmd == "validate":
-        res = gpu_validation(json.loads(Path(args.raw).read_text()), args.profile)
+        runs = {p: gpu_validation(json.loads(Path(p).read_text()), args.profile) for p in args.raw}
+        if len(runs) == 1:
+            (res,) = runs.values()
+            res["raw"] = args.raw[0]
+        else:
+            res = pooled_validation(runs)
         res["command"] = command
-        res["raw"] = args.raw
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
-        keys = ("n", "median_abs_err", "p90_abs_err", "by_path", "calibration")
+        if args.figure:
+            from testbed.validation.figures import plot_gpu_validation
+
+            plot_gpu_validation(runs, args.figure)
+        keys = ("gpu", "heldout_median_abs_err", "heldout_p90_abs_err", "by_host", "by_path", "calibration")
         print(json.dumps({k: res.get(k) for k in keys}, indent=1, default=float))
     else:
         raw = json.loads(Path(args.raw).read_text())
