@@ -90,7 +90,9 @@ class RequestSpec:
             raise ValueError(f"request {self.request_id!r}: negative delay")
         cap = self.max_rate_Bps
         if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
-            raise ValueError(f"request {self.request_id!r}: max_rate_Bps must be > 0 (inf: none), got {cap!r}")
+            raise ValueError(
+                f"request {self.request_id!r}: max_rate_Bps must be > 0 (inf: none), got {cap!r}"
+            )
         # Cached: the event loop reads them for every flow at every event.
         object.__setattr__(self, "_start_s", self.arrival_s + self.start_delay_s)
         object.__setattr__(self, "_total_bytes", self.layer_bytes * self.num_layers)

@@ -148,8 +148,9 @@ def fit_object_path(
     stream count in every config it is not separable from ``streams * open_per_stream_s``.  Without object
     sources: the defaults of a fast server at the full link rate."""
     if not obj:
-        return ObjectPathFit(math.inf, {"request_overhead_s": 2e-4, "gather_per_chunk_s": 0.0, "efficiency": 1.0})
-    scale = np.array([p[1] for p in OBJECT_PARAMS])
+        return ObjectPathFit(
+            math.inf, {"request_overhead_s": 2e-4, "gather_per_chunk_s": 0.0, "efficiency": 1.0}
+        )
     lo, hi = np.array([p[2] for p in OBJECT_PARAMS]), np.array([p[3] for p in OBJECT_PARAMS])
 
     def params_of(x) -> dict:
@@ -200,7 +201,9 @@ def noise_floor(raw: dict, keys: list[str], paths=ACCEPTANCE_PATHS, boot: int = 
     by_cached: dict[int, dict[int, float]] = {}
     for r in raw["configs"]:
         if "objectcache_paced" in r["sources"] and r["new_tokens"] in (128, 1024):
-            by_cached.setdefault(r["cached_tokens"], {})[r["new_tokens"]] = r["sources"]["objectcache_paced"]["ttft_ms"]
+            by_cached.setdefault(r["cached_tokens"], {})[r["new_tokens"]] = r["sources"]["objectcache_paced"][
+                "ttft_ms"
+            ]
     for c, d in sorted(by_cached.items()):
         if len(d) == 2:
             a, b = d[128], d[1024]
@@ -301,7 +304,9 @@ def pooled_validation(runs: dict[str, dict]) -> dict:
     half, the held-out errors of ``ACCEPTANCE_PATHS`` pooled (``heldout_median_abs_err``,
     ``heldout_p90_abs_err``) and per host and path."""
     held = [(p, t) for p, r in runs.items() for t in r["configs"] if t["split"] == "held_out"]
-    acc = error_stats(pd.Series([t["rel_err"] for _, t in held if t["path"] in ACCEPTANCE_PATHS], dtype=float))
+    acc = error_stats(
+        pd.Series([t["rel_err"] for _, t in held if t["path"] in ACCEPTANCE_PATHS], dtype=float)
+    )
     paths = sorted({t["path"] for _, t in held})
     gpus = sorted({str(r.get("gpu")) for r in runs.values()})
     return {
@@ -313,8 +318,10 @@ def pooled_validation(runs: dict[str, dict]) -> dict:
         "heldout_p90_abs_err": acc.get("p90_abs_err", math.nan),
         "heldout_n": acc.get("n", 0),
         "targets": {"median_abs_err": TARGETS["median_abs_err"], "p90_abs_err": TARGETS["p90_abs_err"]},
-        "met": bool(acc.get("median_abs_err", math.inf) <= TARGETS["median_abs_err"]
-                    and acc.get("p90_abs_err", math.inf) <= TARGETS["p90_abs_err"]),  # fmt: skip
+        "met": bool(
+            acc.get("median_abs_err", math.inf) <= TARGETS["median_abs_err"]
+            and acc.get("p90_abs_err", math.inf) <= TARGETS["p90_abs_err"]
+        ),  # fmt: skip
         "by_path": {
             s: error_stats(pd.Series([t["rel_err"] for _, t in held if t["path"] == s], dtype=float))
             for s in paths
@@ -323,7 +330,9 @@ def pooled_validation(runs: dict[str, dict]) -> dict:
             p: {
                 "heldout_median_abs_err": r["heldout_median_abs_err"],
                 "heldout_p90_abs_err": r["heldout_p90_abs_err"],
-                "by_path": {s: {k: v[k] for k in ("median_abs_err", "p90_abs_err")} for s, v in r["by_path"].items()},
+                "by_path": {
+                    s: {k: v[k] for k in ("median_abs_err", "p90_abs_err")} for s, v in r["by_path"].items()
+                },
             }
             for p, r in runs.items()
         },
