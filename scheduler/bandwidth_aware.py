@@ -112,6 +112,114 @@ def _fresh(flows: Sequence[FlowView], links: Mapping[str, Link]):
     return residual, rates, live
 
 
+def lone_rate_Bps(
+    now_s: float,
+    path: Sequence[str],
+    capacity_Bps: Mapping[str, float],
+    max_rate_Bps: float,
+    layer_bytes: float,
+    layers_total: int,
+    delivered_bytes: float,
+    compute_per_layer_s: float,
+    gpu_busy_until_s: float,
+    layers_computed: int,
+) -> float:
+    """``bandwidth_aware``'s rate for a flow that is alone (the only one passed): bytes per second.
+
+    Late (at its path's rate), it takes all of the path; on schedule it is granted its JIT rate and then the
+    rest of the path (``jit + (c - jit)``, which need not round to ``c``).  The arguments are the
+    ``FlowView`` fields it reads, ``capacity_Bps`` the links' capacities by name, so the simulator can ask
+    without building a view (most of its decisions are a lone flow's).  The same float operations in the
+    same order as ``urgency``, ``Urgency.lateness_s`` / ``jit_rate_Bps``, ``_fresh`` and ``grant`` (builtin
+    ``max(a, b)`` / ``min(a, b)`` written as ``b if b > a else a`` / ``b if b < a else a``, which is what
+    they return on floats); ``tests/scheduler/test_policies.py`` compares it with ``allocate`` bit for bit.
+    """
+    B, L, d = layer_bytes, layers_total, delivered_bytes
+    total = B * L
+    left = total - d
+    if not (left if left > 0.0 else 0.0) > BYTES_EPS:  # not live: _fresh's zero rate
+        return 0.0
+    # urgency(f, now_s)
+    c = compute_per_layer_s if compute_per_layer_s > 0.0 else 0.0
+    if B <= 0:
+        k = L
+    else:
+        k = int((d + BYTES_EPS) // B)
+        if not k < L:
+            k = L
+    if layers_computed == 0 and k == 0:
+        g = now_s
+    else:
+        behind = k - layers_computed
+        g = (gpu_busy_until_s if gpu_busy_until_s > now_s else now_s) + (behind if behind > 0 else 0) * c
+    need_first = (k + 1) * B - d
+    need_first = need_first if need_first > 0.0 else 0.0
+    slack_first = g - now_s
+    need_last = left if left > 0.0 else 0.0
+    more = L - k - 1
+    slack_last = g + (more if more > 0 else 0) * c - now_s
+    # The path's capacity (its least link), then the flow's own cap.
+    r = math.inf
+    for n in path:
+        v = capacity_Bps[n]
+        if v < r:
+            r = v
+    cap = max_rate_Bps if max_rate_Bps < r else r
+    # lateness_s(cap) > 1e-12: late, it takes the path (grant(f, inf)).
+    if cap <= 0:
+        late = math.inf
+    else:
+        late, a, b = 0.0, need_first / cap - slack_first, need_last / cap - slack_last
+        if a > late:
+            late = a
+        if b > late:
+            late = b
+    if late > 1e-12:
+        inc = cap if cap < math.inf else math.inf
+        inc = inc if inc > 0.0 else 0.0
+        if inc == math.inf:
+            raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+        return 0.0 + inc if inc > 0 else 0.0
+    # On schedule: jit_rate_Bps(), then grant(f, jit) and grant(f, inf).
+    jit = 0.0
+    for need, slack in ((need_first, slack_first), (need_last, slack_last)):
+        if need <= BYTES_EPS:
+            continue
+        if slack <= 0:
+            jit = math.inf
+            break
+        q = need / slack
+        if q > jit:
+            jit = q
+    inc = cap if cap < jit else jit
+    inc = inc if inc > 0.0 else 0.0
+    if inc == math.inf:
+        raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+    rate = 0.0
+    residual = {}
+    for n in path:
+        residual[n] = capacity_Bps[n]
+    if inc > 0:
+        rate = 0.0 + inc
+        for n in path:
+            v = residual[n] - inc
+            residual[n] = v if v > 0.0 else 0.0
+    r = math.inf
+    for n in path:
+        v = residual[n]
+        if v < r:
+            r = v
+    own = max_rate_Bps - rate
+    room = own if own < r else r
+    inc = room if room < math.inf else math.inf
+    inc = inc if inc > 0.0 else 0.0
+    if inc == math.inf:
+        raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+    if inc > 0:
+        rate = rate + inc
+    return rate
+
+
 class ShortestRemainingTransferFirst:
     """Strict priority by remaining bytes (ties by flow id); each flow takes what is left on its path."""
 
@@ -148,6 +256,9 @@ class BandwidthAware:
     """Deadline-aware allocation minimising mean added TTFT (see the module docstring for why)."""
 
     name = "bandwidth_aware"
+    # The answer for a lone flow from its fields (what ``allocate`` gives, without a ``FlowView``): the
+    # simulator asks it directly for this exact class (``scheduler.fluid.lone_rate_function``).
+    lone_rate_Bps = staticmethod(lone_rate_Bps)
 
     def __init__(self, protect: str = "exchange", lookahead: bool = True) -> None:
         # How on-schedule flows are protected from late ones: "exchange" (the test below), "always", "never".
@@ -235,19 +346,20 @@ class BandwidthAware:
         rates: dict[FlowId, float],
         us: dict[FlowId, Urgency] | None,
     ) -> dict[FlowId, float]:
-        """``_heuristic`` with one live flow (about a third of a trace replay's decisions), the steps that
-        set rates only: late, it takes what its path has (phase 2); on schedule, nothing is late, so every
-        ``protect`` grants its JIT rate (phase 1) and then the rest (phase 3).  ``residual`` is still the
-        full capacities."""
-        u = urgency(f, now_s)
-        if us is not None:
-            us[f.flow_id] = u
-        cap = min(path_residual_Bps(f, residual), f.max_rate_Bps)
-        if u.lateness_s(cap) > 1e-12:
-            grant(f, math.inf, residual, rates)
-        else:
-            grant(f, u.jit_rate_Bps(), residual, rates)
-            grant(f, math.inf, residual, rates)
+        """``_heuristic`` with one live flow (about a third of a trace replay's decisions): ``lone_rate_Bps``
+        on the full capacities (``residual`` is still those).  ``us`` stays empty: the lookahead needs two."""
+        rates[f.flow_id] = lone_rate_Bps(
+            now_s,
+            f.path,
+            residual,
+            f.max_rate_Bps,
+            f.layer_bytes,
+            f.layers_total,
+            f.delivered_bytes,
+            f.compute_per_layer_s,
+            f.gpu_busy_until_s,
+            f.layers_computed,
+        )
         return rates
 
     @staticmethod
