@@ -203,6 +203,19 @@ def _cost_to_go_s(
             t += (left - done_left) * active / cap_Bps
             done_left = left
         phase_ends.append((t, done_left, active))
+    # A lower bound first (O(n)): each flow's lateness is at least its step piece's and, once its bytes are
+    # all in at its phase end, its last layer's (less a nanosecond for rounding); summed in the same order as
+    # ``ps`` (rounded sums of larger terms are not smaller), so reaching ``bound`` means ``ps`` would too.
+    low = 0.0
+    for (left, _, _, late, curve, _), (t_end, _, _) in zip(order, phase_ends):
+        if curve and left > BYTES_EPS:
+            B, c, _, slack_first, last = curve
+            w = t_end - (slack_first + last * c) - 1e-9
+            if w > late:
+                late = w
+        low += late
+    if low >= bound:
+        return min(seq, paced)
     ps = 0.0
     for j, (left, _, got, late, curve, _) in enumerate(order):
         if curve:
