@@ -90,21 +90,38 @@ def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
 
 def grant(flow: FlowView, rate_Bps: float, residual: dict[str, float], rates: dict[FlowId, float]) -> float:
     """Give ``flow`` up to ``rate_Bps`` more, bounded by every link on its path and its own cap."""
-    room = min(path_residual_Bps(flow, residual), flow.max_rate_Bps - rates.get(flow.flow_id, 0.0))
-    inc = max(0.0, min(rate_Bps, room))
+    # Builtin ``min(a, b)`` / ``max(a, b)`` written ``b if b < a else a`` / ``b if b > a else a`` (what
+    # they return on floats, without the call: this runs for every flow at every decision).
+    path = flow.path
+    fid = flow.flow_id
+    r = math.inf
+    for n in path:
+        v = residual[n]
+        if v < r:
+            r = v
+    had = rates.get(fid, 0.0)
+    own = flow.max_rate_Bps - had
+    room = own if own < r else r
+    inc = room if room < rate_Bps else rate_Bps
+    inc = inc if inc > 0.0 else 0.0
     if inc == math.inf:
-        raise ValueError(f"flow {flow.flow_id!r}: unbounded rate (no link on its path and no cap)")
+        raise ValueError(f"flow {fid!r}: unbounded rate (no link on its path and no cap)")
     if inc > 0:
-        rates[flow.flow_id] = rates.get(flow.flow_id, 0.0) + inc
-        for n in flow.path:
-            residual[n] = max(0.0, residual[n] - inc)
+        rates[fid] = had + inc
+        for n in path:
+            v = residual[n] - inc
+            residual[n] = v if v > 0.0 else 0.0
     return inc
 
 
 def _fresh(flows: Sequence[FlowView], links: Mapping[str, Link]):
     residual = {n: link.capacity_Bps for n, link in links.items()}
     rates: dict[FlowId, float] = {f.flow_id: 0.0 for f in flows}
-    live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
+    live = []
+    for f in flows:
+        left = f.layer_bytes * f.layers_total - f.delivered_bytes  # f.remaining_bytes, inline
+        if (left if left > 0.0 else 0.0) > BYTES_EPS:
+            live.append(f)
     for f in live:
         for n in f.path:
             if n not in residual:
