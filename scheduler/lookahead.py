@@ -96,6 +96,7 @@ class _LookaheadState:
 
     def __init__(self, now_s: float, us: Sequence[Urgency]) -> None:
         self.flows = []
+        self.flow_ids = [u.flow.flow_id for u in us]
         gpu_step = math.inf
         for u in us:
             f = u.flow
@@ -156,7 +157,7 @@ def _cost_to_go_s(
     # function (the same result on floats, without a builtin call: it runs ~20 of them per candidate).
     flows = state.flows
     step = state.gpu_step_s  # the next event: a layer completes or a GPU finishes a layer
-    flow_rates = [rates.get(fid, 0.0) for fid, *_ in flows]
+    flow_rates = [rates.get(fid, 0.0) for fid in state.flow_ids]
     for (_, _, need_first, _), r in zip(flows, flow_rates):
         if r > 0:
             v = need_first / r
@@ -177,7 +178,7 @@ def _cost_to_go_s(
     paced = _paced_cost_s(first, step, cap_Bps)
     if paced < bound:
         bound = paced
-    order = sorted(first, key=lambda t: (t[0], t[1]))
+    order = sorted(first)  # by (left, i): the flow index is unique, so no further field is compared
     # Sequential (srtf) after the step.
     seq = 0.0
     t = step
@@ -203,16 +204,34 @@ def _cost_to_go_s(
             t += (left - done_left) * active / cap_Bps
             done_left = left
         phase_ends.append((t, done_left, active))
-    # A lower bound first (O(n)): each flow's lateness is at least its step piece's and, once its bytes are
-    # all in at its phase end, its last layer's (less a nanosecond for rounding); summed in the same order as
-    # ``ps`` (rounded sums of larger terms are not smaller), so reaching ``bound`` means ``ps`` would too.
+    # A lower bound first, O(n): each flow's lateness is at least its step piece's and its last layer's on
+    # its last piece (in phase ``p``, the first whose end reaches its bytes left) -- the very term
+    # ``_late_on_piece_s`` takes there, computed the same way, when that piece holds the last layer.  Summed
+    # in the same order as ``ps`` (rounded sums of larger terms are not smaller), reaching ``bound`` means
+    # ``ps`` would too, so its O(n^2) pieces are skipped.
     low = 0.0
-    for (left, _, _, late, curve, _), (t_end, _, _) in zip(order, phase_ends):
-        if curve and left > BYTES_EPS:
-            B, c, _, slack_first, last = curve
-            w = t_end - (slack_first + last * c) - 1e-9
-            if w > late:
-                late = w
+    p = 0
+    for left, _, got, late, curve, _ in order:
+        if curve and left > 0.0:
+            while phase_ends[p][1] < left:
+                p += 1
+            t_prev, x_prev = (phase_ends[p - 1][0], phase_ends[p - 1][1]) if p else (step, 0.0)
+            _, x_end, active = phase_ends[p]
+            x_from = got + x_prev
+            x_to = got + (left if left < x_end else x_end)
+            B, c, need_first, slack_first, last = curve
+            if (
+                math.floor((x_from - need_first) / B + 1e-9) + 1 <= last
+                and math.floor((x_to - need_first) / B + 1e-9) >= last
+            ):
+                x = need_first + last * B
+                if x_from > x:
+                    x = x_from
+                if x_to < x:
+                    x = x_to
+                w = t_prev + (x - x_from) / (cap_Bps / active) - (slack_first + last * c)
+                if w > late:
+                    late = w
         low += late
     if low >= bound:
         return min(seq, paced)
