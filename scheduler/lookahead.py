@@ -54,23 +54,43 @@ def lookahead_choice(
         live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
     if len(live) < 2 or len(live) > LOOKAHEAD_MAX_FLOWS:
         return rule_Bps
+    # Plain loops, comparisons and decorated sorts instead of generators, ``min``/``any`` and key lambdas:
+    # this runs at every decision with two or more flows.  The results are the same (``min`` of positive
+    # capacities does not depend on their order; a sort by (key, position) is the stable sort by key).
     first_path = live[0].path
-    path = frozenset(first_path)
-    # Equal tuples are equal sets: the frozensets are built only where the paths differ as tuples.
-    if not path or any(f.path != first_path and frozenset(f.path) != path for f in live):
-        return rule_Bps
-    cap_Bps = min(links[n].capacity_Bps for n in path)
-    if any(f.max_rate_Bps < cap_Bps for f in live):
-        return rule_Bps
-    # Flows in tie order (the order of every sum below); equal tie keys keep the flows' order (stable).
-    ranked = sorted(((tie_key(f.flow_id), f) for f in live), key=lambda t: t[0])
-    live = [f for _, f in ranked]
-    head = min(range(len(live)), key=lambda i: (live[i].remaining_bytes, ranked[i][0]))
-    srtf = {f.flow_id: 0.0 for f in flows}
-    srtf[live[head].flow_id] = cap_Bps
-    equal = {f.flow_id: 0.0 for f in flows}
+    path = None
     for f in live:
-        equal[f.flow_id] = cap_Bps / len(live)
+        if f.path is not first_path and f.path != first_path:  # equal tuples are equal sets
+            if path is None:
+                path = frozenset(first_path)
+            if frozenset(f.path) != path:
+                return rule_Bps
+    if not first_path:
+        return rule_Bps
+    cap_Bps = math.inf
+    for n in first_path:
+        v = links[n].capacity_Bps
+        if v < cap_Bps:
+            cap_Bps = v
+    for f in live:
+        if f.max_rate_Bps < cap_Bps:
+            return rule_Bps
+    # Flows in tie order (the order of every sum below); equal tie keys keep the flows' order (stable).
+    ranked = [(tie_key(f.flow_id), i, f) for i, f in enumerate(live)]
+    ranked.sort()
+    live = [f for _, _, f in ranked]
+    head, head_key = 0, None
+    for i, (tie, _, f) in enumerate(ranked):
+        left = f.layer_bytes * f.layers_total - f.delivered_bytes  # f.remaining_bytes
+        key = (left if left > 0.0 else 0.0, tie)
+        if head_key is None or key < head_key:
+            head, head_key = i, key
+    srtf = dict.fromkeys([f.flow_id for f in flows], 0.0)
+    srtf[live[head].flow_id] = cap_Bps
+    equal = srtf.copy()
+    share = cap_Bps / len(live)
+    for f in live:
+        equal[f.flow_id] = share
     us = [urgencies[f.flow_id] if urgencies is not None else urgency(f, now_s) for f in live]
     state = _LookaheadState(now_s, us)
     # Ties go to srtf, then equal, then the rule: among equally good futures for the flows present, the one
