@@ -73,10 +73,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 
 from scheduler import lookahead as _lookahead
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 from scheduler.urgency import Urgency, tie_key, urgency
+
+# Sort key of the rule's (key, tie, urgency) triples: key, then tie (stable among equal pairs).
+_by_key_and_tie = itemgetter(0, 1)
 
 
 def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
@@ -266,7 +270,8 @@ def late_key_bytes(u: Urgency, cap_Bps: float) -> float:
     pace = u.flow.pace_rate_Bps
     if pace >= cap_Bps / 2:
         return remaining
-    return min(remaining, u.need_first_bytes * (cap_Bps - pace) / (cap_Bps - 2 * pace))
+    key = u.need_first_bytes * (cap_Bps - pace) / (cap_Bps - 2 * pace)
+    return key if key < remaining else remaining  # min(remaining, key)
 
 
 class BandwidthAware:
@@ -308,20 +313,24 @@ class BandwidthAware:
             return rates
         if len(live) == 1:
             return self._lone(now_s, live[0], residual, rates, us)
-        full = {n: link.capacity_Bps for n, link in links.items()}
+        full = residual.copy()  # the capacities (``residual`` is not granted from yet)
         late: list[tuple[float, tuple, Urgency]] = []
         on_time: list[tuple[float, tuple, Urgency]] = []
+        last_path, path_cap = None, 0.0  # the flows mostly share one path tuple: its capacity once
         for f in live:
             u = urgency(f, now_s)
             if us is not None:
                 us[f.flow_id] = u
-            cap = min(path_residual_Bps(f, full), f.max_rate_Bps)
+            if f.path is not last_path:
+                last_path, path_cap = f.path, path_residual_Bps(f, full)
+            m = f.max_rate_Bps
+            cap = m if m < path_cap else path_cap  # min(path_cap, m)
             if u.lateness_s(cap) > 1e-12:
                 late.append((late_key_bytes(u, cap), tie_key(f.flow_id), u))
             else:
                 on_time.append((u.laxity_s(cap), tie_key(f.flow_id), u))
-        late.sort(key=lambda t: (t[0], t[1]))
-        on_time.sort(key=lambda t: (t[0], t[1]))
+        late.sort(key=_by_key_and_tie)
+        on_time.sort(key=_by_key_and_tie)
 
         # Late flows per link, in priority order: the exchange test needs the head and the count per path.
         late_on: dict[str, list[tuple[float, tuple, Urgency]]] = {}
@@ -345,9 +354,10 @@ class BandwidthAware:
         # next to that residual is effectively transfer-bound.
         rekeyed = []
         for _, tie, u in late:
-            left = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+            r, m = path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps
+            left = m if m < r else r  # min(r, m)
             rekeyed.append((late_key_bytes(u, left) if left > 0 else u.need_last_bytes, tie, u))
-        rekeyed.sort(key=lambda t: (t[0], t[1]))
+        rekeyed.sort(key=_by_key_and_tie)
         for _, _, u in rekeyed:
             grant(u.flow, math.inf, residual, rates)
         # Phase 3: leftovers build buffer for the least-laxity flows (work conservation).
