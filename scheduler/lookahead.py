@@ -116,6 +116,7 @@ class _LookaheadState:
 
     def __init__(self, now_s: float, us: Sequence[Urgency]) -> None:
         self.flows = []
+        self.idle = []
         self.flow_ids = [u.flow.flow_id for u in us]
         gpu_step = math.inf
         for u in us:
@@ -127,6 +128,9 @@ class _LookaheadState:
                 last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
                 curve = (B, c, u.need_first_bytes, u.slack_first_s, last)
             self.flows.append((f.flow_id, curve, u.need_first_bytes, u.need_last_bytes))
+            # ``_cost_to_go_s``'s per-flow tuple for a rate of zero (nothing in the step): most of srtf's.
+            nl = u.need_last_bytes
+            self.idle.append((nl, len(self.idle), 0.0, 0.0, curve, nl))
             if 0 < f.layers_computed < f.layers_total and f.gpu_busy_until_s > now_s:
                 gpu_step = min(gpu_step, f.gpu_busy_until_s - now_s)
         self.gpu_step_s = gpu_step
@@ -188,7 +192,11 @@ def _cost_to_go_s(
     # Per flow: bytes in the step, bytes after it, and the lateness of the step's piece (every schedule's
     # curve starts with it).
     first = []
+    idle = state.idle
     for i, ((_, curve, _, need_last), r) in enumerate(zip(flows, flow_rates)):
+        if r == 0.0:  # got 0.0 (or -0.0, the same in every later use), no lateness yet
+            first.append(idle[i])
+            continue
         got = r * step
         if not got < need_last:
             got = need_last
@@ -204,8 +212,25 @@ def _cost_to_go_s(
     t = step
     for left, _, got, late, curve, need_last in order:
         if left > BYTES_EPS:
-            if curve:
-                late = _late_on_piece_s(curve, got, need_last, t, cap_Bps, late)
+            # late = _late_on_piece_s(curve, got, need_last, t, cap_Bps, late), inline
+            if curve and need_last > got and cap_Bps > 0:
+                B, c, need_first, slack_first, last = curve
+                m_lo = math.floor((got - need_first) / B + 1e-9) + 1
+                if m_lo < 0:
+                    m_lo = 0
+                m_hi = math.floor((need_last - need_first) / B + 1e-9)
+                if last < m_hi:
+                    m_hi = last
+                if m_lo <= m_hi:
+                    for m in (m_lo, m_hi):
+                        x = need_first + m * B
+                        if got > x:
+                            x = got
+                        if need_last < x:
+                            x = need_last
+                        w = t + (x - got) / cap_Bps - (slack_first + m * c)
+                        if w > late:
+                            late = w
             t += left / cap_Bps
         seq += late
         if seq >= bound:
