@@ -111,7 +111,7 @@ class _LookaheadState:
     """What every candidate's cost-to-go shares: per flow ``(flow_id, curve, need_first, need_last)`` (bytes
     missing for its next and its last layer) where ``curve``
     is ``(layer_bytes, compute_s, need_first, slack_first, last)`` for ``_late_on_piece_s`` (None when the
-    flow has nothing left to be late with), and the time to the next GPU layer end (``_step_s``'s part that
+    flow has nothing left to be late with), and the time to the next GPU layer end (the part of the step that
     does not depend on rates)."""
 
     def __init__(self, now_s: float, us: Sequence[Urgency]) -> None:
@@ -176,6 +176,14 @@ def _cost_to_go_s(
 
     Exact when below ``bound``; otherwise some value ``>= bound`` (a sum of non-negative terms that reaches
     ``bound`` cannot fall back under it, so a schedule is abandoned there).
+
+    The base schedules after the step: *sequential* service in order of bytes left, *processor sharing*,
+    and *paced*: every flow gets its just-in-time rate, if those fit in the link.  A flow late during the
+    step (by ``d``) has every later deadline ``d`` later (lateness is a max over layers), so its JIT rate is
+    taken against the shifted deadlines; at JIT rates nothing is late again, and the paced cost is what the
+    step itself made late (``inf`` when the JIT rates do not fit or a flow cannot be on time at any rate).
+    The paced sums are taken in the same pass as the step's pieces, processor sharing's phases in the same
+    pass as its lower bound (the same float operations in the same order as separate loops).
     """
     # ``min(a, b)`` / ``max(a, b)`` are written ``b if b < a else a`` / ``b if b > a else a`` in this
     # function (the same result on floats, without a builtin call: it runs ~20 of them per candidate).
@@ -190,20 +198,51 @@ def _cost_to_go_s(
     if not math.isfinite(step):
         return math.inf
     # Per flow: bytes in the step, bytes after it, and the lateness of the step's piece (every schedule's
-    # curve starts with it).
+    # curve starts with it); and the paced schedule's sums (``_paced_cost_s``, in flow order).
     first = []
     idle = state.idle
+    paced, jit_sum = 0.0, 0.0  # paced is None once a flow cannot be on time at any rate
     for i, ((_, curve, _, need_last), r) in enumerate(zip(flows, flow_rates)):
         if r == 0.0:  # got 0.0 (or -0.0, the same in every later use), no lateness yet
-            first.append(idle[i])
+            tup = idle[i]
+            left, got, late = tup[0], 0.0, 0.0
+        else:
+            got = r * step
+            if not got < need_last:
+                got = need_last
+            late = _late_on_piece_s(curve, 0.0, got, 0.0, got / step, 0.0) if got > 0 and curve else 0.0
+            left = need_last - got
+            if not left > 0.0:
+                left = 0.0
+            tup = (left, i, got, late, curve, need_last)
+        first.append(tup)
+        if paced is None:
             continue
-        got = r * step
-        if not got < need_last:
-            got = need_last
-        late = _late_on_piece_s(curve, 0.0, got, 0.0, got / step, 0.0) if got > 0 and curve else 0.0
-        left = need_last - got
-        first.append((left if left > 0.0 else 0.0, i, got, late, curve, need_last))
-    paced = _paced_cost_s(first, step, cap_Bps)
+        if left <= BYTES_EPS:
+            paced += late
+            continue
+        B, c, need_first, slack_first, last = curve
+        m_next = math.floor((got - need_first) / B + 1e-9) + 1
+        if not m_next > 0:
+            m_next = 0
+        if last < m_next:
+            m_next = last
+        jit_Bps = 0.0  # need / slack is monotone in the layer: the max is at one end
+        for m in (m_next, last):
+            need = need_first + m * B - got
+            slack = slack_first + m * c + late - step
+            if need <= BYTES_EPS:
+                continue
+            if slack <= 0:
+                paced = None
+                break
+            q = need / slack
+            if q > jit_Bps:
+                jit_Bps = q
+        if paced is not None:
+            jit_sum += jit_Bps
+            paced += late
+    paced = paced if paced is not None and jit_sum <= cap_Bps else math.inf
     if paced < bound:
         bound = paced
     order = sorted(first)  # by (left, i): the flow index is unique, so no further field is compared
@@ -238,33 +277,30 @@ def _cost_to_go_s(
             break
     if seq < bound:
         bound = seq
-    # Processor sharing (equal) after the step: flows finish in order of bytes left.
+    # Processor sharing (equal) after the step: flows finish in order of bytes left.  Each phase ends when
+    # the next flow's bytes are in.  A lower bound in the same pass: each flow's lateness is at least its
+    # step piece's and its last layer's on its last piece (which starts where the phase that brings its
+    # bytes left starts: with ties, an earlier flow's) -- the very term ``_late_on_piece_s`` takes there,
+    # computed the same way, when that piece holds the last layer.  Summed in the same order as ``ps``
+    # (rounded sums of larger terms are not smaller), reaching ``bound`` means ``ps`` would too, so its
+    # O(n^2) pieces are skipped.
     n = len(order)
     t = step
     done_left = 0.0  # bytes every unfinished flow has received since the step
     phase_ends = []  # (time, bytes each since step at that time, flows active)
-    for j, (left, *_) in enumerate(order):
+    t_from, x_from_step, rate = step, 0.0, 0.0  # the current phase's start and per-flow rate
+    low = 0.0
+    for j, (left, _, got, late, curve, _) in enumerate(order):
         active = n - j
         if left > done_left:
+            t_from, x_from_step, rate = t, done_left, cap_Bps / active
             t += (left - done_left) * active / cap_Bps
             done_left = left
         phase_ends.append((t, done_left, active))
-    # A lower bound first, O(n): each flow's lateness is at least its step piece's and its last layer's on
-    # its last piece (in phase ``p``, the first whose end reaches its bytes left) -- the very term
-    # ``_late_on_piece_s`` takes there, computed the same way, when that piece holds the last layer.  Summed
-    # in the same order as ``ps`` (rounded sums of larger terms are not smaller), reaching ``bound`` means
-    # ``ps`` would too, so its O(n^2) pieces are skipped.
-    low = 0.0
-    p = 0
-    for left, _, got, late, curve, _ in order:
         if curve and left > 0.0:
-            while phase_ends[p][1] < left:
-                p += 1
-            t_prev, x_prev = (phase_ends[p - 1][0], phase_ends[p - 1][1]) if p else (step, 0.0)
-            _, x_end, active = phase_ends[p]
-            x_from = got + x_prev
-            x_to = got + (left if left < x_end else x_end)
             B, c, need_first, slack_first, last = curve
+            x_from = got + x_from_step
+            x_to = got + (left if left < done_left else done_left)
             if (
                 math.floor((x_from - need_first) / B + 1e-9) + 1 <= last
                 and math.floor((x_to - need_first) / B + 1e-9) >= last
@@ -274,7 +310,7 @@ def _cost_to_go_s(
                     x = x_from
                 if x_to < x:
                     x = x_to
-                w = t_prev + (x - x_from) / (cap_Bps / active) - (slack_first + last * c)
+                w = t_from + (x - x_from) / rate - (slack_first + last * c)
                 if w > late:
                     late = w
         low += late
@@ -296,32 +332,3 @@ def _cost_to_go_s(
             ps = math.inf
             break
     return min(seq, ps, paced)
-
-
-def _paced_cost_s(first: Sequence[tuple], step_s: float, cap_Bps: float) -> float:
-    """Third base schedule: after the step every flow gets its just-in-time rate, if those fit in the link.
-
-    A flow late during the step (by ``d``) has every later deadline ``d`` later (lateness is a max over
-    layers), so its JIT rate is taken against the shifted deadlines; at JIT rates nothing is late again, and
-    the cost is what the step itself made late.  ``inf`` when the JIT rates do not fit (or a flow cannot be
-    on time at any rate).  ``first``: ``_cost_to_go_s``'s per-flow tuples, in flow order.
-    """
-    total_s, jit_sum = 0.0, 0.0
-    for left, _, got, late_s, curve, _ in first:
-        if left <= BYTES_EPS:
-            total_s += late_s
-            continue
-        B, c, need_first, slack_first, last = curve
-        m_next = min(last, max(0, math.floor((got - need_first) / B + 1e-9) + 1))
-        jit_Bps = 0.0  # need / slack is monotone in the layer: the max is at one end
-        for m in (m_next, last):
-            need = need_first + m * B - got
-            slack = slack_first + m * c + late_s - step_s
-            if need <= BYTES_EPS:
-                continue
-            if slack <= 0:
-                return math.inf
-            jit_Bps = max(jit_Bps, need / slack)
-        jit_sum += jit_Bps
-        total_s += late_s
-    return total_s if jit_sum <= cap_Bps else math.inf
