@@ -405,22 +405,32 @@ class BandwidthAware:
         lists = [late_on[n] for n in u.flow.path if n in late_on]
         if not lists:
             return True
-        head_key, head_tie, head = min((lst[0] for lst in lists), key=lambda t: (t[0], t[1]))
+        # The head: the least (key, tie) of the lists' heads (``min`` by that pair, the first on equality).
+        head_key, head_tie, head = lists[0][0]
+        for lst in lists:
+            k, tie, h = lst[0]
+            if (k, tie) < (head_key, head_tie):
+                head_key, head_tie, head = k, tie, h
         if len(lists) == 1:
             n_sharing = len(lists[0])
         else:
             n_sharing = len({t[2].flow.flow_id for lst in lists for t in lst})
         # Consistency: a flow that would outrank the head once it stalls keeps its rate now.
         # Its key is taken against what the flows protected before it left, so reservations add up.
-        own_cap = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+        r, m = path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps
+        own_cap = m if m < r else r  # min(r, m)
         if own_cap > 0 and (late_key_bytes(u, own_cap), tie_key(u.flow.flow_id)) <= (head_key, head_tie):
             return True
-        cap = min(path_residual_Bps(head.flow, residual), head.flow.max_rate_Bps)
+        r, m = path_residual_Bps(head.flow, residual), head.flow.max_rate_Bps
+        cap = m if m < r else r
         if jit_Bps >= cap:
             return False
-        work = head.bottleneck_bytes(min(path_residual_Bps(head.flow, full), head.flow.max_rate_Bps))
+        r = path_residual_Bps(head.flow, full)
+        work = head.bottleneck_bytes(m if m < r else r)
         # Protecting slows the head late flow from cap to cap - jit; every late flow waits for it.
         cost_protect = n_sharing * (work / (cap - jit_Bps) - work / cap)
         # Not protecting stalls this flow once its laxity is used up, for as long as the head is served.
-        cost_preempt = max(0.0, work / cap - laxity_s)
+        cost_preempt = work / cap - laxity_s
+        if not cost_preempt > 0.0:  # max(0.0, cost_preempt)
+            cost_preempt = 0.0
         return cost_protect <= cost_preempt

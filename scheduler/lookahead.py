@@ -115,24 +115,32 @@ class _LookaheadState:
     does not depend on rates)."""
 
     def __init__(self, now_s: float, us: Sequence[Urgency]) -> None:
-        self.flows = []
-        self.idle = []
-        self.flow_ids = [u.flow.flow_id for u in us]
+        flows = self.flows = []
+        idle = self.idle = []
+        flow_ids = self.flow_ids = []
         gpu_step = math.inf
-        for u in us:
+        for i, u in enumerate(us):
             f = u.flow
             B = f.layer_bytes
+            nf, nl = u.need_first_bytes, u.need_last_bytes
             curve = None
-            if B > 0 and u.need_last_bytes > BYTES_EPS:
-                c = max(0.0, f.compute_per_layer_s)
-                last = max(0, round((u.need_last_bytes - u.need_first_bytes) / B))
-                curve = (B, c, u.need_first_bytes, u.slack_first_s, last)
-            self.flows.append((f.flow_id, curve, u.need_first_bytes, u.need_last_bytes))
+            if B > 0 and nl > BYTES_EPS:
+                c = f.compute_per_layer_s
+                if not c > 0.0:  # max(0.0, c)
+                    c = 0.0
+                last = round((nl - nf) / B)
+                if not last > 0:  # max(0, last)
+                    last = 0
+                curve = (B, c, nf, u.slack_first_s, last)
+            fid = f.flow_id
+            flow_ids.append(fid)
+            flows.append((fid, curve, nf, nl))
             # ``_cost_to_go_s``'s per-flow tuple for a rate of zero (nothing in the step): most of srtf's.
-            nl = u.need_last_bytes
-            self.idle.append((nl, len(self.idle), 0.0, 0.0, curve, nl))
-            if 0 < f.layers_computed < f.layers_total and f.gpu_busy_until_s > now_s:
-                gpu_step = min(gpu_step, f.gpu_busy_until_s - now_s)
+            idle.append((nl, i, 0.0, 0.0, curve, nl))
+            if 0 < f.layers_computed < f.layers_total:
+                wait = f.gpu_busy_until_s - now_s
+                if f.gpu_busy_until_s > now_s and wait < gpu_step:  # min(gpu_step, wait)
+                    gpu_step = wait
         self.gpu_step_s = gpu_step
 
 
