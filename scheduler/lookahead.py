@@ -101,6 +101,8 @@ def lookahead_choice(
         if cand == srtf or (cand is rule_Bps and cand == equal):
             continue
         bound = best_cost * (1 - 1e-9) - 1e-12
+        if bound < 0.0:  # a cost is a sum of latenesses, each at least 0: none can beat a zero
+            break
         cost = _cost_to_go_s(state, cand, cap_Bps, bound)
         if cost < bound:
             best, best_cost = cand, cost
