@@ -73,10 +73,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 
 from scheduler import lookahead as _lookahead
 from scheduler.flows import BYTES_EPS, FlowId, FlowView, Link
 from scheduler.urgency import Urgency, tie_key, urgency
+
+# Sort key of the rule's (key, tie, urgency) triples: key, then tie (stable among equal pairs).
+_by_key_and_tie = itemgetter(0, 1)
 
 
 def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
@@ -90,26 +94,151 @@ def path_residual_Bps(flow: FlowView, residual: Mapping[str, float]) -> float:
 
 def grant(flow: FlowView, rate_Bps: float, residual: dict[str, float], rates: dict[FlowId, float]) -> float:
     """Give ``flow`` up to ``rate_Bps`` more, bounded by every link on its path and its own cap."""
-    room = min(path_residual_Bps(flow, residual), flow.max_rate_Bps - rates.get(flow.flow_id, 0.0))
-    inc = max(0.0, min(rate_Bps, room))
+    # Builtin ``min(a, b)`` / ``max(a, b)`` written ``b if b < a else a`` / ``b if b > a else a`` (what
+    # they return on floats, without the call: this runs for every flow at every decision).
+    path = flow.path
+    fid = flow.flow_id
+    r = math.inf
+    for n in path:
+        v = residual[n]
+        if v < r:
+            r = v
+    had = rates.get(fid, 0.0)
+    own = flow.max_rate_Bps - had
+    room = own if own < r else r
+    inc = room if room < rate_Bps else rate_Bps
+    inc = inc if inc > 0.0 else 0.0
     if inc == math.inf:
-        raise ValueError(f"flow {flow.flow_id!r}: unbounded rate (no link on its path and no cap)")
+        raise ValueError(f"flow {fid!r}: unbounded rate (no link on its path and no cap)")
     if inc > 0:
-        rates[flow.flow_id] = rates.get(flow.flow_id, 0.0) + inc
-        for n in flow.path:
-            residual[n] = max(0.0, residual[n] - inc)
+        rates[fid] = had + inc
+        for n in path:
+            v = residual[n] - inc
+            residual[n] = v if v > 0.0 else 0.0
     return inc
 
 
 def _fresh(flows: Sequence[FlowView], links: Mapping[str, Link]):
     residual = {n: link.capacity_Bps for n, link in links.items()}
     rates: dict[FlowId, float] = {f.flow_id: 0.0 for f in flows}
-    live = [f for f in flows if f.remaining_bytes > BYTES_EPS]
+    live = []
+    for f in flows:
+        left = f.layer_bytes * f.layers_total - f.delivered_bytes  # f.remaining_bytes, inline
+        if (left if left > 0.0 else 0.0) > BYTES_EPS:
+            live.append(f)
     for f in live:
         for n in f.path:
             if n not in residual:
                 raise ValueError(f"flow {f.flow_id!r} crosses unknown link {n!r}")
     return residual, rates, live
+
+
+def lone_rate_Bps(
+    now_s: float,
+    path: Sequence[str],
+    capacity_Bps: Mapping[str, float],
+    max_rate_Bps: float,
+    layer_bytes: float,
+    layers_total: int,
+    delivered_bytes: float,
+    compute_per_layer_s: float,
+    gpu_busy_until_s: float,
+    layers_computed: int,
+) -> float:
+    """``bandwidth_aware``'s rate for a flow that is alone (the only one passed): bytes per second.
+
+    Late (at its path's rate), it takes all of the path; on schedule it is granted its JIT rate and then the
+    rest of the path (``jit + (c - jit)``, which need not round to ``c``).  The arguments are the
+    ``FlowView`` fields it reads, ``capacity_Bps`` the links' capacities by name, so the simulator can ask
+    without building a view (most of its decisions are a lone flow's).  The same float operations in the
+    same order as ``urgency``, ``Urgency.lateness_s`` / ``jit_rate_Bps``, ``_fresh`` and ``grant`` (builtin
+    ``max(a, b)`` / ``min(a, b)`` written as ``b if b > a else a`` / ``b if b < a else a``, which is what
+    they return on floats); ``tests/scheduler/test_policies.py`` compares it with ``allocate`` bit for bit.
+    """
+    B, L, d = layer_bytes, layers_total, delivered_bytes
+    total = B * L
+    left = total - d
+    if not (left if left > 0.0 else 0.0) > BYTES_EPS:  # not live: _fresh's zero rate
+        return 0.0
+    # urgency(f, now_s)
+    c = compute_per_layer_s if compute_per_layer_s > 0.0 else 0.0
+    if B <= 0:
+        k = L
+    else:
+        k = int((d + BYTES_EPS) // B)
+        if not k < L:
+            k = L
+    if layers_computed == 0 and k == 0:
+        g = now_s
+    else:
+        behind = k - layers_computed
+        g = (gpu_busy_until_s if gpu_busy_until_s > now_s else now_s) + (behind if behind > 0 else 0) * c
+    need_first = (k + 1) * B - d
+    need_first = need_first if need_first > 0.0 else 0.0
+    slack_first = g - now_s
+    need_last = left if left > 0.0 else 0.0
+    more = L - k - 1
+    slack_last = g + (more if more > 0 else 0) * c - now_s
+    # The path's capacity (its least link), then the flow's own cap.
+    r = math.inf
+    for n in path:
+        v = capacity_Bps[n]
+        if v < r:
+            r = v
+    cap = max_rate_Bps if max_rate_Bps < r else r
+    # lateness_s(cap) > 1e-12: late, it takes the path (grant(f, inf)).
+    if cap <= 0:
+        late = math.inf
+    else:
+        late, a, b = 0.0, need_first / cap - slack_first, need_last / cap - slack_last
+        if a > late:
+            late = a
+        if b > late:
+            late = b
+    if late > 1e-12:
+        inc = cap if cap < math.inf else math.inf
+        inc = inc if inc > 0.0 else 0.0
+        if inc == math.inf:
+            raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+        return 0.0 + inc if inc > 0 else 0.0
+    # On schedule: jit_rate_Bps(), then grant(f, jit) and grant(f, inf).
+    jit = 0.0
+    for need, slack in ((need_first, slack_first), (need_last, slack_last)):
+        if need <= BYTES_EPS:
+            continue
+        if slack <= 0:
+            jit = math.inf
+            break
+        q = need / slack
+        if q > jit:
+            jit = q
+    inc = cap if cap < jit else jit
+    inc = inc if inc > 0.0 else 0.0
+    if inc == math.inf:
+        raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+    rate = 0.0
+    residual = {}
+    for n in path:
+        residual[n] = capacity_Bps[n]
+    if inc > 0:
+        rate = 0.0 + inc
+        for n in path:
+            v = residual[n] - inc
+            residual[n] = v if v > 0.0 else 0.0
+    r = math.inf
+    for n in path:
+        v = residual[n]
+        if v < r:
+            r = v
+    own = max_rate_Bps - rate
+    room = own if own < r else r
+    inc = room if room < math.inf else math.inf
+    inc = inc if inc > 0.0 else 0.0
+    if inc == math.inf:
+        raise ValueError("lone flow: unbounded rate (no link on its path and no cap)")
+    if inc > 0:
+        rate = rate + inc
+    return rate
 
 
 class ShortestRemainingTransferFirst:
@@ -141,13 +270,17 @@ def late_key_bytes(u: Urgency, cap_Bps: float) -> float:
     pace = u.flow.pace_rate_Bps
     if pace >= cap_Bps / 2:
         return remaining
-    return min(remaining, u.need_first_bytes * (cap_Bps - pace) / (cap_Bps - 2 * pace))
+    key = u.need_first_bytes * (cap_Bps - pace) / (cap_Bps - 2 * pace)
+    return key if key < remaining else remaining  # min(remaining, key)
 
 
 class BandwidthAware:
     """Deadline-aware allocation minimising mean added TTFT (see the module docstring for why)."""
 
     name = "bandwidth_aware"
+    # The answer for a lone flow from its fields (what ``allocate`` gives, without a ``FlowView``): the
+    # simulator asks it directly for this exact class (``scheduler.fluid.lone_rate_function``).
+    lone_rate_Bps = staticmethod(lone_rate_Bps)
 
     def __init__(self, protect: str = "exchange", lookahead: bool = True) -> None:
         # How on-schedule flows are protected from late ones: "exchange" (the test below), "always", "never".
@@ -180,20 +313,24 @@ class BandwidthAware:
             return rates
         if len(live) == 1:
             return self._lone(now_s, live[0], residual, rates, us)
-        full = {n: link.capacity_Bps for n, link in links.items()}
+        full = residual.copy()  # the capacities (``residual`` is not granted from yet)
         late: list[tuple[float, tuple, Urgency]] = []
         on_time: list[tuple[float, tuple, Urgency]] = []
+        last_path, path_cap = None, 0.0  # the flows mostly share one path tuple: its capacity once
         for f in live:
             u = urgency(f, now_s)
             if us is not None:
                 us[f.flow_id] = u
-            cap = min(path_residual_Bps(f, full), f.max_rate_Bps)
+            if f.path is not last_path:
+                last_path, path_cap = f.path, path_residual_Bps(f, full)
+            m = f.max_rate_Bps
+            cap = m if m < path_cap else path_cap  # min(path_cap, m)
             if u.lateness_s(cap) > 1e-12:
                 late.append((late_key_bytes(u, cap), tie_key(f.flow_id), u))
             else:
                 on_time.append((u.laxity_s(cap), tie_key(f.flow_id), u))
-        late.sort(key=lambda t: (t[0], t[1]))
-        on_time.sort(key=lambda t: (t[0], t[1]))
+        late.sort(key=_by_key_and_tie)
+        on_time.sort(key=_by_key_and_tie)
 
         # Late flows per link, in priority order: the exchange test needs the head and the count per path.
         late_on: dict[str, list[tuple[float, tuple, Urgency]]] = {}
@@ -217,9 +354,10 @@ class BandwidthAware:
         # next to that residual is effectively transfer-bound.
         rekeyed = []
         for _, tie, u in late:
-            left = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+            r, m = path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps
+            left = m if m < r else r  # min(r, m)
             rekeyed.append((late_key_bytes(u, left) if left > 0 else u.need_last_bytes, tie, u))
-        rekeyed.sort(key=lambda t: (t[0], t[1]))
+        rekeyed.sort(key=_by_key_and_tie)
         for _, _, u in rekeyed:
             grant(u.flow, math.inf, residual, rates)
         # Phase 3: leftovers build buffer for the least-laxity flows (work conservation).
@@ -235,19 +373,20 @@ class BandwidthAware:
         rates: dict[FlowId, float],
         us: dict[FlowId, Urgency] | None,
     ) -> dict[FlowId, float]:
-        """``_heuristic`` with one live flow (about a third of a trace replay's decisions), the steps that
-        set rates only: late, it takes what its path has (phase 2); on schedule, nothing is late, so every
-        ``protect`` grants its JIT rate (phase 1) and then the rest (phase 3).  ``residual`` is still the
-        full capacities."""
-        u = urgency(f, now_s)
-        if us is not None:
-            us[f.flow_id] = u
-        cap = min(path_residual_Bps(f, residual), f.max_rate_Bps)
-        if u.lateness_s(cap) > 1e-12:
-            grant(f, math.inf, residual, rates)
-        else:
-            grant(f, u.jit_rate_Bps(), residual, rates)
-            grant(f, math.inf, residual, rates)
+        """``_heuristic`` with one live flow (about a third of a trace replay's decisions): ``lone_rate_Bps``
+        on the full capacities (``residual`` is still those).  ``us`` stays empty: the lookahead needs two."""
+        rates[f.flow_id] = lone_rate_Bps(
+            now_s,
+            f.path,
+            residual,
+            f.max_rate_Bps,
+            f.layer_bytes,
+            f.layers_total,
+            f.delivered_bytes,
+            f.compute_per_layer_s,
+            f.gpu_busy_until_s,
+            f.layers_computed,
+        )
         return rates
 
     @staticmethod
@@ -266,22 +405,32 @@ class BandwidthAware:
         lists = [late_on[n] for n in u.flow.path if n in late_on]
         if not lists:
             return True
-        head_key, head_tie, head = min((lst[0] for lst in lists), key=lambda t: (t[0], t[1]))
+        # The head: the least (key, tie) of the lists' heads (``min`` by that pair, the first on equality).
+        head_key, head_tie, head = lists[0][0]
+        for lst in lists:
+            k, tie, h = lst[0]
+            if (k, tie) < (head_key, head_tie):
+                head_key, head_tie, head = k, tie, h
         if len(lists) == 1:
             n_sharing = len(lists[0])
         else:
             n_sharing = len({t[2].flow.flow_id for lst in lists for t in lst})
         # Consistency: a flow that would outrank the head once it stalls keeps its rate now.
         # Its key is taken against what the flows protected before it left, so reservations add up.
-        own_cap = min(path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps)
+        r, m = path_residual_Bps(u.flow, residual), u.flow.max_rate_Bps
+        own_cap = m if m < r else r  # min(r, m)
         if own_cap > 0 and (late_key_bytes(u, own_cap), tie_key(u.flow.flow_id)) <= (head_key, head_tie):
             return True
-        cap = min(path_residual_Bps(head.flow, residual), head.flow.max_rate_Bps)
+        r, m = path_residual_Bps(head.flow, residual), head.flow.max_rate_Bps
+        cap = m if m < r else r
         if jit_Bps >= cap:
             return False
-        work = head.bottleneck_bytes(min(path_residual_Bps(head.flow, full), head.flow.max_rate_Bps))
+        r = path_residual_Bps(head.flow, full)
+        work = head.bottleneck_bytes(m if m < r else r)
         # Protecting slows the head late flow from cap to cap - jit; every late flow waits for it.
         cost_protect = n_sharing * (work / (cap - jit_Bps) - work / cap)
         # Not protecting stalls this flow once its laxity is used up, for as long as the head is served.
-        cost_preempt = max(0.0, work / cap - laxity_s)
+        cost_preempt = work / cap - laxity_s
+        if not cost_preempt > 0.0:  # max(0.0, cost_preempt)
+            cost_preempt = 0.0
         return cost_protect <= cost_preempt

@@ -354,6 +354,20 @@ def single_flow_shortcut(policy) -> bool:
     return getattr(policy, "single_flow_is_path_capacity", False) is True
 
 
+def lone_rate_function(policy):
+    """``policy.lone_rate_Bps`` where it answers exactly as ``allocate`` on one flow, else None.
+
+    True of ``bandwidth_aware``'s exact class (``scheduler.bandwidth_aware.lone_rate_Bps``; a subclass may
+    change ``allocate``, so it is not trusted).  Another policy opts in with a class attribute
+    ``lone_rate_is_allocate = True``; tests/scheduler/test_policies.py checks the registered ones.
+    """
+    from scheduler.bandwidth_aware import BandwidthAware
+
+    if type(policy) is BandwidthAware or getattr(policy, "lone_rate_is_allocate", False) is True:
+        return policy.lone_rate_Bps
+    return None
+
+
 def single_flow_rates(view: FlowView, links: Mapping[str, Link]) -> dict[FlowId, float] | None:
     """The lone flow's rate under a ``single_flow_shortcut`` policy, or None where the shortcut's
     preconditions fail (no or repeated links on its path, a rate cap, nothing left to move)."""

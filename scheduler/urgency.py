@@ -45,11 +45,15 @@ class Urgency:
         """Added TTFT from now on if the flow got ``rate_Bps`` constantly."""
         if rate_Bps <= 0:
             return math.inf
-        return max(
-            0.0,
-            self.need_first_bytes / rate_Bps - self.slack_first_s,
-            self.need_last_bytes / rate_Bps - self.slack_last_s,
-        )
+        # ``max(0.0, a, b)`` as comparisons (the same float; the rule asks it per flow per decision).
+        late = 0.0
+        a = self.need_first_bytes / rate_Bps - self.slack_first_s
+        if a > late:
+            late = a
+        b = self.need_last_bytes / rate_Bps - self.slack_last_s
+        if b > late:
+            late = b
+        return late
 
     def bottleneck_bytes(self, rate_Bps: float) -> float:
         """Bytes the flow must receive before it stops accruing lateness at ``rate_Bps``."""
@@ -70,38 +74,53 @@ class Urgency:
                 continue
             if slack <= 0:
                 return math.inf
-            r = max(r, need / slack)
+            q = need / slack
+            if q > r:  # max(r, q)
+                r = q
         return r
 
     def laxity_s(self, rate_Bps: float) -> float:
         """How long the flow can get nothing and still meet its deadlines at ``rate_Bps`` afterwards."""
         if rate_Bps <= 0:
             return -math.inf
-        return min(
-            self.slack_first_s - self.need_first_bytes / rate_Bps,
-            self.slack_last_s - self.need_last_bytes / rate_Bps,
-        )
+        a = self.slack_first_s - self.need_first_bytes / rate_Bps
+        b = self.slack_last_s - self.need_last_bytes / rate_Bps
+        return b if b < a else a  # min(a, b)
 
 
 def urgency(flow: FlowView, now_s: float) -> Urgency:
+    # Builtin ``max(a, b)`` is written ``b if b > a else a`` (what it returns), and ``FlowView``'s
+    # ``layers_delivered`` / ``total_bytes`` inline: this runs for every flow at every decision.
     B = flow.layer_bytes
-    c = max(0.0, flow.compute_per_layer_s)
-    k = flow.layers_delivered
-    remaining_layers = flow.layers_total - k
+    L = flow.layers_total
+    d = flow.delivered_bytes
+    c = flow.compute_per_layer_s
+    if not c > 0.0:
+        c = 0.0
+    if B <= 0:
+        k = L
+    else:
+        k = int((d + BYTES_EPS) // B)
+        if not k < L:
+            k = L
+    computed = flow.layers_computed
     # When the GPU needs layer k: it first finishes what is running and the delivered layers not started.
-    if flow.layers_computed == 0 and k == 0:
+    if computed == 0 and k == 0:
         g = now_s
     else:
-        g = max(now_s, flow.gpu_busy_until_s) + max(0, k - flow.layers_computed) * c
-    need_first = (k + 1) * B - flow.delivered_bytes
-    need_last = flow.total_bytes - flow.delivered_bytes
+        busy = flow.gpu_busy_until_s
+        behind = k - computed
+        g = (busy if busy > now_s else now_s) + (behind if behind > 0 else 0) * c
+    need_first = (k + 1) * B - d
+    need_last = B * L - d
+    more = L - k - 1
     # ``Urgency(...)`` without the frozen dataclass's per-field ``object.__setattr__`` (several per event).
     u = _new_object(Urgency)
     u.__dict__.update(
         flow=flow,
-        need_first_bytes=max(0.0, need_first),
+        need_first_bytes=need_first if need_first > 0.0 else 0.0,
         slack_first_s=g - now_s,
-        need_last_bytes=max(0.0, need_last),
-        slack_last_s=g + max(0, remaining_layers - 1) * c - now_s,
+        need_last_bytes=need_last if need_last > 0.0 else 0.0,
+        slack_last_s=g + (more if more > 0 else 0) * c - now_s,
     )
     return u

@@ -27,6 +27,7 @@ from scheduler.fluid import (
     FlowState,
     RequestSpec,
     advance,
+    lone_rate_function,
     next_event_s,
     single_flow_rates,
     single_flow_shortcut,
@@ -40,6 +41,9 @@ class FluidNetwork:
     ``done`` is a SimPy event that succeeds with the state when the transfer has completed; from then on
     ``state.done_s`` (end of the layerwise prefill the fluid model computes) is final.
     """
+
+    # Run a timer's firing in place when nothing else is due before it (see ``_reschedule``); False for tests.
+    inline_timers = True
 
     def __init__(self, env: simpy.Environment, links: Mapping[str, Link], policy):
         self.env = env
@@ -57,6 +61,11 @@ class FluidNetwork:
         self.policy_calls = 0
         self.single_flow_skips = 0
         self._shortcut = single_flow_shortcut(policy)
+        # A policy may answer for a lone flow from its fields (``lone_rate_Bps``, same floats as asking it).
+        self._lone = lone_rate_function(policy)
+        self._capacity_Bps = {name: link.capacity_Bps for name, link in self.links.items()}
+        # Timer firings run without SimPy's queue (nothing else due before them); added to SimPy's count.
+        self.inlined_timers = 0
         self.bytes_by_link: dict[str, float] = {name: 0.0 for name in self.links}
         self.busy_s_by_link: dict[str, float] = {name: 0.0 for name in self.links}
 
@@ -128,6 +137,29 @@ class FluidNetwork:
             self.pending = [st for st in pending if len(st._layers_arrived) < st.spec.num_layers]
 
     def _reschedule(self) -> None:
+        """New rates at ``env.now`` and the timer for the next event; see ``_plan``."""
+        delay = self._plan()
+        while delay is not None:
+            env = self.env
+            t = env.now + delay  # the time SimPy's ``timeout(delay)`` would fire at
+            queue = env._queue
+            if not self.inline_timers or (queue and not t < queue[0][0]):
+                gen = self._gen
+                timer = env.timeout(delay)
+                timer.callbacks.append(lambda _ev, gen=gen: self._on_timer(gen))
+                return
+            # Nothing else is scheduled before the timer: no process runs, no flow can be added, so its
+            # firing is run here instead of through SimPy's queue (the same calls at the same times; a
+            # timer event per layer boundary and GPU layer end made SimPy a large part of a run).
+            # SimPy has no public way to move its clock; ``_now`` is what ``step`` sets.
+            env._now = t
+            self.inlined_timers += 1
+            self.timer_events += 1
+            self._sync()
+            delay = self._plan()
+
+    def _plan(self) -> float | None:
+        """Rates at ``env.now`` and the delay to the next event (``None``: no flow left)."""
         now = self.env.now
         active = [st for st in self.pending if st.spec._start_s <= now]
         one = None
@@ -137,6 +169,25 @@ class FluidNetwork:
         if one is not None:
             self.single_flow_skips += 1
             self._rates = one
+        elif len(active) == 1 and self._lone is not None:
+            # The policy's own answer for one flow (bandwidth_aware's), without building its view.
+            st = active[0]
+            s = st.spec
+            self.policy_calls += 1
+            self._rates = {
+                s.request_id: self._lone(
+                    now,
+                    s.path,
+                    self._capacity_Bps,
+                    math.inf,  # FlowState.view's max_rate_Bps
+                    s.layer_bytes,
+                    s.num_layers,
+                    st.delivered_bytes,
+                    s.compute_per_layer_s,
+                    st.gpu_busy_until_s,
+                    st.layers_computed,
+                )
+            }
         elif active:
             self.policy_calls += 1
             self._rates = self.policy.allocate(now, [st.view(now) for st in active], self.links)
@@ -149,10 +200,8 @@ class FluidNetwork:
                 raise RuntimeError(
                     f"fluid network stuck at t={now}: pending flows get no bandwidth and no event"
                 )
-            return
-        gen = self._gen
-        timer = self.env.timeout(t_next - now)
-        timer.callbacks.append(lambda _ev, gen=gen: self._on_timer(gen))
+            return None
+        return t_next - now
 
     def _flush(self, _ev) -> None:
         self._flush_scheduled = False

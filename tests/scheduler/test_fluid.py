@@ -337,3 +337,63 @@ def test_single_flow_shortcut_is_what_the_policy_answers(
     policy = get_policy(name)
     if single_flow_shortcut(policy):  # every registered policy that claims it
         assert single_flow_rates(view, links) == policy.allocate(0.5, [view], links)
+
+
+def _original_lone(now_s, f, links):
+    """bandwidth_aware's answer for one live flow as it was written with ``urgency`` and ``grant``."""
+    import math
+
+    from scheduler.bandwidth_aware import grant, path_residual_Bps
+    from scheduler.urgency import urgency
+
+    residual = {n: link.capacity_Bps for n, link in links.items()}
+    rates = {f.flow_id: 0.0}
+    if not f.remaining_bytes > 1e-6:
+        return rates
+    u = urgency(f, now_s)
+    cap = min(path_residual_Bps(f, residual), f.max_rate_Bps)
+    if u.lateness_s(cap) > 1e-12:
+        grant(f, math.inf, residual, rates)
+    else:
+        grant(f, u.jit_rate_Bps(), residual, rates)
+        grant(f, math.inf, residual, rates)
+    return rates
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4),
+    st.sampled_from([0.0, 1.0, 1e-3, 4.0e5, 3.3e7 / 7]) | st.floats(1e-3, 1e12),
+    st.integers(1, 80),
+    st.sampled_from([0.0, 0.5, 1.0, 1 / 3]) | st.floats(0.0, 1.0),
+    st.sampled_from([0.0, 0.02]) | st.floats(0.0, 0.1),
+    st.floats(0.0, 1.0),
+    st.integers(0, 80),
+    st.sampled_from([float("inf"), 1e8, 0.0]),
+)
+def test_lone_rate_is_what_bandwidth_aware_answers(path, layer_bytes, layers, done, c, busy, computed, cap):
+    """The simulator asks ``lone_rate_Bps`` for a lone flow: the original rule's float result, bit for bit."""
+    from scheduler.flows import FlowView
+    from scheduler.fluid import lone_rate_function
+
+    links = {"a": Link("a", 1.25e10), "b": Link("b", 3.3e9 / 7), "c": Link("c", 0.1)}
+    for delivered in (layer_bytes * layers * done, layer_bytes * round(layers * done), layer_bytes * layers):
+        view = FlowView(
+            flow_id="f",
+            path=tuple(path),
+            layer_bytes=layer_bytes,
+            layers_total=layers,
+            delivered_bytes=delivered,
+            compute_per_layer_s=c,
+            gpu_busy_until_s=busy,
+            layers_computed=min(computed, layers),
+            max_rate_Bps=cap,
+        )
+        policy = get_policy("bandwidth_aware")
+        lone = lone_rate_function(policy)
+        capacity = {n: link.capacity_Bps for n, link in links.items()}
+        fields = (view.path, capacity, cap, layer_bytes, layers, delivered, c, busy, view.layers_computed)
+        want = _original_lone(0.5, view, links)
+        # repr: bit for bit (0.0 and -0.0 differ there)
+        assert repr({"f": lone(0.5, *fields)}) == repr(want) == repr(policy.allocate(0.5, [view], links))
+    assert lone_rate_function(get_policy("equal")) is None

@@ -151,3 +151,26 @@ def test_single_flow_shortcut_changes_no_result(policy, monkeypatch):
             b.stall_s,
             b.first_layer_s,
         )
+
+
+@pytest.mark.parametrize("policy", ["equal", "bandwidth_aware"])
+def test_timers_run_in_place_change_no_result(policy, monkeypatch):
+    """Timer firings run without SimPy's queue (nothing else due first) give the same floats and counts."""
+    rng = np.random.default_rng(5)
+    links = [Link("a", 1e9), Link("b", 4e8)]
+    specs = [
+        RequestSpec(i, float(t), float(rng.uniform(1e6, 5e7)), 8, float(rng.uniform(0, 0.01)), p)
+        for i, (t, p) in enumerate(zip(np.cumsum(rng.exponential(0.05, 40)), [("a",), ("a", "b")] * 20))
+    ]
+    fast, net = _run(specs, links, policy)
+    assert net.inlined_timers > 0
+    monkeypatch.setattr(FluidNetwork, "inline_timers", False)
+    slow, ref = _run(specs, links, policy)
+    assert ref.inlined_timers == 0
+    counts = ("timer_events", "stale_timers", "policy_calls", "single_flow_skips", "bytes_by_link")
+    assert [getattr(net, k) for k in counts] == [getattr(ref, k) for k in counts]
+    for i in fast:
+        a, b = fast[i][0], slow[i][0]
+        assert repr((fast[i][1], a.done_s, a.stall_s, a.first_layer_s, a.delivered_bytes)) == repr(
+            (slow[i][1], b.done_s, b.stall_s, b.first_layer_s, b.delivered_bytes)
+        )
