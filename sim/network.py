@@ -179,7 +179,7 @@ class FluidNetwork:
                     now,
                     s.path,
                     self._capacity_Bps,
-                    math.inf,  # FlowState.view's max_rate_Bps
+                    s.max_rate_Bps,
                     s.layer_bytes,
                     s.num_layers,
                     st.delivered_bytes,
