@@ -129,15 +129,22 @@ def test_unknown_link_is_rejected():
         net.add(RequestSpec("a", 0.0, 1.0, 1, 0.0, ("nope",)))
 
 
-@pytest.mark.parametrize("policy", ["equal", "srtf"])
-def test_single_flow_shortcut_changes_no_result(policy, monkeypatch):
-    """Skipping the policy call for a lone flow (equal, srtf) gives the same floats as asking it."""
-    rng = np.random.default_rng(3)
+def _staggered_requests(seed: int) -> tuple[list[Link], list[RequestSpec]]:
+    """40 requests of 8 layers arriving ~50 ms apart, alternating a one-link and a two-link path: lone
+    flows and contended stretches both occur."""
+    rng = np.random.default_rng(seed)
     links = [Link("a", 1e9), Link("b", 4e8)]
     specs = [
         RequestSpec(i, float(t), float(rng.uniform(1e6, 5e7)), 8, float(rng.uniform(0, 0.01)), p)
         for i, (t, p) in enumerate(zip(np.cumsum(rng.exponential(0.05, 40)), [("a",), ("a", "b")] * 20))
     ]
+    return links, specs
+
+
+@pytest.mark.parametrize("policy", ["equal", "srtf"])
+def test_single_flow_shortcut_changes_no_result(policy, monkeypatch):
+    """Skipping the policy call for a lone flow (equal, srtf) gives the same floats as asking it."""
+    links, specs = _staggered_requests(3)
     fast, net = _run(specs, links, policy)
     assert net.single_flow_skips > 0
     monkeypatch.setattr("sim.network.single_flow_shortcut", lambda _policy: False)
@@ -156,12 +163,7 @@ def test_single_flow_shortcut_changes_no_result(policy, monkeypatch):
 @pytest.mark.parametrize("policy", ["equal", "bandwidth_aware"])
 def test_timers_run_in_place_change_no_result(policy, monkeypatch):
     """Timer firings run without SimPy's queue (nothing else due first) give the same floats and counts."""
-    rng = np.random.default_rng(5)
-    links = [Link("a", 1e9), Link("b", 4e8)]
-    specs = [
-        RequestSpec(i, float(t), float(rng.uniform(1e6, 5e7)), 8, float(rng.uniform(0, 0.01)), p)
-        for i, (t, p) in enumerate(zip(np.cumsum(rng.exponential(0.05, 40)), [("a",), ("a", "b")] * 20))
-    ]
+    links, specs = _staggered_requests(5)
     fast, net = _run(specs, links, policy)
     assert net.inlined_timers > 0
     monkeypatch.setattr(FluidNetwork, "inline_timers", False)
