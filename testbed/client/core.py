@@ -353,6 +353,7 @@ class ObjectCacheClient:
         out: Sequence | None = None,
         compute_per_layer_s: float | None = None,
         timings: dict | None = None,
+        pace_group: str | None = None,
     ) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(layer, payload)`` for ``layer_start <= layer < layer_end`` in order (see module doc).
 
@@ -364,6 +365,9 @@ class ObjectCacheClient:
         request is about to be sent), ``response_s`` (status and headers are in: the server has checked every
         object, or for an early stream the first few), ``first_byte_s`` (the first layer frame's head is in:
         its payload follows) and ``first_layer_s`` (layer ``layer_start`` is received and verified).
+        ``pace_group``: the gather streams of one request share this id (1-128 printable ASCII characters,
+        unique per request), so a paced server gives them one flow's rate (``testbed.objectstore.pacer``);
+        the fallback paths ignore it.
         """
         names = list(names)
         if not names:
@@ -378,7 +382,7 @@ class ObjectCacheClient:
         if mode == "gather":
             try:
                 stream = self._gather_reader.layers(
-                    names, layer_start, layer_end, out, compute_per_layer_s, timings
+                    names, layer_start, layer_end, out, compute_per_layer_s, timings, pace_group
                 )
                 first = next(stream)  # the request is sent and answered before the first yield
             except GatherUnsupported:

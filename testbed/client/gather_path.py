@@ -71,12 +71,18 @@ class GatherReader:
         out: Sequence | None,
         compute_per_layer_s: float | None,
         timings: dict | None = None,
+        pace_group: str | None = None,
     ) -> Iterator[tuple[int, memoryview]]:
         """Generator of the gathered ``(layer, view)`` pairs (the range is not empty); ``timings`` gets the
         ``time.monotonic()`` stamps ``load_layers`` documents."""
         stamps = timings if timings is not None else {}
         body = frames.encode_gather_request(
-            names, layer_start, layer_end, compute_per_layer_s, stream_early=self.stream_early
+            names,
+            layer_start,
+            layer_end,
+            compute_per_layer_s,
+            stream_early=self.stream_early,
+            pace_group=pace_group,
         )
         path = f"/{quote(self.bucket, safe='')}?gather"
         stamps["sent_s"] = time.monotonic()

@@ -29,6 +29,7 @@ from testbed.engine.reader import (
     LoadFailed,
     ReaderProcess,
     decode_error,
+    new_pace_group,
 )
 from testbed.engine.segment import LayerSegment
 from testbed.wire.errors import ObjectCacheError, StorageUnavailable
@@ -191,6 +192,7 @@ class ObjectCacheSource(KVSource):
         groups = self.stream_count(n)
         bounds = [round(g * n / groups) for g in range(groups + 1)]
         self._groups = groups
+        self._pace_group = new_pace_group(groups)
         self._first_ms: list[float | None] = [None] * groups
         self._stamps: list[dict] = [{} for _ in range(groups)]  # the client's stamps per stream
         self._delivered = [0] * L
@@ -228,7 +230,11 @@ class ObjectCacheSource(KVSource):
         nbytes = len(names) * sb
         expected = 0
         stream = self.client.load_layers(
-            names, out=outs, compute_per_layer_s=request.compute_per_layer_s, timings=self._stamps[group]
+            names,
+            out=outs,
+            compute_per_layer_s=request.compute_per_layer_s,
+            timings=self._stamps[group],
+            pace_group=self._pace_group,
         )
         try:
             for layer, view in stream:

@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 # Modules whose exception classes cross the process boundary as themselves (the client's errors, including
@@ -248,6 +249,7 @@ def _serve_load(
 ) -> None:
     """Run one request's gather streams (one thread per group) and report layers, the first error, the end."""
     req_id, stride, groups, num_layers = cmd.req_id, cmd.layer_stride_bytes, cmd.groups, cmd.num_layers
+    pace_group = new_pace_group(len(groups))
     buf = memoryview(mm)
     delivered = [0] * num_layers
     lock = threading.Lock()
@@ -268,7 +270,11 @@ def _serve_load(
             nbytes = groups[g].layer_bytes
             outs = [buf[i * stride + offset : i * stride + offset + nbytes] for i in range(num_layers)]
             stream = client.load_layers(
-                names, out=outs, compute_per_layer_s=cmd.compute_per_layer_s, timings=stamps[g]
+                names,
+                out=outs,
+                compute_per_layer_s=cmd.compute_per_layer_s,
+                timings=stamps[g],
+                pace_group=pace_group,
             )
             for layer, view in stream:
                 if cancel.is_set():
@@ -320,6 +326,12 @@ def _serve_load(
     timings.response_s = [st.get("response_s") for st in stamps]
     timings.first_byte_s = [st.get("first_byte_s") for st in stamps]
     send(LoadDone(req_id, timings))
+
+
+def new_pace_group(streams: int) -> str | None:
+    """A fresh pace-group id for a request of ``streams`` gather streams (None for one stream): the server
+    paces a request's streams as one flow (``testbed.objectstore.pacer``)."""
+    return uuid.uuid4().hex if streams > 1 else None
 
 
 def _address(view) -> int:

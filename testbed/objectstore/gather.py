@@ -71,7 +71,8 @@ class GatherRequest:
     """A validated gather request body (its JSON form: ``testbed.wire.frames``).  Layers
     ``[layer_start, layer_end)`` of ``keys`` (``layer_end`` None: to the model's last layer);
     ``compute_per_layer_s`` is the client's GPU time per layer in seconds, a hint for the pacer;
-    ``stream_id`` names the stream in the pacer's control API and metrics."""
+    ``stream_id`` names the stream in the pacer's control API and metrics; ``pace_group`` names the set of
+    streams one client request split its chunks into, paced as one flow (``testbed.objectstore.pacer``)."""
 
     keys: tuple[str, ...]
     layer_start: int
@@ -79,6 +80,7 @@ class GatherRequest:
     compute_per_layer_s: float | None = None
     stream_id: str | None = None
     stream_early: bool = False
+    pace_group: str | None = None
 
 
 def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRequest:
@@ -122,16 +124,17 @@ def parse_gather_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS) -> GatherRe
         raise InvalidRequest(
             f"compute_per_layer_s must be a number of seconds in [0, {MAX_COMPUTE_PER_LAYER_S:g}]"
         )
-    sid = doc.get("stream_id")
-    if sid is not None and (not isinstance(sid, str) or not _STREAM_ID.fullmatch(sid)):
-        # It is echoed in a response header and labels metrics: no control characters.
-        raise InvalidRequest("stream_id must be 1 to 128 printable ASCII characters")
+    sid, group = doc.get("stream_id"), doc.get("pace_group")
+    for name, value in (("stream_id", sid), ("pace_group", group)):
+        if value is not None and (not isinstance(value, str) or not _STREAM_ID.fullmatch(value)):
+            # Echoed in a response header and labels metrics: no control characters.
+            raise InvalidRequest(f"{name} must be 1 to 128 printable ASCII characters")
     early = doc.get("stream_early", False)
     if not isinstance(early, bool):
         raise InvalidRequest("stream_early must be true or false")
     if compute_per_layer_s is not None:
         compute_per_layer_s = float(compute_per_layer_s)
-    return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid, early)
+    return GatherRequest(tuple(keys), start, end, compute_per_layer_s, sid, early, group)
 
 
 def _is_int(x) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 from aiohttp import web
 
@@ -27,7 +28,7 @@ from testbed.objectstore.metrics import ServerMetrics
 from testbed.objectstore.store import FilesystemStore
 from testbed.objectstore.storeapi import Store, validate_key
 from testbed.wire import frames, s3xml
-from testbed.wire.errors import CorruptObject, ObjectCacheError, S3Error
+from testbed.wire.errors import CorruptObject, InvalidRequest, ObjectCacheError, S3Error
 
 log = logging.getLogger("objectcache.server")
 
@@ -161,10 +162,22 @@ async def gather(ctx: RequestContext) -> web.StreamResponse:
     except BaseException:
         plan.close()
         raise
-    stream = svc.pacer.open_stream(
-        plan.layer_payload_bytes, plan.num_layers, req.compute_per_layer_s, req.stream_id
-    )
+    try:
+        stream = svc.pacer.open_stream(
+            plan.layer_payload_bytes,
+            plan.num_layers,
+            req.compute_per_layer_s,
+            req.stream_id,
+            group=req.pace_group,
+            tenant=tenant,
+        )
+    except ValueError as e:
+        svc.gather_budget.release(tenant, response_bytes)
+        plan.close()
+        raise InvalidRequest(str(e)) from None
     stream.request_s = request_s
+    if math.isnan(stream.flow.request_s):
+        stream.flow.request_s = request_s
     svc.metrics.active_streams.inc()
     svc.metrics.gather_streams.inc()
     try:

@@ -5,6 +5,11 @@ compute hint, when each layer finished sending, the rate the policy gave it and 
 piece (``next_send_s``).  ``view`` turns it into the ``scheduler.flows.FlowView`` a policy allocates on, on
 the pacer's one link ``EGRESS``.  ``retime`` applies a new rate at once, also to a piece already waiting
 for its slot (see ``testbed.objectstore.pacer`` for the pacing model).
+
+A *pace group* is the set of gather streams one client request split its chunks into (parallel receivers):
+the scheduler's unit is the request, so the group is one ``PacedStream`` (one flow for the policy, one send
+deadline) and each stream of it is a ``PacedMember``.  Members draw on the group's deadline in turn, so a
+member that falls behind (a busy receiver) leaves its share to the others instead of idling the link.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ class PacedStream:
     owed_bytes: float = 0.0
     # When the server started handling the request (pacer clock; nan if unknown): for the trace.
     request_s: float = math.nan
+    # Bytes ever accounted to pieces (never decreases, unlike ``delivered_bytes`` when a member leaves): a
+    # piece's slot ends when the deadline has passed every byte accounted after it (``slot_end_s``).
+    accounted_bytes: float = 0.0
+    slot_end_bytes: float = 0.0  # ``accounted_bytes`` after this handle's last piece (see ``PacedMember``)
+    members: list[PacedMember] = field(default_factory=list)  # empty: a stream of its own
+    group_key: tuple[str, str] | None = None
     changed: asyncio.Event | None = field(default=None, repr=False)
     # gpu_state's resumable recurrence: layers started, when the GPU is free, and the time last asked.
     _gpu_started: int = field(default=0, repr=False)
@@ -53,6 +64,23 @@ class PacedStream:
     @property
     def layers_sent(self) -> int:
         return len(self.layer_sent_s)
+
+    @property
+    def flow(self) -> PacedStream:
+        """The flow a handle paces on: a stream of its own is its own flow."""
+        return self
+
+    def slot_end_s(self, position_bytes: float) -> float:
+        """When the piece that ended at ``position_bytes`` (an ``accounted_bytes`` value) may leave: the
+        deadline less the time of the bytes accounted after it, at the current rate (``-inf``: unpaced,
+        ``inf``: it waits for a rate)."""
+        rate = self.rate_Bps
+        behind = self.accounted_bytes - position_bytes
+        if math.isinf(rate):
+            return -math.inf
+        if rate <= 0:
+            return math.inf if self.owed_bytes > behind else -math.inf
+        return self.next_send_s - behind / rate
 
     def gpu_state(self, now_s: float) -> tuple[int, float]:
         """(layers whose compute has started by ``now_s``, when the GPU finishes those layers), by the
@@ -119,3 +147,17 @@ class PacedStream:
             start_s=self.arrival_s,
             first_layer_s=self.layer_sent_s[0] if self.layer_sent_s else math.nan,
         )
+
+
+@dataclass(eq=False)
+class PacedMember:
+    """One stream of a pace group: the group's ``flow`` is what the policy allocates and the deadline it
+    paces on; the member keeps its own layer count, its share of the bytes and where its last piece ended."""
+
+    stream_id: str
+    flow: PacedStream
+    layer_bytes: int
+    layers_sent: int = 0
+    accounted_bytes: float = 0.0  # this member's bytes in ``flow.delivered_bytes``
+    slot_end_bytes: float = 0.0
+    request_s: float = math.nan

@@ -45,10 +45,12 @@ from dataclasses import dataclass
 
 from scheduler.flows import Link
 from scheduler.policies import get_policy, policy_names
-from testbed.objectstore.paced_stream import EGRESS, PacedStream
+from testbed.objectstore.paced_stream import EGRESS, PacedMember, PacedStream
 
 DEFAULT_PIECE_BYTES = 64 * 1024  # the smallest paced piece; faster streams send ~quantum_s of data a piece
 MAX_PIECE_BYTES = 16 * 1024 * 1024
+# How many layers a member of a pace group may run ahead of the group's slowest member.
+GROUP_LEAD_LAYERS = 1
 
 
 class Pacer:
@@ -76,7 +78,8 @@ class Pacer:
         self.quantum_s = quantum_s
         self.starve_poll_s = starve_poll_s
         self.recheck_s = recheck_s
-        self.streams: dict[str, PacedStream] = {}
+        self.streams: dict[str, PacedStream] = {}  # the flows: streams of their own and pace groups
+        self._groups: dict[tuple[str, str], PacedStream] = {}
         self._ids = itertools.count()
         self.reallocations = 0
         self.timer_reallocations = 0
@@ -125,27 +128,83 @@ class Pacer:
         layers_total: int,
         compute_per_layer_s: float | None = None,
         stream_id: str | None = None,
-    ) -> PacedStream:
-        """Register a stream and reallocate.  Stream ids are made unique (a counter suffix)."""
+        *,
+        group: str | None = None,
+        tenant: str = "",
+    ) -> PacedStream | PacedMember:
+        """Register a stream and reallocate.  Stream ids are made unique (a counter suffix).
+
+        ``group``: the client's pace group (the streams of one request, ``PacedMember``): the first stream
+        of ``(tenant, group)`` opens the group's flow, later ones join it (their layer bytes add up; they
+        must have as many layers, else ``ValueError``).  Tenants never share a group."""
         n = next(self._ids)
         sid = f"{stream_id}#{n}" if stream_id else f"s{n}"
         if not (compute_per_layer_s and compute_per_layer_s > 0):
             compute_per_layer_s = 0.0  # no hint: the policy sees a client that computes instantly
-        s = PacedStream(sid, int(layer_bytes), int(layers_total), float(compute_per_layer_s), self.now_s())
-        s.next_send_s = s.arrival_s
-        s.changed = asyncio.Event() if _in_loop() else None
-        self.streams[sid] = s
+        flow = None if group is None else self._groups.get((tenant, group))
+        if flow is not None and flow.layers_total != int(layers_total):
+            raise ValueError(
+                f"pace group {group!r} streams {flow.layers_total} layers; this stream has {layers_total}"
+            )
+        if flow is None:
+            fid = sid if group is None else f"{group}#{n}"
+            flow = PacedStream(fid, 0, int(layers_total), float(compute_per_layer_s), self.now_s())
+            flow.next_send_s = flow.arrival_s
+            flow.changed = asyncio.Event() if _in_loop() else None
+            self.streams[fid] = flow
+            if group is None:
+                flow.layer_bytes = int(layer_bytes)
+                self.reallocate()
+                return flow
+            flow.group_key = (tenant, group)
+            self._groups[flow.group_key] = flow
+        member = PacedMember(sid, flow, int(layer_bytes))
+        with self._lock:
+            flow.layer_bytes += member.layer_bytes
+            flow.members.append(member)
         self.reallocate()
-        return s
+        return member
 
-    def close_stream(self, stream: PacedStream) -> None:
-        if self.streams.pop(stream.stream_id, None) is not None:
+    def close_stream(self, stream: PacedStream | PacedMember) -> None:
+        """A stream ended (done, failed or cancelled); a group's flow ends with its last member."""
+        flow = stream.flow
+        if isinstance(stream, PacedMember):
+            with self._lock:
+                if stream in flow.members:
+                    flow.members.remove(stream)
+                    # What it has not sent is no longer the group's to send.
+                    flow.layer_bytes -= stream.layer_bytes
+                    flow.delivered_bytes -= stream.accounted_bytes
+                    self._record_group_layers(flow)
+            if flow.members:
+                self.reallocate()
+                return
+            self._groups.pop(flow.group_key, None)
+        if self.streams.pop(flow.stream_id, None) is not None:
             self.reallocate()
 
-    def layer_sent(self, stream: PacedStream) -> None:
-        """A stream finished sending a layer: record it (for the GPU estimate) and reallocate."""
+    def layer_sent(self, stream: PacedStream | PacedMember) -> None:
+        """A stream finished sending a layer: record it (for the GPU estimate) and reallocate.  A group's
+        layer is sent when each of its members has sent it."""
+        if isinstance(stream, PacedMember):
+            with self._lock:
+                stream.layers_sent += 1
+                changed = self._record_group_layers(stream.flow)
+            if changed:
+                self.reallocate()
+            return
         stream.layer_sent_s.append(self.now_s())
         self.reallocate()
+
+    def _record_group_layers(self, flow: PacedStream) -> bool:
+        """Stamp the group layers that every member has now sent; True if there were any."""
+        if not flow.members:
+            return False
+        done = min(m.layers_sent for m in flow.members)
+        now = self.now_s()
+        added = done - flow.layers_sent
+        flow.layer_sent_s.extend([now] * max(0, added))
+        return added > 0
 
     def reallocate(self) -> dict[str, float]:
         """Ask the policy for new rates of all active streams (infinite when egress is unlimited), apply
@@ -221,38 +280,46 @@ class Pacer:
         self.timer_reallocations += 1
         self.reallocate()
 
-    def delay_for(self, stream: PacedStream, nbytes: int) -> float:
+    def delay_for(self, stream: PacedStream | PacedMember, nbytes: int) -> float:
         """Account ``nbytes`` to the stream; return how long to wait before sending them.
 
-        The piece occupies the link from the stream's deadline ``next_send_s`` (or from ``burst_s`` ago, if
+        The piece occupies the link from the flow's deadline ``next_send_s`` (or from ``burst_s`` ago, if
         the sender is late: credit for time lost sending or oversleeping) for ``nbytes / rate``; it may
         leave once that slot has passed, as a link of that rate would have delivered it.  So ``n`` bytes
         never leave faster than ``n / rate`` (plus at most ``burst_s`` of credit), and a sender that sleeps
-        only until each deadline delivers the rate exactly on average."""
+        only until each deadline delivers the rate exactly on average.  The members of a pace group take
+        their slots one after another on the group's deadline."""
         now = self.now_s()
+        flow = stream.flow
         with self._lock:
-            stream.delivered_bytes += nbytes
-            if math.isinf(stream.rate_Bps):
-                stream.next_send_s = now
+            flow.delivered_bytes += nbytes
+            flow.accounted_bytes += nbytes
+            stream.slot_end_bytes = flow.accounted_bytes
+            if stream is not flow:
+                stream.accounted_bytes += nbytes
+            if math.isinf(flow.rate_Bps):
+                flow.next_send_s = now
                 return 0.0
-            if stream.rate_Bps <= 0:  # no rate now: the bytes wait for the next one
-                stream.owed_bytes += nbytes
+            if flow.rate_Bps <= 0:  # no rate now: the bytes wait for the next one
+                flow.owed_bytes += nbytes
                 return math.inf
-            start = max(stream.next_send_s, now - self.burst_s)
-            stream.next_send_s = start + nbytes / stream.rate_Bps
-            return max(0.0, stream.next_send_s - now)
+            start = max(flow.next_send_s, now - self.burst_s)
+            flow.next_send_s = start + nbytes / flow.rate_Bps
+            return max(0.0, flow.next_send_s - now)
 
-    def piece_bytes(self, stream: PacedStream, floor_bytes: int = DEFAULT_PIECE_BYTES) -> int:
-        """Bytes to send per pacing step: ``quantum_s`` of data at the stream's rate, within
-        [``floor_bytes``, ``MAX_PIECE_BYTES``] (unpaced or starved: the largest piece)."""
-        rate = stream.rate_Bps
+    def piece_bytes(self, stream: PacedStream | PacedMember, floor_bytes: int = DEFAULT_PIECE_BYTES) -> int:
+        """Bytes to send per pacing step: ``quantum_s`` of data at the stream's share of its flow's rate,
+        within [``floor_bytes``, ``MAX_PIECE_BYTES``] (unpaced or starved: the largest piece)."""
+        flow = stream.flow
+        rate = flow.rate_Bps
         if not self.limited or math.isinf(rate) or rate <= 0:
             return MAX_PIECE_BYTES
-        return int(min(MAX_PIECE_BYTES, max(floor_bytes, rate * self.quantum_s)))
+        share = rate / max(1, len(flow.members))
+        return int(min(MAX_PIECE_BYTES, max(floor_bytes, share * self.quantum_s)))
 
     def pace_blocking(
         self,
-        stream: PacedStream,
+        stream: PacedStream | PacedMember,
         nbytes: int,
         wait: Callable[[float], object] = time.sleep,
         on_starved: Callable[[], None] | None = None,
@@ -262,26 +329,41 @@ class Pacer:
         rate changes: it re-reads the deadline every ``recheck_s`` (a re-allocation may move it either
         way).  A starved stream (rate 0) polls every millisecond and calls ``on_starved`` (which should
         schedule ``reallocate`` on the event loop) every ``starve_poll_s``; rates only change on the loop."""
+        flow = stream.flow
         if self.egress_Bps is None:
-            stream.delivered_bytes += nbytes
+            self.delay_for(stream, nbytes)
             return
-        self._wait_for_rate(stream, wait, on_starved)
+        self._wait_for_rate(flow, wait, on_starved)
+        while self._ahead_of_group(stream):
+            if wait(self.recheck_s):
+                return
         self.delay_for(stream, nbytes)
         while True:
-            left = stream.next_send_s - self.now_s()
+            left = flow.slot_end_s(stream.slot_end_bytes) - self.now_s()
             if left <= 0:
                 return
             if math.isinf(left):  # cut to 0 while waiting: resume when it has a rate again
-                if self._wait_for_rate(stream, wait, on_starved):
+                if self._wait_for_rate(flow, wait, on_starved):
                     return
                 continue
             if wait(min(left, self.recheck_s)):
                 return  # cancelled: the caller checks its stop flag
 
-    def _wait_for_rate(self, stream: PacedStream, wait: Callable[[float], object], on_starved) -> bool:
-        """Block while the stream's rate is 0; True if cancelled."""
+    def _ahead_of_group(self, stream: PacedStream | PacedMember) -> bool:
+        """A member more than ``GROUP_LEAD_LAYERS`` layers ahead of its group's slowest member waits: the
+        client needs every member's layer ``l`` before it can compute layer ``l``, so the group's rate goes
+        to the members that hold the earliest layer back (a member that joins late catches up first)."""
+        if not isinstance(stream, PacedMember):
+            return False
+        members = stream.flow.members
+        return (
+            len(members) > 1 and stream.layers_sent > min(m.layers_sent for m in members) + GROUP_LEAD_LAYERS
+        )
+
+    def _wait_for_rate(self, flow: PacedStream, wait: Callable[[float], object], on_starved) -> bool:
+        """Block while the flow's rate is 0; True if cancelled."""
         last = self.now_s()
-        while stream.rate_Bps <= 0:
+        while flow.rate_Bps <= 0:
             if wait(0.001):
                 return True
             if on_starved is not None and self.now_s() - last >= self.starve_poll_s:
@@ -289,30 +371,33 @@ class Pacer:
                 on_starved()
         return False
 
-    async def pace(self, stream: PacedStream, nbytes: int) -> None:
-        """Wait until the stream may send ``nbytes`` more bytes at its current rate."""
+    async def pace(self, stream: PacedStream | PacedMember, nbytes: int) -> None:
+        """Wait until the stream may send ``nbytes`` more bytes at its flow's current rate."""
+        flow = stream.flow
         if self.egress_Bps is None:
-            stream.delivered_bytes += nbytes
+            self.delay_for(stream, nbytes)
             return
-        await self._await_rate(stream)
+        await self._await_rate(flow)
+        while self._ahead_of_group(stream):
+            await asyncio.sleep(self.recheck_s)
         self.delay_for(stream, nbytes)
         while True:
-            left = stream.next_send_s - self.now_s()
+            left = flow.slot_end_s(stream.slot_end_bytes) - self.now_s()
             if left <= 0:
                 return
             if math.isinf(left):
-                await self._await_rate(stream)
+                await self._await_rate(flow)
                 continue
             await asyncio.sleep(min(left, self.recheck_s))
 
-    async def _await_rate(self, stream: PacedStream) -> None:
-        while stream.rate_Bps <= 0:
-            # The policy gave this stream nothing for now: wait for the next reallocation.
-            if stream.changed is None:
-                stream.changed = asyncio.Event()
-            stream.changed.clear()
+    async def _await_rate(self, flow: PacedStream) -> None:
+        while flow.rate_Bps <= 0:
+            # The policy gave this flow nothing for now: wait for the next reallocation.
+            if flow.changed is None:
+                flow.changed = asyncio.Event()
+            flow.changed.clear()
             try:
-                await asyncio.wait_for(stream.changed.wait(), self.starve_poll_s)
+                await asyncio.wait_for(flow.changed.wait(), self.starve_poll_s)
             except TimeoutError:
                 self.reallocate()
 

@@ -3,7 +3,8 @@
 Request (``POST /<bucket>?gather``, ``Content-Type: application/json``, SigV4-signed like any S3 request)::
 
     {"version": 1, "keys": [object names...], "layer_start": 0, "layer_end": L,
-     "compute_per_layer_s": 0.004, "stream_id": "req-17", "stream_early": true}  # the last four are optional
+     "compute_per_layer_s": 0.004, "stream_id": "req-17", "stream_early": true,
+     "pace_group": "a1b2c3"}  # all but version and keys are optional
 
 Response body (``Content-Type: application/x-objectcache-gather``, exact ``Content-Length``), frames in layer
 order, all integers little-endian::
@@ -78,6 +79,7 @@ def encode_gather_request(
     compute_per_layer_s: float | None = None,
     stream_id: str | None = None,
     stream_early: bool = False,
+    pace_group: str | None = None,
 ) -> bytes:
     """The JSON body of a gather request (the server validates it with ``parse_gather_body``)."""
     doc: dict = {"version": GATHER_VERSION, "keys": list(keys), "layer_start": layer_start}
@@ -89,6 +91,8 @@ def encode_gather_request(
         doc["compute_per_layer_s"] = float(compute_per_layer_s)
     if stream_id is not None:
         doc["stream_id"] = stream_id
+    if pace_group is not None:
+        doc["pace_group"] = pace_group
     return json.dumps(doc).encode()
 
 

@@ -45,6 +45,7 @@ class MemoryObjectClient:
         self.objects: dict[str, bytes] = {}
         self.fail_after_layers: int | None = None  # simulate a dropped stream
         self.calls = 0
+        self.pace_groups: list[str | None] = []  # each call's pace group
 
     def exists(self, names):
         return [n in self.objects for n in names]
@@ -58,9 +59,18 @@ class MemoryObjectClient:
         return written
 
     def load_layers(
-        self, names, *, layer_start=0, layer_end=None, out=None, compute_per_layer_s=None, timings=None
+        self,
+        names,
+        *,
+        layer_start=0,
+        layer_end=None,
+        out=None,
+        compute_per_layer_s=None,
+        timings=None,
+        pace_group=None,
     ):
         self.calls += 1
+        self.pace_groups.append(pace_group)
         missing = [n for n in names if n not in self.objects]
         if missing:
             raise ChunkMissing(f"NoSuchKey: {missing[0]}", keys=missing)
@@ -172,6 +182,13 @@ def test_objectcache_source_streams_layers_into_kv(streams):
         assert stats.bytes_loaded == 3 * SPEC.num_layers * SPEC.kv_bytes_per_chunk_layer(CT)
         assert len(stats.wait_s) == SPEC.num_layers
     assert client.calls == 2 * min(streams, 3)  # one gather per group of chunks per request
+    # A request's streams share one pace group (the server paces them as one flow); requests differ.
+    groups = client.pace_groups
+    if streams == 1:
+        assert groups == [None, None]
+    else:
+        first, second = set(groups[: len(groups) // 2]), set(groups[len(groups) // 2 :])
+        assert len(first) == len(second) == 1 and first != second and None not in first
     assert not [t for t in threading.enumerate() if t.name.startswith("objectcache-load")]
 
 

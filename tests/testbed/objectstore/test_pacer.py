@@ -256,12 +256,12 @@ def test_server_with_scheduler_policies(start_objectcache_server, policy):
         assert json.loads(r.read())["policy"] == policy
 
 
-def _paced_load(srv, bucket, names, out, i):
+def _paced_load(srv, bucket, names, out, i, pace_group=None):
     from testbed.client.core import ObjectCacheClient
 
     with ObjectCacheClient(srv.url, bucket, srv.access_key, srv.secret_key, mode="gather") as c:
         t0 = time.monotonic()
-        arrivals = [(time.monotonic(), len(v)) for _, v in c.load_layers(names)]
+        arrivals = [(time.monotonic(), len(v)) for _, v in c.load_layers(names, pace_group=pace_group)]
         out[i] = (sum(n for _, n in arrivals), arrivals[-1][0] - t0, arrivals)
 
 
@@ -320,6 +320,106 @@ def test_two_paced_streams_split_the_link_equally(paced_200MBps):
         arrivals = out[i][2]
         rate_Bps = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
         assert rate_Bps == pytest.approx(100e6, rel=0.10)
+
+
+def test_a_pace_group_gets_one_requests_share(paced_200MBps):
+    """Three streams of one request (one pace group) against one stream of another request: under ``equal``
+    the two *requests* split the link, so the group's three streams together get 100 MB/s, not 150."""
+    srv, keys = paced_200MBps
+    group_names = [keys[0:32], keys[32:64], keys[64:96]]  # 8 MiB each: the group moves 24 MiB
+    lone_names = keys[96:192]  # 24 MiB
+    out: dict[int, tuple] = {}
+    threads = [
+        threading.Thread(target=_paced_load, args=(srv, "rate", names, out, i, "request-a"))
+        for i, names in enumerate(group_names)
+    ]
+    threads.append(threading.Thread(target=_paced_load, args=(srv, "rate", lone_names, out, 3)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    group_end = max(out[i][2][-1][0] for i in range(3))
+    group_start = min(out[i][2][0][0] for i in range(3))
+    group_bytes = sum(n for i in range(3) for _, n in out[i][2][1:])
+    lone = out[3][2]
+    lone_Bps = sum(n for _, n in lone[1:]) / (lone[-1][0] - lone[0][0])
+    # Same bytes, equal shares: they finish together, each near 100 MB/s (per-stream shares would give the
+    # group 150 MB/s and the lone request 50 MB/s).
+    assert group_bytes / (group_end - group_start) == pytest.approx(100e6, rel=0.15)
+    assert lone_Bps == pytest.approx(100e6, rel=0.15)
+
+
+def test_pace_group_members_share_one_flow_and_deadline():
+    clock = FakeClock()
+    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0)
+    a = p.open_stream(1000, 4, group="g", tenant="t1")
+    b = p.open_stream(3000, 4, group="g", tenant="t1")
+    other = p.open_stream(1000, 4, group="g", tenant="t2")  # another tenant's "g" is another flow
+    lone = p.open_stream(1000, 4)
+    assert a.flow is b.flow is not other.flow
+    assert a.stream_id != b.stream_id and len(p.streams) == 3
+    assert a.flow.layer_bytes == 4000 and a.flow.rate_Bps == pytest.approx(1e6 / 3)
+    assert lone.rate_Bps == pytest.approx(1e6 / 3)
+    # Members take slots one after another on the group's deadline: b's piece waits behind a's.
+    rate = a.flow.rate_Bps
+    assert p.delay_for(a, 10_000) == pytest.approx(10_000 / rate)
+    assert p.delay_for(b, 10_000) == pytest.approx(20_000 / rate)
+    assert a.flow.slot_end_s(a.slot_end_bytes) < a.flow.slot_end_s(b.slot_end_bytes)
+    # A member that sends nothing leaves the whole group rate to the other one.
+    for _ in range(3):
+        p.delay_for(a, 10_000)
+    assert p.delay_for(a, 10_000) == pytest.approx(60_000 / rate)
+    assert a.flow.delivered_bytes == 60_000 and a.accounted_bytes == 50_000
+    with pytest.raises(ValueError, match="layers"):
+        p.open_stream(1000, 8, group="g", tenant="t1")
+
+
+def test_pace_group_layers_and_leaving_members():
+    clock = FakeClock()
+    p = Pacer("equal", 1e6, clock=clock, burst_s=0.0)
+    a = p.open_stream(1000, 2, compute_per_layer_s=0.01, group="g")
+    b = p.open_stream(1000, 2, compute_per_layer_s=0.01, group="g")
+    flow = a.flow
+    p.layer_sent(a)
+    p.layer_sent(a)  # a is done; the group's layer 0 waits for b
+    assert flow.layers_sent == 0
+    clock.t += 0.5
+    p.layer_sent(b)
+    assert flow.layer_sent_s == [pytest.approx(0.5)]
+    p.delay_for(b, 700)
+    p.close_stream(b)  # b leaves early: its bytes are no longer the group's
+    assert flow.layer_bytes == 1000 and flow.delivered_bytes == 0
+    assert flow.layers_sent == 2  # only a is left, and it has sent both layers
+    assert list(p.streams) == [flow.stream_id]
+    p.close_stream(a)
+    assert not p.streams and not p._groups
+    again = p.open_stream(1000, 2, group="g")  # the name is free again: a new flow
+    assert again.flow is not flow
+
+
+def test_pace_group_member_waits_while_ahead_of_the_slowest():
+    """A member more than one layer ahead of its group's slowest member waits (the client needs every
+    member's layer before it can compute it); the slowest one never does."""
+    clock = FakeClock()
+    p = Pacer("equal", 1e9, clock=clock)
+    fast = p.open_stream(1000, 8, group="g")
+    slow = p.open_stream(1000, 8, group="g")
+    for _ in range(2):
+        p.layer_sent(fast)
+    waits: list[float] = []
+
+    def wait(s: float) -> bool:
+        waits.append(s)
+        clock.t += s
+        if len(waits) == 3:
+            p.layer_sent(slow)  # the slow member sends its layer 0: fast may go on
+        return False
+
+    p.pace_blocking(fast, 100, wait)
+    assert len(waits) == 3
+    waits.clear()
+    p.pace_blocking(slow, 100, wait)
+    assert waits == []
 
 
 def test_paced_buffered_path_delivers_the_bytes_at_its_rate(start_objectcache_server):

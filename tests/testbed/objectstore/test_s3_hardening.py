@@ -273,6 +273,8 @@ def test_gather_budget_accounting():
         {"keys": ["ns1/a"], "stream_id": ""},
         {"keys": ["ns1/a"], "stream_id": "é"},
         {"keys": ["ns1/a"], "stream_id": 5},
+        {"keys": ["ns1/a"], "pace_group": "evil\r\nx"},
+        {"keys": ["ns1/a"], "pace_group": ["g"]},
         {"keys": ["ns1/a"], "layer_start": 10**300},
         {"keys": ["ns1/a"], "layer_start": [[[[1]]]]},
         {"keys": ["ns1/a"], "layer_end": 1e400},
@@ -327,6 +329,7 @@ def _gather_body(names: list[str]):
             "layer_end": st.one_of(st.none(), st.integers(min_value=-5, max_value=10), _json),
             "compute_per_layer_s": st.one_of(st.floats(), _json),
             "stream_id": st.one_of(st.text(max_size=200), _json),
+            "pace_group": st.one_of(st.text(max_size=200), _json),
         },
     )
 
@@ -355,6 +358,7 @@ def test_parse_gather_body_field_checks():
         with pytest.raises(InvalidRequest):
             parse_gather_body(bad)
     assert parse_gather_body(json.dumps({"keys": ["a"], "stream_id": "req 17/a#b"}).encode()).stream_id
+    assert parse_gather_body(json.dumps({"keys": ["a"], "pace_group": "9f2c"}).encode()).pace_group == "9f2c"
 
 
 # --- 4. timeouts and the per-client connection cap --------------------------------------------------------
