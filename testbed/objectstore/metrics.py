@@ -56,12 +56,12 @@ class PacerCollector(Collector):
         )
         rate = GaugeMetricFamily(
             "objectcache_stream_rate_bytes_per_second",
-            "Rate the pacer's policy gives each active gather stream.",
+            "Rate the pacer's policy gives each active flow: a gather stream, or a pace group of streams.",
             labels=["stream", "policy"],
         )
         delivered = GaugeMetricFamily(
             "objectcache_stream_delivered_bytes",
-            "Payload bytes sent so far by each active gather stream.",
+            "Payload bytes sent so far by each active flow (a pace group: its open streams together).",
             labels=["stream"],
         )
         for s in pacer.snapshot():

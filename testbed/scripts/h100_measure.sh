@@ -9,6 +9,9 @@
 #   STAGES=ttft REPEATS=3 SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft \
 #   SOURCES=recompute,dram,dram_layerwise,objectcache_paced \
 #   CONFIGS=2048+128,2048+1024,2048+4096,4096+128,...,61440+4096 bash testbed/scripts/h100_measure.sh
+# The H200 fidelity grid (issue 13): the same with SOURCES=dram,dram_layerwise,objectcache_paced and, in the
+# same lease, STAGES=profile,ttft PROFILE_GRID=<the configs' prefill points, see docs/harness.md>
+# PROFILE_CSV=llama-3.1-8b_h200_validation_grid.csv.
 # Write-back into the server (issue 13): STAGES=writeback WB_CHUNKS=256 bash testbed/scripts/h100_measure.sh
 # Per-phase timelines of one 4K and one 60K request (issue 13; draw here with
 # `python -m testbed.validation.timeline plot timeline.json --out timeline.png`):
@@ -36,8 +39,9 @@ if [[ $STAGES == *check* ]]; then
   timeout 150 python3 -m testbed.validation.ttft check --out $OUT/check.json 2>&1 | tee $OUT/check.log
 fi
 if [[ $STAGES == *profile* ]]; then
-  timeout ${PROFILE_TIMEOUT:-240} python3 -m testbed.engine.profile --model llama-3.1-8b --repeats 3 \
-    --out $OUT/llama-3.1-8b_h100_measured.csv --json $OUT/profile.json 2>&1 | tee $OUT/profile.log
+  timeout ${PROFILE_TIMEOUT:-240} python3 -m testbed.engine.profile --model llama-3.1-8b --repeats ${PROFILE_REPEATS:-3} \
+    ${PROFILE_GRID:+--warmup 2 --grid $PROFILE_GRID} --out $OUT/${PROFILE_CSV:-llama-3.1-8b_h100_measured.csv} \
+    --json $OUT/profile.json 2>&1 | tee $OUT/profile.log
 fi
 if [[ $STAGES == *ttft* ]]; then
   timeout ${TTFT_TIMEOUT:-300} python3 -m testbed.validation.ttft measure --link-gbps ${LINK_GBPS:-100} --repeats ${REPEATS:-5} \
