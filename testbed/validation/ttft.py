@@ -46,6 +46,17 @@ NOTES = [
 ]
 
 
+def select_configs(raw: dict, configs: str) -> dict:
+    """``raw`` with only the configs named in ``configs`` (``"4096+128,61440+4096"``); ``ValueError`` names
+    the ones it does not hold."""
+    want = [c.strip() for c in configs.split(",") if c.strip()]
+    held = {f"{r['cached_tokens']}+{r['new_tokens']}": r for r in raw["configs"]}
+    missing = [c for c in want if c not in held]
+    if missing:
+        raise ValueError(f"raw file has no config {', '.join(missing)}; it holds {', '.join(held)}")
+    return {**raw, "configs": [held[c] for c in want]}
+
+
 def summarize(raw: dict, profile: str | None, command: str, extras: dict | None = None) -> dict:
     """A report builder: one table per section, in the order the report prints them."""
     rows = {f"{r['cached_tokens']}+{r['new_tokens']}": r for r in raw["configs"]}
@@ -183,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--check", default=None, help="JSON of `ttft check` to embed (float32/bf16 correctness)")
     s.add_argument("--hf", default=None, help="JSON of the HF transformers equivalence check to embed")
+    s.add_argument(
+        "--configs",
+        default=None,
+        help="'cached+new,...': summarize only these configs of the raw file (e.g. the headline ones of a "
+        "grid: the smallest and the largest context give the 4K and 64K keys)",
+    )
     v = sub.add_parser(
         "validate", help="simulator vs GPU on a measured grid: calibrate on half the configs, judge the rest"
     )
@@ -231,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: res.get(k) for k in keys}, indent=1, default=float))
     else:
         raw = json.loads(Path(args.raw).read_text())
+        if args.configs:
+            raw = select_configs(raw, args.configs)
         extras = {}
         for key, path in (("correctness", args.check), ("hf_equivalence", args.hf)):
             if path:

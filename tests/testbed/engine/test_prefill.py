@@ -246,6 +246,12 @@ def test_ttft_benchmark_end_to_end_with_real_server(tmp_path):
     heads = summary["headline_sources"]
     assert heads["paced"] in ("objectcache_paced", "objectcache_paced_thread")
     assert heads["paced_reader"] == ("thread" if heads["paced"].endswith("_thread") else "process")
+    # A grid's headline configs: summarize one of them; a config the file does not hold is a clear error.
+    one = tmp_path / "one.json"
+    assert ttft.main(["summarize", "--raw", str(raw), "--configs", "160+8", "--out", str(one)]) == 0
+    assert json.loads(one.read_text())["headline_4k"] == {"cached_tokens": 160, "new_tokens": 8}
+    with pytest.raises(ValueError, match="no config 4096\\+128"):
+        ttft.main(["summarize", "--raw", str(raw), "--configs", "4096+128", "--out", str(one)])
     for row in data["configs"]:
         assert row["sources"]["objectcache_paced"]["reader"] == "process"
         assert row["sources"]["objectcache_max_thread"]["reader"] == "thread"

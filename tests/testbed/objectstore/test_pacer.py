@@ -343,7 +343,9 @@ def test_a_pace_group_gets_one_requests_share(paced_200MBps):
         text = srv.metrics_text()
         rates = {
             m[1]: float(m[2])
-            for m in re.finditer(r'objectcache_stream_rate_bytes_per_second\{[^}]*stream="([^"]+)"[^}]*\} (\S+)', text)
+            for m in re.finditer(
+                r'objectcache_stream_rate_bytes_per_second\{[^}]*stream="([^"]+)"[^}]*\} (\S+)', text
+            )
         }
         rates = {sid: r for sid, r in rates.items() if r > 0}
     for t in threads:
