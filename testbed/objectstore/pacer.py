@@ -350,15 +350,18 @@ class Pacer:
                 return  # cancelled: the caller checks its stop flag
 
     def _ahead_of_group(self, stream: PacedStream | PacedMember) -> bool:
-        """A member more than ``GROUP_LEAD_LAYERS`` layers ahead of its group's slowest member waits: the
-        client needs every member's layer ``l`` before it can compute layer ``l``, so the group's rate goes
-        to the members that hold the earliest layer back (a member that joins late catches up first)."""
+        """A member ``GROUP_LEAD_LAYERS`` layers or more ahead of its group's slowest member waits: the client
+        needs every member's layer ``l`` before it can compute layer ``l``, so the group's rate goes to the
+        members that hold the earliest layer back (a member that joins late catches up first).  Progress is
+        counted in payload bytes accounted by the send threads themselves (in layers of the member's own
+        size), so it never lags behind an event loop that is busy."""
         if not isinstance(stream, PacedMember):
             return False
         members = stream.flow.members
-        return (
-            len(members) > 1 and stream.layers_sent > min(m.layers_sent for m in members) + GROUP_LEAD_LAYERS
-        )
+        if len(members) < 2:
+            return False
+        slowest = min(m.accounted_bytes / m.layer_bytes for m in members if m.layer_bytes > 0)
+        return stream.accounted_bytes / max(1, stream.layer_bytes) >= slowest + GROUP_LEAD_LAYERS
 
     def _wait_for_rate(self, flow: PacedStream, wait: Callable[[float], object], on_starved) -> bool:
         """Block while the flow's rate is 0; True if cancelled."""

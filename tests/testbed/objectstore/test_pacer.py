@@ -407,21 +407,24 @@ def test_pace_group_layers_and_leaving_members():
 
 
 def test_pace_group_member_waits_while_ahead_of_the_slowest():
-    """A member more than one layer ahead of its group's slowest member waits (the client needs every
-    member's layer before it can compute it); the slowest one never does."""
+    """A member a layer or more ahead of its group's slowest member waits (the client needs every member's
+    layer before it can compute it); the slowest one never does.  Progress is the member's own accounted
+    payload bytes, in layers of its size."""
     clock = FakeClock()
     p = Pacer("equal", 1e9, clock=clock)
     fast = p.open_stream(1000, 8, group="g")
-    slow = p.open_stream(1000, 8, group="g")
-    for _ in range(2):
-        p.layer_sent(fast)
+    slow = p.open_stream(3000, 8, group="g")
+    p.delay_for(fast, 500)
+    p.delay_for(slow, 1500)  # both half a layer in: nobody waits
+    assert not p._ahead_of_group(fast) and not p._ahead_of_group(slow)
+    p.delay_for(fast, 1000)  # fast is 1.5 layers in, slow 0.5
     waits: list[float] = []
 
     def wait(s: float) -> bool:
         waits.append(s)
         clock.t += s
         if len(waits) == 3:
-            p.layer_sent(slow)  # the slow member sends its layer 0: fast may go on
+            p.delay_for(slow, 600)  # slow reaches 0.7 layers: fast (1.5) is less than a layer ahead
         return False
 
     p.pace_blocking(fast, 100, wait)
