@@ -22,13 +22,13 @@ run_stage() {  # STAGES=... for h100_measure.sh, with the rest of the environmen
 finish() { tail -c 4000 $M/measure.log; snapshot; rm -rf $M; ls -la $OUT; }
 trap finish EXIT
 date -u +%FT%TZ > $M/started.txt
-run_stage STAGES=tests
 run_stage STAGES=ttft REPEATS=${REPEATS:-3} SHARED_PREFIX=1 DATA_DIR=/dev/shm/oc-ttft TTFT_TIMEOUT=${TTFT_TIMEOUT:-210} \
   SOURCES=dram,dram_layerwise,objectcache_paced CONFIGS=${CONFIGS:-$GRID}
 run_stage STAGES=timeline DATA_DIR=/dev/shm/oc-ttft TIMELINE_TIMEOUT=${TIMELINE_TIMEOUT:-100}
 run_stage STAGES=writeback WRITEBACK_TIMEOUT=${WRITEBACK_TIMEOUT:-60}
 run_stage STAGES=profile PROFILE_REPEATS=3 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-90} PROFILE_GRID=$PGRID \
   PROFILE_CSV=llama-3.1-8b_h200_validation_grid.csv
+run_stage STAGES=tests  # after the measurements: each TTFT run checks its logits against recompute anyway
 [[ ,$STEPS, == *,probe,* ]] && timeout 40 python3 -m testbed.bench.first_layer --chunks 16 --streams 8 --repeat 3 --gbps 100 \
   --compute-per-layer-ms 0.5 --out $M/first_layer_16.json >> $M/measure.log 2>&1
 date -u +%FT%TZ > $M/finished.txt
