@@ -22,6 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from scheduler.geometry import get_model
 from testbed.validation.gpu import DEFAULT_CONFIGS, SOURCES, check, log, measure, source_reader
 from testbed.validation.gpu_validate import gpu_validation, pooled_validation
 from testbed.validation.simulate import simulate_ttft_ms
@@ -57,6 +58,17 @@ def select_configs(raw: dict, configs: str) -> dict:
     return {**raw, "configs": [held[c] for c in want]}
 
 
+def link_floor_ms(row: dict, source: str, link_Gbps: float, num_layers: int) -> float | None:
+    """The fastest a paced object load of ``row`` can give its TTFT: the prefix's KV bytes at the link rate,
+    then the last layer's compute (the layerwise DRAM run's mean per-layer time), in ms; None without the
+    bytes or the layerwise DRAM run."""
+    loaded = row["sources"].get(source, {}).get("bytes_loaded")
+    layerwise = row["sources"].get("dram_layerwise", {}).get("ttft_ms")
+    if not loaded or not layerwise or not link_Gbps:
+        return None
+    return loaded / (link_Gbps * 1e9 / 8) * 1e3 + layerwise / num_layers
+
+
 def summarize(raw: dict, profile: str | None, command: str, extras: dict | None = None) -> dict:
     """A report builder: one table per section, in the order the report prints them."""
     rows = {f"{r['cached_tokens']}+{r['new_tokens']}": r for r in raw["configs"]}
@@ -79,6 +91,8 @@ def summarize(raw: dict, profile: str | None, command: str, extras: dict | None 
         return min(names, key=score)
 
     paced, fast = best("objectcache_paced"), best("objectcache_max")
+    num_layers = get_model(raw["model"]).num_layers
+    floors = {key: link_floor_ms(r, paced, raw["link_Gbps"], num_layers) for key, r in rows.items()}
     default_reader = raw.get("reader", "thread")
 
     res = {
@@ -107,6 +121,12 @@ def summarize(raw: dict, profile: str | None, command: str, extras: dict | None 
         "added_ms_4k_vs_dram": t(small, paced) - t(small, "dram"),
         "added_ms_4k_max_vs_dram_layerwise": t(small, fast) - t(small, "dram_layerwise"),
         "logits_rel_err": max(s["logits_rel_err"] for r in raw["configs"] for s in r["sources"].values()),
+        "link_floor_ms": floors,
+        "link_floor_note": "the prefix's KV bytes at link_Gbps, then the last layer's compute (DRAM layerwise "
+        "TTFT / layers)",
+        "ttft_ratio_vs_link_floor": {
+            key: t(r, paced) / floors[key] for key, r in rows.items() if floors.get(key) is not None
+        },
         "research": {
             "ttft_ratio_64k": RESEARCH["ttft_ratio_64k"],
             "added_ms_4k": RESEARCH["added_ms_4k"],

@@ -249,7 +249,16 @@ def test_ttft_benchmark_end_to_end_with_real_server(tmp_path):
     # A grid's headline configs: summarize one of them; a config the file does not hold is a clear error.
     one = tmp_path / "one.json"
     assert ttft.main(["summarize", "--raw", str(raw), "--configs", "160+8", "--out", str(one)]) == 0
-    assert json.loads(one.read_text())["headline_4k"] == {"cached_tokens": 160, "new_tokens": 8}
+    one_summary = json.loads(one.read_text())
+    assert one_summary["headline_4k"] == {"cached_tokens": 160, "new_tokens": 8}
+    # The link floor: 160 tokens' KV at 2 Gbps plus one layer of the layerwise DRAM run.
+    row = next(r for r in data["configs"] if r["cached_tokens"] == 160)
+    floor_ms = 160 // 16 * SPEC.num_layers * slice_bytes / 250e6 * 1e3
+    floor_ms += row["sources"]["dram_layerwise"]["ttft_ms"] / SPEC.num_layers
+    assert one_summary["link_floor_ms"]["160+8"] == pytest.approx(floor_ms)
+    assert one_summary["ttft_ratio_vs_link_floor"]["160+8"] == pytest.approx(
+        row["sources"][one_summary["headline_sources"]["paced"]]["ttft_ms"] / floor_ms
+    )
     with pytest.raises(ValueError, match="no config 4096\\+128"):
         ttft.main(["summarize", "--raw", str(raw), "--configs", "4096+128", "--out", str(one)])
     for row in data["configs"]:
