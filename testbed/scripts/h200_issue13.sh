@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call for issue 13 on the H200 (about 8 minutes): GPU tests, the fidelity grid of TTFTs (which
-# holds the 4K/16K/60K headline configs), the per-phase timelines of one 4K and one 60K request, the
-# write-back rate, the compute profile of the same grid (same lease), and the pacing probe.  Each stage has
+# One device call for issue 13 on the H200 (about 8 minutes): the fidelity grid of TTFTs (which holds the
+# 4K/16K/60K headline configs), the per-phase timelines of one 4K and one 60K request, the write-back rate,
+# the compute profile of the same grid (same lease), the GPU tests, and the pacing probe.  Each stage has
 # its own timeout; everything lands in $OUT/issue13.tgz, remade after every stage (the device returns at most
 # 8 files, and a call stopped at its limit keeps the stages done so far).
 # Run from the repo root on the GPU machine with .whl carried (see h100_measure.sh for how to make it).
